@@ -1,0 +1,248 @@
+"""`Stem`: configuration, the task registry, store wiring and enqueue. No module globals:
+everything hangs off a `Stem` instance, and a decorator only registers."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from appliance.config import Settings, load_settings
+from appliance.context import current_task
+from appliance.envelope import Envelope, encode, new_task_id
+from appliance.errors import NotRegistered, PayloadTooLarge
+from appliance.states import TaskState
+from appliance.stores import open_backend, open_broker
+from appliance.tasks import Task, TaskHandle, TaskHandler, TaskOptions
+
+if TYPE_CHECKING:
+    from appliance.backend.protocol import ResultBackend
+    from appliance.broker.protocol import Broker
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_ENQUEUE_OPTIONS = frozenset(
+    {"args", "meta", "headers", "queue", "priority", "countdown", "eta", "expires",
+     "task_id", "connection"}
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueRequest:
+    """One item of `Stem.enqueue_many`."""
+
+    name: str
+    args: Mapping[str, Any] | None = None
+    meta: Mapping[str, Any] | None = None
+    headers: Mapping[str, str] | None = None
+    queue: str | None = None
+    priority: int | None = None
+    countdown: float | None = None
+    eta: datetime | float | None = None
+    expires: datetime | float | None = None
+    task_id: str | None = None
+
+
+class _PerProcess:
+    """A store opened lazily, and again in a forked child: connections never cross fork().
+
+    The inherited object is dropped without being closed; closing an SQLite connection
+    opened by the parent can corrupt the database ("How To Corrupt", section 2.6).
+    """
+
+    def __init__(self, opener: Callable[[], Any]) -> None:
+        self._opener = opener
+        self._value: Any = None
+        self._pid = -1
+
+    def get(self) -> Any:
+        if self._pid != os.getpid():
+            self._value = self._opener()
+            self._pid = os.getpid()
+        return self._value
+
+    def close(self) -> None:
+        if self._pid == os.getpid() and self._value is not None:
+            self._value.close()
+        self._value, self._pid = None, -1
+
+
+class Stem:
+    """An application: its tasks, its broker and backend, and enqueue."""
+
+    def __init__(
+        self,
+        broker: str | None = None,
+        result_backend: str | None = None,
+        *,
+        settings: Settings | None = None,
+        config_file: str | None = None,
+    ) -> None:
+        base = settings or load_settings(config_file)
+        overrides: dict[str, Any] = {}
+        if broker is not None:
+            overrides["broker_url"] = broker
+        if result_backend is not None:
+            overrides["result_backend_url"] = result_backend
+        self.settings = replace(base, **overrides)
+        self.registry: dict[str, Task] = {}
+        self._broker = _PerProcess(lambda: open_broker(self.settings.broker_url, self.settings))
+        self._backend = _PerProcess(lambda: open_backend(self.settings.backend_url, self.settings))
+
+    def configure(self, settings: Settings) -> None:
+        """Replace the settings (the CLI applies flags and env this way); reopens stores."""
+        self.close()
+        self.settings = settings
+
+    # --- stores ----------------------------------------------------------------------
+
+    @property
+    def broker(self) -> Broker:
+        broker: Broker = self._broker.get()
+        return broker
+
+    @property
+    def backend(self) -> ResultBackend:
+        backend: ResultBackend = self._backend.get()
+        return backend
+
+    def close(self) -> None:
+        self._broker.close()
+        self._backend.close()
+
+    # --- registration ----------------------------------------------------------------
+
+    def task(self, name: str | None = None, **options: Any) -> Callable[[F], Task]:
+        """Decorator: register `fn(ctx, **args)` as a task called `name`."""
+        built = TaskOptions.build(**options)
+
+        def register(fn: F) -> Task:
+            task_name = name or f"{fn.__module__}.{fn.__qualname__}"
+            return self._add(Task(self, task_name, fn, built))
+
+        return register
+
+    def register(self, handler: TaskHandler) -> Task:
+        """Register a class-based `TaskHandler` instance."""
+        if not handler.name:
+            raise ValueError(f"{type(handler).__name__} needs a non-empty `name`")
+        return self._add(Task(self, handler.name, handler, handler.options, takes_args_dict=True))
+
+    def _add(self, task: Task) -> Task:
+        existing = self.registry.get(task.name)
+        if existing is not None and existing.fn is not task.fn:
+            raise ValueError(f"a different task is already registered as {task.name!r}")
+        self.registry[task.name] = task
+        return task
+
+    def get_task(self, name: str) -> Task:
+        try:
+            return self.registry[name]
+        except KeyError:
+            raise NotRegistered(f"no task named {name!r} is registered") from None
+
+    # --- enqueue ---------------------------------------------------------------------
+
+    def enqueue(
+        self, name: str, args: Mapping[str, Any] | None = None, **options: Any
+    ) -> TaskHandle:
+        """Store one task durably and return its handle.
+
+        Options: meta, headers, queue, priority, countdown (seconds) or eta (datetime or
+        epoch), expires (datetime, epoch, or seconds from now if below 10**9), task_id,
+        connection (SQLite: enqueue inside the caller's open transaction).
+        """
+        unknown = sorted(set(options) - _ENQUEUE_OPTIONS)
+        if unknown:
+            raise TypeError(
+                f"unknown enqueue option(s) {', '.join(unknown)}; "
+                f"valid: {', '.join(sorted(_ENQUEUE_OPTIONS - {'args'}))}"
+            )
+        connection = options.pop("connection", None)
+        envelope = self.build_envelope(EnqueueRequest(name, args, **options))
+        self.broker.enqueue([envelope], connection=connection)
+        return TaskHandle(envelope.id, self)
+
+    def enqueue_many(
+        self, requests: Iterable[EnqueueRequest | tuple[str, Mapping[str, Any]]]
+    ) -> list[TaskHandle]:
+        """Store many tasks in one transaction (all or none); far faster than a loop."""
+        envelopes = [
+            self.build_envelope(r if isinstance(r, EnqueueRequest) else EnqueueRequest(*r))
+            for r in requests
+        ]
+        if envelopes:
+            self.broker.enqueue(envelopes)
+        return [TaskHandle(e.id, self) for e in envelopes]
+
+    def build_envelope(self, request: EnqueueRequest) -> Envelope:
+        """Validate a request into an envelope; raises before anything is stored."""
+        task = self.registry.get(request.name)
+        options = task.options if task else TaskOptions()
+        args = dict(request.args or {})
+        if task is not None:
+            task.check_args(args)
+        now = time.time()
+        parent = current_task.get()
+        envelope = Envelope(
+            id=request.task_id or new_task_id(),
+            name=request.name,
+            args=args,
+            queue=request.queue or options.queue,
+            priority=options.priority if request.priority is None else int(request.priority),
+            max_retries=options.max_retries,
+            enqueued_at=now,
+            not_before=_not_before(now, request.countdown, request.eta),
+            expires=_expires(now, request.expires),
+            meta=dict(request.meta or {}),
+            headers=dict(request.headers or {}),
+            parent_id=parent.id if parent else None,
+            root_id=(parent.root_id or parent.id) if parent else None,
+        )
+        size = len(encode(envelope))
+        if size > self.settings.max_payload_bytes:
+            raise PayloadTooLarge(
+                f"task {request.name!r}: encoded payload is {size} bytes, above the "
+                f"{self.settings.max_payload_bytes}-byte limit; store the data elsewhere "
+                "(a file, an object store, a database row) and pass a reference to it"
+            )
+        return envelope
+
+    # --- lookup ----------------------------------------------------------------------
+
+    def handle(self, task_id: str) -> TaskHandle:
+        return TaskHandle(task_id, self)
+
+    def task_state(self, task_id: str) -> TaskState:
+        """Stored state, else derived from the broker (leased = STARTED), else PENDING."""
+        found = self.backend.get(task_id)
+        if found is not None:
+            return found.state
+        message = self.broker.find_message(task_id)
+        if message is not None and message.state == "leased":
+            return TaskState.STARTED
+        return TaskState.PENDING
+
+
+def _timestamp(value: datetime | float) -> float:
+    return value.timestamp() if isinstance(value, datetime) else float(value)
+
+
+def _not_before(now: float, countdown: float | None, eta: datetime | float | None) -> float | None:
+    if countdown is not None and eta is not None:
+        raise ValueError("give countdown or eta, not both")
+    if countdown is not None:
+        if countdown < 0:
+            raise ValueError(f"countdown must be >= 0, got {countdown}")
+        return now + float(countdown)
+    return _timestamp(eta) if eta is not None else None
+
+
+def _expires(now: float, expires: datetime | float | None) -> float | None:
+    if expires is None:
+        return None
+    value = _timestamp(expires)
+    return now + value if value < 1e9 else value  # small numbers mean "seconds from now"

@@ -1,0 +1,238 @@
+"""The `Broker` port. Every adapter (SQLite, Redis) keeps the semantics written here;
+`tests/contract/` checks them against each adapter.
+
+Vocabulary
+- A *message* is one encoded `Envelope` waiting in a queue.
+- A *delivery* is one lease on a message: claimed by a consumer until `lease_until`
+  (wall clock). While the lease holds, no other consumer can claim the message. When
+  it expires the message is claimable again (at-least-once).
+- A delivery is *settled* exactly once by its owner: ack, retry, dead-letter or release.
+  A message leaves the broker only through ack or dead-letter ("rows leave only on ack").
+- `deliveries` counts claims of the current attempt (incremented in the claim itself),
+  so a task that kills its child on every run is still counted (poison pill).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from appliance.envelope import Envelope
+from appliance.states import DeadLetterReason, SettleKind
+
+
+@dataclass(frozen=True, slots=True)
+class Consumer:
+    """Who holds a lease: host, pid and process start time (pids are reused)."""
+
+    host: str
+    pid: int
+    started: float  # process create time, epoch seconds
+
+    @classmethod
+    def this_process(cls) -> Consumer:
+        import psutil
+
+        return cls(socket.gethostname(), os.getpid(), psutil.Process().create_time())
+
+    @property
+    def name(self) -> str:
+        return f"{self.host}:{self.pid}:{self.started:.3f}"
+
+    @classmethod
+    def parse(cls, name: str) -> Consumer:
+        host, pid, started = name.rsplit(":", 2)
+        return cls(host, int(pid), float(started))
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One claimed message. `receipt` identifies the lease to the adapter that made it."""
+
+    receipt: str
+    queue: str
+    payload: bytes  # the raw envelope bytes (may not decode: see `Worker` handling)
+    deliveries: int  # claims of the current attempt, this one included
+    lease_until: float
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterInfo:
+    """Why and how a task ended in the DLQ."""
+
+    reason: DeadLetterReason
+    error_type: str = ""
+    message: str = ""
+    traceback: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What to do with a delivery. Built by the worker, applied by `Broker.settle`."""
+
+    kind: SettleKind
+    delivery: Delivery
+    envelope: Envelope | None = None  # RETRY: the next attempt's envelope
+    dead: DeadLetterInfo | None = None  # DEAD: the reason and error
+    count_delivery: bool = True  # RELEASE: False gives back the claim (never started)
+
+    @classmethod
+    def ack(cls, delivery: Delivery) -> Settlement:
+        return cls(SettleKind.ACK, delivery)
+
+    @classmethod
+    def retry(cls, delivery: Delivery, envelope: Envelope) -> Settlement:
+        return cls(SettleKind.RETRY, delivery, envelope=envelope)
+
+    @classmethod
+    def dead_letter(cls, delivery: Delivery, info: DeadLetterInfo) -> Settlement:
+        return cls(SettleKind.DEAD, delivery, dead=info)
+
+    @classmethod
+    def release(cls, delivery: Delivery, *, count_delivery: bool) -> Settlement:
+        return cls(SettleKind.RELEASE, delivery, count_delivery=count_delivery)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    queue: str
+    ready: int = 0  # claimable now
+    delayed: int = 0  # waiting for not_before
+    in_flight: int = 0  # leased
+    dead: int = 0  # in the DLQ
+
+
+@dataclass(frozen=True, slots=True)
+class MessageInfo:
+    """A message as observed (CLI `observe tasks list`)."""
+
+    task_id: str
+    name: str
+    queue: str
+    priority: int
+    attempt: int
+    deliveries: int
+    state: str  # "ready" | "delayed" | "leased"
+    not_before: float | None
+    lease_until: float | None
+    owner: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterEntry:
+    """One DLQ row."""
+
+    id: str  # the DLQ entry id (adapter-specific, stable)
+    task_id: str | None
+    name: str | None
+    queue: str
+    reason: str
+    error_type: str
+    message: str
+    traceback: str
+    attempts: int
+    payload: bytes
+    enqueued_at: float | None
+    dead_at: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Broker(Protocol):
+    """Durable queues with leases. All methods are safe to call from any process that
+    opened its own broker (connections never cross a fork)."""
+
+    url: str
+
+    def enqueue(self, envelopes: Sequence[Envelope], *, connection: Any = None) -> None:
+        """Store the messages durably (on disk / in the AOF) before returning; all or none.
+
+        `connection` (SQLite only): write inside the caller's open transaction on the same
+        database file, so the messages commit or roll back with the caller's work.
+        Raises `BrokerFull` when out of space, `BrokerUnavailable` when unreachable.
+        """
+        ...
+
+    def claim(
+        self, queues: Sequence[str], limit: int, *, consumer: Consumer, lease: float
+    ) -> list[Delivery]:
+        """Lease up to `limit` due messages from `queues`, atomically.
+
+        Within a queue: higher `priority` first, then enqueue order. Never returns a
+        message before its `not_before`. Each claim increments `deliveries`.
+        Returns [] at once when nothing is due (never blocks; see `wake_fd`).
+        """
+        ...
+
+    def settle(self, settlements: Sequence[Settlement]) -> None:
+        """Apply many settlements in one transaction / round trip (group commit).
+
+        ACK removes the message. RETRY replaces the payload with the next attempt's
+        envelope, resets `deliveries` and makes it claimable at `envelope.not_before`.
+        DEAD moves it to the DLQ with its reason. RELEASE makes it claimable now
+        (uncounting the claim when `count_delivery` is False). A settlement for a lease
+        that was lost (expired and re-claimed by another consumer) changes nothing
+        except that ACK and DEAD still remove the message (the task did finish).
+        """
+        ...
+
+    def extend(self, deliveries: Sequence[Delivery], lease: float) -> None:
+        """Push the leases of still-held deliveries to now + `lease` seconds."""
+        ...
+
+    def recover(self, consumer: Consumer) -> int:
+        """Make claimable the messages whose leases have expired, and those leased by
+        consumers on this host that are provably dead. Returns how many."""
+        ...
+
+    def next_due(self, queues: Sequence[str]) -> float | None:
+        """The earliest `not_before` of delayed messages in `queues`, or None."""
+        ...
+
+    def wake_fd(self, queues: Sequence[str]) -> int | None:
+        """A file descriptor that turns readable when new messages may be due in
+        `queues`, for a select loop; None if this adapter can only be polled."""
+        ...
+
+    def clear_wake(self) -> None:
+        """Consume pending wake-ups after `wake_fd` turned readable."""
+        ...
+
+    # --- observation and the DLQ -----------------------------------------------------
+
+    def queue_stats(self) -> list[QueueStats]:
+        """Counts per queue (every queue that holds messages or dead letters)."""
+        ...
+
+    def list_messages(
+        self, queue: str | None = None, *, limit: int = 50, offset: int = 0
+    ) -> list[MessageInfo]:
+        """Messages waiting or in flight, in claim order."""
+        ...
+
+    def find_message(self, task_id: str) -> MessageInfo | None:
+        """The waiting or in-flight message of a task id, if any."""
+        ...
+
+    def dlq_list(
+        self, queue: str | None = None, *, limit: int = 50, offset: int = 0
+    ) -> list[DeadLetterEntry]:
+        """Dead letters, newest first."""
+        ...
+
+    def dlq_count(self, queue: str | None = None) -> int: ...
+
+    def dlq_get(self, entry_id: str) -> DeadLetterEntry | None: ...
+
+    def dlq_replay(self, queue: str | None = None, *, limit: int | None = None) -> list[str]:
+        """Move dead letters (oldest first) back onto their original queues as fresh
+        first attempts, atomically per entry. Returns the replayed task ids."""
+        ...
+
+    def dlq_purge(self, queue: str | None = None) -> int:
+        """Delete dead letters for good. Returns how many."""
+        ...
+
+    def close(self) -> None: ...

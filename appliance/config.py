@@ -1,0 +1,250 @@
+"""Settings from `stem.toml`, overridden by `STEM_*` variables, overridden by CLI flags.
+
+Every setting is declared once in `FIELDS` with its TOML place, its environment name and
+its parser, so the three sources cannot drift apart. A bad value fails at start with
+the source (file path, variable or flag), the key and the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import ConfigError
+from appliance.units import parse_bytes, parse_seconds
+
+DEFAULT_BROKER_URL = "sqlite:///./var/stem.db"
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    """One pool of worker children with its own queues, size and limits."""
+
+    name: str = "default"
+    queues: tuple[str, ...] = ("default",)
+    concurrency: int = field(default_factory=lambda: os.cpu_count() or 1)
+    prefetch: int = 1  # messages held per child beyond the running one
+    max_tasks_per_child: int = 0  # 0 = never recycle for this reason
+    max_memory_per_child: int | None = None  # bytes
+    shutdown_grace: float = 30.0  # warm shutdown: seconds to let running tasks finish
+    heartbeat_timeout: float = 10.0  # a child silent this long is killed
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    broker_url: str = DEFAULT_BROKER_URL
+    result_backend_url: str | None = None  # None: follow the broker
+    namespace: str = "stem"
+    max_payload_bytes: int = 256 * 1024
+    result_ttl: float = 86400.0
+    sqlite_synchronous: str = "FULL"  # FULL survives power loss; NORMAL survives crashes
+    log_format: str = "text"
+    log_level: str = "INFO"
+    pools: tuple[PoolSettings, ...] = (PoolSettings(),)
+    source: str = "defaults"  # the config file used, for messages
+
+    @property
+    def backend_url(self) -> str:
+        return self.result_backend_url or self.broker_url
+
+
+def _choice(*allowed: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        text = str(value).strip()
+        match = next((a for a in allowed if a.lower() == text.lower()), None)
+        if match is None:
+            raise ValueError(f"must be one of {', '.join(allowed)}, got {value!r}")
+        return match
+
+    return parse
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"must be a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def _optional_text(value: Any) -> str | None:
+    return None if value in (None, "") else _text(value)
+
+
+def _positive_int(value: Any) -> int:
+    number = _int(value)
+    if number < 1:
+        raise ValueError(f"must be >= 1, got {value!r}")
+    return number
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"must be an integer, got {value!r}")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"must be an integer, got {value!r}") from None
+    if number < 0:
+        raise ValueError(f"must be >= 0, got {value!r}")
+    return number
+
+
+def _queues(value: Any) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ValueError(f"must be a list of queue names, got {value!r}")
+    names = tuple(str(item).strip() for item in items if str(item).strip())
+    if not names:
+        raise ValueError("must name at least one queue")
+    return names
+
+
+def _optional_bytes(value: Any) -> int | None:
+    return None if value in (None, "", 0, "0") else parse_bytes(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    """One setting: where it lives in TOML, its STEM_* variable, and its parser."""
+
+    attr: str
+    section: str  # "stem" | "sqlite" | "log" | "worker"
+    key: str
+    env: str
+    parse: Callable[[Any], Any]
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("broker_url", "stem", "broker_url", "STEM_BROKER_URL", _text),
+    Field("result_backend_url", "stem", "result_backend_url", "STEM_RESULT_BACKEND_URL",
+          _optional_text),
+    Field("namespace", "stem", "namespace", "STEM_NAMESPACE", _text),
+    Field("max_payload_bytes", "stem", "max_payload_bytes", "STEM_MAX_PAYLOAD_BYTES",
+          parse_bytes),
+    Field("result_ttl", "stem", "result_ttl", "STEM_RESULT_TTL", parse_seconds),
+    Field("sqlite_synchronous", "sqlite", "synchronous", "STEM_SQLITE_SYNCHRONOUS",
+          _choice("FULL", "NORMAL")),
+    Field("log_format", "log", "format", "STEM_LOG_FORMAT", _choice("text", "json")),
+    Field("log_level", "log", "level", "STEM_LOG_LEVEL",
+          _choice("DEBUG", "INFO", "WARNING", "ERROR")),
+)  # fmt: skip
+
+POOL_FIELDS: tuple[Field, ...] = (
+    Field("queues", "worker", "queues", "STEM_QUEUES", _queues),
+    Field("concurrency", "worker", "concurrency", "STEM_CONCURRENCY", _positive_int),
+    Field("prefetch", "worker", "prefetch", "STEM_PREFETCH", _int),
+    Field("max_tasks_per_child", "worker", "max_tasks_per_child", "STEM_MAX_TASKS_PER_CHILD",
+          _int),
+    Field("max_memory_per_child", "worker", "max_memory_per_child",
+          "STEM_MAX_MEMORY_PER_CHILD", _optional_bytes),
+    Field("shutdown_grace", "worker", "shutdown_grace", "STEM_SHUTDOWN_GRACE", parse_seconds),
+    Field("heartbeat_timeout", "worker", "heartbeat_timeout", "STEM_HEARTBEAT_TIMEOUT",
+          parse_seconds),
+)  # fmt: skip
+
+_SECTIONS = {"stem", "sqlite", "log", "worker", "pools"}
+
+
+def load_settings(
+    config_file: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    pool: str | None = None,
+) -> Settings:
+    """Build `Settings`: defaults < TOML file < environment < `overrides` (CLI flags).
+
+    `config_file` defaults to `$STEM_CONFIG`; with neither, only env and flags apply.
+    `overrides` keys are `Settings`/`PoolSettings` attribute names; None values are
+    ignored (a flag that was not given). `pool` selects one declared pool by name.
+    """
+    env = os.environ if env is None else env
+    path = config_file or env.get("STEM_CONFIG") or None
+    document = _read_toml(Path(path)) if path else {}
+    source = str(path) if path else "defaults"
+    values: dict[str, Any] = {}
+    pool_values: dict[str, Any] = {}
+    for spec, target in [(f, values) for f in FIELDS] + [(f, pool_values) for f in POOL_FIELDS]:
+        section = document.get(spec.section, {})
+        if spec.key in section:
+            target[spec.attr] = _parse(spec, section[spec.key], f"{source}: [{spec.section}]")
+        if spec.env in env:
+            target[spec.attr] = _parse(spec, env[spec.env], f"environment {spec.env}")
+    for attr, value in (overrides or {}).items():
+        if value is None:
+            continue
+        spec = next((f for f in FIELDS + POOL_FIELDS if f.attr == attr), None)
+        if spec is None:
+            raise ConfigError("command line", attr, "unknown setting")
+        target = values if spec in FIELDS else pool_values
+        target[attr] = _parse(spec, value, "command line")
+    pools = _pools(document.get("pools", []), source, pool_values, pool)
+    return replace(Settings(**values), pools=pools, source=source)
+
+
+def _parse(spec: Field, raw: Any, where: str) -> Any:
+    try:
+        return spec.parse(raw)
+    except ValueError as exc:
+        raise ConfigError(where, spec.key, str(exc)) from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        document = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(str(path), "(file)", "config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), "(syntax)", str(exc)) from None
+    unknown = sorted(set(document) - _SECTIONS)
+    if unknown:
+        raise ConfigError(str(path), unknown[0], f"unknown section; known: {sorted(_SECTIONS)}")
+    for section in _SECTIONS - {"pools"}:
+        known = {f.key for f in FIELDS + POOL_FIELDS if f.section == section}
+        extra = sorted(set(document.get(section, {})) - known)
+        if extra:
+            raise ConfigError(str(path), f"[{section}] {extra[0]}", "unknown key")
+    return document
+
+
+def _pools(
+    declared: Any, source: str, pool_values: dict[str, Any], selected: str | None
+) -> tuple[PoolSettings, ...]:
+    """The `[[pools]]` tables, each on top of `[worker]`/env/flag values; or one pool."""
+    base = PoolSettings(**pool_values)
+    if not isinstance(declared, list):
+        raise ConfigError(source, "pools", "must be an array of tables ([[pools]])")
+    pools = [base] if not declared else []
+    pool_keys = {f.key: f for f in POOL_FIELDS}
+    for index, table in enumerate(declared):
+        where = f"{source}: [[pools]] #{index + 1}"
+        if not isinstance(table, dict) or "name" not in table:
+            raise ConfigError(where, "name", "every pool needs a name")
+        own: dict[str, Any] = {
+            "name": _parse(Field("name", "pools", "name", "", _text), table["name"], where)
+        }
+        for key, raw in table.items():
+            if key == "name":
+                continue
+            if key not in pool_keys:
+                raise ConfigError(where, key, "unknown pool key")
+            own[pool_keys[key].attr] = _parse(pool_keys[key], raw, where)
+        # Flags and env given explicitly win over each pool's file values.
+        pools.append(replace(base, **(own | pool_values)))
+    names = [p.name for p in pools]
+    if len(set(names)) != len(names):
+        raise ConfigError(source, "pools", f"pool names must be unique: {names}")
+    if selected is not None:
+        chosen = [p for p in pools if p.name == selected]
+        if not chosen and declared:
+            raise ConfigError(source, "pools", f"no pool named {selected!r}; have {names}")
+        return tuple(chosen) or (replace(base, name=selected),)
+    return tuple(pools)
+
+
+def settings_fields() -> list[str]:
+    """Names of every setting (for docs and `--help`)."""
+    return [f.name for f in fields(Settings)]

@@ -1,0 +1,146 @@
+"""The one wire format: a frozen, versioned `Envelope` and its orjson codec.
+
+Never pickle: an envelope is JSON, so a worker can decode a message without running
+anything it carries. Unknown fields from a newer minor writer are ignored; a newer
+*major* version is refused with a clear error (and the message dead-lettered).
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import orjson
+
+from appliance.errors import DecodeError
+
+ENVELOPE_VERSION = 1
+DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024
+
+JsonDict = dict[str, Any]
+
+
+def new_task_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One task message. Everything a worker needs to run and retry the task."""
+
+    id: str
+    name: str
+    args: JsonDict = field(default_factory=dict)
+    queue: str = "default"
+    priority: int = 0
+    attempt: int = 0  # 0-based: 0 is the first run, 1 the first retry
+    max_retries: int = 3
+    enqueued_at: float = 0.0  # wall clock, epoch seconds
+    not_before: float | None = None  # epoch seconds; None = now
+    expires: float | None = None  # epoch seconds after which a delivery is cancelled
+    meta: JsonDict = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+    parent_id: str | None = None
+    root_id: str | None = None
+    version: int = ENVELOPE_VERSION
+
+    def next_attempt(self, not_before: float) -> Envelope:
+        """The envelope of the retry that follows this attempt."""
+        return replace(self, attempt=self.attempt + 1, not_before=not_before)
+
+    def for_replay(self, queue: str | None = None) -> Envelope:
+        """A fresh first attempt of the same task id (DLQ replay)."""
+        return replace(self, attempt=0, not_before=None, queue=queue or self.queue)
+
+
+_FIELDS = frozenset(Envelope.__dataclass_fields__)
+_REQUIRED = ("id", "name")
+_TYPES: dict[str, type | tuple[type, ...]] = {
+    "id": str,
+    "name": str,
+    "args": dict,
+    "queue": str,
+    "priority": int,
+    "attempt": int,
+    "max_retries": int,
+    "enqueued_at": (int, float),
+    "not_before": (int, float, type(None)),
+    "expires": (int, float, type(None)),
+    "meta": dict,
+    "headers": dict,
+    "parent_id": (str, type(None)),
+    "root_id": (str, type(None)),
+    "version": int,
+}
+
+
+def encode(envelope: Envelope) -> bytes:
+    """Serialise an envelope. Raises `TypeError` for arguments that are not plain JSON."""
+    data = {name: getattr(envelope, name) for name in _FIELDS}
+    # orjson writes NaN/inf as null without a word: refuse them where users put values.
+    _reject_non_finite(envelope.args)
+    _reject_non_finite(envelope.meta)
+    try:
+        return orjson.dumps(data)
+    except TypeError as exc:
+        raise TypeError(f"task arguments are not JSON-serialisable: {exc}") from exc
+
+
+def dumps_json(value: Any) -> bytes:
+    """orjson with the checks it lacks: NaN/inf become null silently there, so refuse them."""
+    try:
+        out = orjson.dumps(value)
+    except TypeError as exc:
+        raise TypeError(f"value is not JSON-serialisable: {exc}") from exc
+    if b"null" in out:  # where orjson would have hidden a NaN or inf
+        _reject_non_finite(value)
+    return out
+
+
+def _reject_non_finite(value: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"value is not JSON-serialisable: {value!r} has no JSON form")
+    if isinstance(value, dict):
+        for item in value.values():
+            _reject_non_finite(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _reject_non_finite(item)
+
+
+def decode(data: bytes) -> Envelope:
+    """Parse bytes into an `Envelope`, or raise `DecodeError` saying what is wrong."""
+    try:
+        raw = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(f"payload is not JSON: {exc}", data) from exc
+    if not isinstance(raw, dict):
+        raise DecodeError(f"payload is JSON {type(raw).__name__}, expected an object", data)
+    version = raw.get("version", ENVELOPE_VERSION)
+    if not isinstance(version, int) or version > ENVELOPE_VERSION:
+        raise DecodeError(
+            f"envelope version {version!r} is newer than this worker understands "
+            f"({ENVELOPE_VERSION}); upgrade the worker",
+            data,
+        )
+    for name in _REQUIRED:
+        if name not in raw:
+            raise DecodeError(f"envelope has no {name!r} field", data)
+    values = {k: v for k, v in raw.items() if k in _FIELDS}
+    for name, value in values.items():
+        expected = _TYPES[name]
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise DecodeError(f"envelope field {name!r} has type {type(value).__name__}", data)
+    return Envelope(**values)
+
+
+def peek_id(data: bytes) -> str | None:
+    """The task id of a payload that may not decode, for DLQ records."""
+    try:
+        raw = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    value = raw.get("id") if isinstance(raw, dict) else None
+    return value if isinstance(value, str) else None

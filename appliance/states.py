@@ -1,0 +1,78 @@
+"""Enums shared by every layer: task states, dead-letter reasons, settle kinds, exit codes.
+
+This module imports nothing from the package, so anything may import it.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class TaskState(enum.StrEnum):
+    """Where a task is in its life. Edges:
+
+    PENDING -> STARTED            a child began running it
+    STARTED -> SUCCESS            it returned
+    STARTED -> RETRY -> STARTED   it failed and the retry policy scheduled another attempt
+    STARTED -> DEAD               it failed for good and was moved to the dead-letter queue
+    PENDING -> DEAD               undecodable, unknown task, poison pill (decided before running)
+    PENDING -> REVOKED            revoked or expired before it ran
+    DEAD    -> PENDING            replayed from the DLQ
+    FAILURE is a final failure that was not dead-lettered (kept for peers' vocabulary).
+    """
+
+    PENDING = "PENDING"
+    STARTED = "STARTED"
+    RETRY = "RETRY"
+    SUCCESS = "SUCCESS"
+    FAILURE = "FAILURE"
+    REVOKED = "REVOKED"
+    DEAD = "DEAD"
+
+    @property
+    def is_final(self) -> bool:
+        return self in _FINAL
+
+
+_FINAL = frozenset({TaskState.SUCCESS, TaskState.FAILURE, TaskState.REVOKED, TaskState.DEAD})
+
+
+class DeadLetterReason(enum.StrEnum):
+    """Why a message was moved to the DLQ (the reason codes of SPEC section 2)."""
+
+    EXHAUSTED = "exhausted"
+    PERMANENT = "permanent"
+    UNDECODABLE = "undecodable"
+    UNKNOWN_TASK = "unknown-task"
+    SIGNATURE_INVALID = "signature-invalid"
+    POISON_PILL = "poison-pill"
+
+
+class SettleKind(enum.StrEnum):
+    """What the broker does with a delivery when its owner is done with it."""
+
+    ACK = "ack"  # remove it: the task finished (or was cancelled) for good
+    RETRY = "retry"  # store the next attempt's envelope, claimable at not_before
+    DEAD = "dead"  # move it to the dead-letter queue
+    RELEASE = "release"  # give it back unchanged, claimable now
+
+
+class SlotState(enum.IntEnum):
+    """State of one child's heartbeat slot in shared memory."""
+
+    EMPTY = 0  # no child in this slot
+    STARTING = 1  # forked, not yet ready
+    IDLE = 2  # waiting for a task
+    RUNNING = 3  # running a task
+    EXITING = 4  # leaving on purpose (recycle or shutdown)
+
+
+class ExitCode(enum.IntEnum):
+    """Process exit codes of `stem` commands (sysexits where one fits)."""
+
+    OK = 0
+    FAILURE = 1
+    USAGE = 2
+    UNAVAILABLE = 69  # EX_UNAVAILABLE: broker or backend cannot be reached
+    SOFTWARE = 70  # EX_SOFTWARE: internal error
+    CONFIG = 78  # EX_CONFIG: bad configuration

@@ -1,0 +1,45 @@
+"""Open a broker or result backend from its URL (the one place that maps schemes)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from appliance.errors import UnsupportedBroker
+
+if TYPE_CHECKING:
+    from appliance.backend.protocol import ResultBackend
+    from appliance.broker.protocol import Broker
+    from appliance.config import Settings
+
+SCHEMES = ("sqlite", "redis", "rediss")
+
+
+def scheme_of(url: str) -> str:
+    scheme = urlsplit(url).scheme
+    if scheme not in SCHEMES:
+        raise UnsupportedBroker(
+            "url", url, f"unsupported scheme {scheme!r}; use sqlite:///PATH or redis://HOST"
+        )
+    return scheme
+
+
+def open_broker(url: str, settings: Settings) -> Broker:
+    """A broker for `url`; adapters import lazily so SQLite users never load redis."""
+    if scheme_of(url) == "sqlite":
+        from appliance.broker.sqlite import SqliteBroker
+
+        return SqliteBroker.from_url(url, settings)
+    from appliance.broker.redis import RedisBroker
+
+    return RedisBroker.from_url(url, settings)
+
+
+def open_backend(url: str, settings: Settings) -> ResultBackend:
+    if scheme_of(url) == "sqlite":
+        from appliance.backend.sqlite import SqliteBackend
+
+        return SqliteBackend.from_url(url, settings)
+    from appliance.backend.redis import RedisBackend
+
+    return RedisBackend.from_url(url, settings)

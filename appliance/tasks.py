@@ -1,0 +1,194 @@
+"""Task definitions: frozen `TaskOptions`, the `Task` a decorator registers, the
+class-based `TaskHandler` form, and the `TaskHandle` an enqueue returns."""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from appliance.errors import ResultTimeout, task_error
+from appliance.retry import ExponentialJitterRetryStrategy, RetryStrategy
+from appliance.states import TaskState
+from appliance.units import parse_bytes, parse_seconds
+
+if TYPE_CHECKING:
+    from appliance.app import Stem
+
+    from appliance.backend.protocol import TaskResult
+    from appliance.context import TaskContext
+
+
+@dataclass(frozen=True, slots=True)
+class TaskOptions:
+    """Per-task options (SPEC section 1). Times in seconds, memory in bytes."""
+
+    queue: str = "default"
+    priority: int = 0
+    max_retries: int = 3
+    retry_backoff: tuple[float, float, float] | None = None  # (base, max, jitter)
+    retry_strategy: RetryStrategy | None = None
+    visibility_timeout: float = 30.0
+    soft_time_limit: float | None = None
+    hard_time_limit: float | None = None
+    max_memory: int | None = None
+    max_deliveries: int = 3  # child deaths under one attempt before it is a poison pill
+    acks_late: bool = True
+    idempotent: bool = False
+    result_ttl: float | None = None  # None: the Stem's default
+    ignore_result: bool = False
+
+    _NAMES: ClassVar[frozenset[str]]
+
+    @classmethod
+    def build(cls, **options: Any) -> TaskOptions:
+        """Validate user-supplied options; unknown names and bad values fail here."""
+        unknown = sorted(set(options) - cls._NAMES)
+        if unknown:
+            raise TypeError(
+                f"unknown task option(s) {', '.join(unknown)}; "
+                f"valid options: {', '.join(sorted(cls._NAMES))}"
+            )
+        for key in ("soft_time_limit", "hard_time_limit", "visibility_timeout", "result_ttl"):
+            if options.get(key) is not None:
+                options[key] = parse_seconds(options[key])
+        if options.get("max_memory") is not None:
+            options["max_memory"] = parse_bytes(options["max_memory"])
+        if options.get("retry_backoff") is not None:
+            base, cap, jitter = (*tuple(options["retry_backoff"]), 1.0)[:3]
+            options["retry_backoff"] = (float(base), float(cap), float(jitter))
+        built = cls(**options)
+        built._check()
+        return built
+
+    def _check(self) -> None:
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
+        if self.max_deliveries < 1:
+            raise ValueError(f"max_deliveries must be >= 1, got {self.max_deliveries}")
+        if self.visibility_timeout <= 0:
+            raise ValueError("visibility_timeout must be > 0")
+        if (
+            self.soft_time_limit is not None
+            and self.hard_time_limit is not None
+            and self.soft_time_limit >= self.hard_time_limit
+        ):
+            raise ValueError("soft_time_limit must be below hard_time_limit")
+
+    @property
+    def strategy(self) -> RetryStrategy:
+        if self.retry_strategy is not None:
+            return self.retry_strategy
+        if self.retry_backoff is not None:
+            base, cap, jitter = self.retry_backoff
+            return ExponentialJitterRetryStrategy(base=base, max=cap, jitter=jitter)
+        return DEFAULT_RETRY_STRATEGY
+
+
+TaskOptions._NAMES = frozenset(f.name for f in fields(TaskOptions))
+DEFAULT_RETRY_STRATEGY = ExponentialJitterRetryStrategy()
+
+
+class TaskHandler:
+    """The class-based form: subclass, set `name` and `options`, implement `__call__`.
+
+    `__call__(ctx, args)` receives the args as one dict, as in the seeds; it may be
+    `async def`.
+    """
+
+    name: str = ""
+    options: TaskOptions = TaskOptions()
+
+    def __call__(self, ctx: TaskContext, args: dict[str, Any]) -> Any:
+        raise TypeError(f"{type(self).__name__} must implement __call__(ctx, args)")
+
+
+@dataclass(frozen=True)
+class Task:
+    """A registered task: its name, options and the callable that runs it."""
+
+    stem: Stem = field(repr=False, compare=False)
+    name: str
+    fn: Callable[..., Any] = field(repr=False)
+    options: TaskOptions
+    takes_args_dict: bool = False  # TaskHandler form: fn(ctx, args) instead of fn(ctx, **args)
+
+    @property
+    def is_async(self) -> bool:
+        target = self.fn.__call__ if isinstance(self.fn, TaskHandler) else self.fn
+        return inspect.iscoroutinefunction(target)
+
+    def check_args(self, args: Mapping[str, Any]) -> None:
+        """Raise TypeError if `args` cannot be bound to the handler's parameters."""
+        if self.takes_args_dict:
+            return
+        try:
+            inspect.signature(self.fn).bind(None, **args)
+        except TypeError as exc:
+            raise TypeError(f"arguments do not match task {self.name!r}: {exc}") from exc
+
+    def invoke(self, ctx: TaskContext, args: dict[str, Any]) -> Any:
+        """Call the handler (returns a coroutine for async handlers)."""
+        if self.takes_args_dict:
+            return self.fn(ctx, args)
+        return self.fn(ctx, **args)
+
+    def enqueue(self, **kwargs: Any) -> TaskHandle:
+        """Typed enqueue: the handler's keyword arguments, checked before storing."""
+        return self.stem.enqueue(self.name, args=kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Calling the task runs the function in-process (as a plain function)."""
+        return self.fn(*args, **kwargs)
+
+
+_POLL_START, _POLL_MAX = 0.002, 0.1
+
+
+@dataclass(frozen=True)
+class TaskHandle:
+    """A reference to an enqueued task; works from any process that can reach the stores."""
+
+    id: str
+    stem: Stem = field(repr=False, compare=False)
+
+    def info(self) -> TaskResult | None:
+        return self.stem.backend.get(self.id)
+
+    def state(self) -> TaskState:
+        """The current state (PENDING when nothing is known yet)."""
+        return self.stem.task_state(self.id)
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the task to finish and return its value or raise its error.
+
+        Polls the result backend (no in-process waiting, so any process can wait). Raises
+        `ResultTimeout` (a `TimeoutError`) if it has not finished within `timeout`.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = _POLL_START
+        while True:
+            found = self.stem.backend.get(self.id)
+            if found is not None and found.state.is_final:
+                return _value_or_raise(found)
+            if deadline is not None and time.monotonic() >= deadline:
+                state = found.state if found else TaskState.PENDING
+                raise ResultTimeout(f"task {self.id} not finished after {timeout}s ({state})")
+            wait = pause if deadline is None else min(pause, deadline - time.monotonic())
+            time.sleep(max(0.0, wait))
+            pause = min(_POLL_MAX, pause * 1.5)
+
+
+def _value_or_raise(found: TaskResult) -> Any:
+    if found.state is TaskState.SUCCESS:
+        return found.value
+    error = found.error
+    raise task_error(
+        error.type if error else found.state.value,
+        error.message if error else f"task ended {found.state}",
+        traceback=error.traceback if error else "",
+        task_id=found.task_id,
+        state=found.state.value,
+    )
