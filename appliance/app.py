@@ -57,9 +57,14 @@ class _PerProcess:
         self._opener = opener
         self._value: Any = None
         self._pid = -1
+        # Kept referenced, never closed: letting the garbage collector finalise an
+        # inherited connection in the child would close it there.
+        self._inherited: list[Any] = []
 
     def get(self) -> Any:
         if self._pid != os.getpid():
+            if self._value is not None:
+                self._inherited.append(self._value)
             self._value = self._opener()
             self._pid = os.getpid()
         return self._value

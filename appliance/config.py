@@ -176,11 +176,11 @@ def load_settings(
     for attr, value in (overrides or {}).items():
         if value is None:
             continue
-        spec = next((f for f in FIELDS + POOL_FIELDS if f.attr == attr), None)
-        if spec is None:
+        flag = next((f for f in FIELDS + POOL_FIELDS if f.attr == attr), None)
+        if flag is None:
             raise ConfigError("command line", attr, "unknown setting")
-        target = values if spec in FIELDS else pool_values
-        target[attr] = _parse(spec, value, "command line")
+        target = values if flag in FIELDS else pool_values
+        target[attr] = _parse(flag, value, "command line")
     pools = _pools(document.get("pools", []), source, pool_values, pool)
     return replace(Settings(**values), pools=pools, source=source)
 

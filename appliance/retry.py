@@ -30,7 +30,7 @@ class ExponentialJitterRetryStrategy:
     jitter: float = 1.0  # 0..1: the share of the delay that is randomised
 
     def delay(self, attempt: int) -> float:
-        ceiling = min(self.max, self.base * (2 ** min(attempt, 62)))
+        ceiling = min(self.max, self.base * 2.0 ** min(attempt, 62))
         return ceiling * (1 - self.jitter) + random.uniform(0, ceiling * self.jitter)
 
 

@@ -1,0 +1,1 @@
+"""The process tree: a supervisor, its pools, and their forked children."""

@@ -1,0 +1,128 @@
+"""Running one task inside a child and turning what happened into an outcome message.
+
+Everything that can go wrong in user code becomes data here: the outcome crosses a
+pipe to the supervisor, which decides retry or dead-letter. Nothing raised by a task
+may kill the child; only the supervisor kills children.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+import traceback
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from appliance.context import TaskContext, TaskRuntime, current_task
+from appliance.envelope import Envelope, dumps_json
+from appliance.errors import Reject, Retry, SoftTimeLimitExceeded
+from appliance.tasks import Task
+
+LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+
+
+def safe_text(value: object) -> str:
+    """str(value), or a description when its __str__ itself fails."""
+    try:
+        return str(value)
+    except Exception as exc:  # a broken __str__ must not lose the failure
+        return f"<unprintable {type(value).__name__}: str() raised {type(exc).__name__}>"
+
+
+def error_fields(exc: BaseException) -> dict[str, str]:
+    try:
+        trace = "".join(traceback.format_exception(exc))
+    except Exception:  # a broken __str__ can break traceback formatting too
+        trace = f"{type(exc).__name__} (traceback unavailable)"
+    return {"type": type(exc).__name__, "message": safe_text(exc), "traceback": trace}
+
+
+class Executor:
+    """Runs tasks for one child; owns its event loop for `async def` tasks."""
+
+    def __init__(self, loop_factory: LoopFactory) -> None:
+        self._loop_factory = loop_factory
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def run(self, task: Task, envelope: Envelope, runtime: TaskRuntime) -> dict[str, Any]:
+        """Run one attempt; returns the outcome fields (without the dispatch seq)."""
+        ctx = TaskContext(
+            id=envelope.id, name=envelope.name, attempt=envelope.attempt,
+            args=envelope.args, meta=envelope.meta, headers=envelope.headers,
+            queue=envelope.queue, root_id=envelope.root_id or envelope.id, runtime=runtime,
+        )  # fmt: skip
+        started = time.time()
+        token = current_task.set(ctx)
+        try:
+            value = self._call(task, ctx, dict(envelope.args))
+            outcome = self._success(value)
+        except Retry as exc:
+            outcome = {"ok": False, "retry": True, "countdown": exc.countdown,
+                       "error": error_fields(exc.exc or exc)}  # fmt: skip
+        except Reject as exc:
+            outcome = {"ok": False, "permanent": True, "error": error_fields(exc)}
+        except _ArgumentMismatch as exc:
+            outcome = {"ok": False, "permanent": True, "error": error_fields(exc.__cause__ or exc)}
+        except BaseException as exc:  # user code may raise anything, sys.exit() included
+            outcome = {"ok": False, "error": error_fields(exc)}
+        finally:
+            current_task.reset(token)
+            _cancel_soft_limit()
+        outcome["started"] = started
+        outcome["finished"] = time.time()
+        if ctx.last_progress is not None:
+            outcome["progress"] = ctx.last_progress
+        return outcome
+
+    def _call(self, task: Task, ctx: TaskContext, args: dict[str, Any]) -> Any:
+        try:
+            task.check_args(args)
+        except TypeError as exc:
+            raise _ArgumentMismatch() from exc
+        soft = task.options.soft_time_limit
+        if task.is_async:
+            return self._run_async(task.invoke(ctx, args), soft)
+        if soft:
+            signal.signal(signal.SIGALRM, _raise_soft_limit)
+            signal.setitimer(signal.ITIMER_REAL, soft)
+        return task.invoke(ctx, args)
+
+    def _run_async(self, coro: Coroutine[Any, Any, Any], soft: float | None) -> Any:
+        if self._loop is None:
+            self._loop = self._loop_factory()
+        return self._loop.run_until_complete(_with_soft_limit(coro, soft))
+
+    @staticmethod
+    def _success(value: Any) -> dict[str, Any]:
+        try:
+            dumps_json(value)
+        except (TypeError, ValueError) as exc:
+            return {"ok": False, "error": {
+                "type": "TypeError",
+                "message": f"task returned a value that is not JSON-serialisable: {exc}",
+                "traceback": "",
+            }}  # fmt: skip
+        return {"ok": True, "value": value}
+
+
+class _ArgumentMismatch(Exception):
+    """The args do not bind to the handler's parameters: permanent, never retried."""
+
+
+async def _with_soft_limit(coro: Coroutine[Any, Any, Any], soft: float | None) -> Any:
+    if not soft:
+        return await coro
+    try:
+        async with asyncio.timeout(soft):
+            return await coro
+    except TimeoutError as exc:
+        raise SoftTimeLimitExceeded(f"soft time limit of {soft}s exceeded") from exc
+
+
+def _raise_soft_limit(signum: int, frame: object) -> None:
+    raise SoftTimeLimitExceeded("soft time limit exceeded")
+
+
+def _cancel_soft_limit() -> None:
+    signal.setitimer(signal.ITIMER_REAL, 0)

@@ -1,0 +1,49 @@
+"""Pure decisions on a child's slot: should the supervisor kill it, and why."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from appliance.states import SlotState
+from appliance.worker.heartbeat import Slot
+
+
+@dataclass(frozen=True, slots=True)
+class KillReason:
+    error_type: str  # the error the task is failed with
+    message: str
+    counts_as_task_failure: bool  # False: the child, not the task, is at fault
+
+
+def check_slot(slot: Slot, now: float, heartbeat_timeout: float) -> KillReason | None:
+    """A reason to kill this child now, or None. `now` is time.monotonic()."""
+    state = slot.state
+    if state == SlotState.RUNNING and slot.hard_deadline and now >= slot.hard_deadline:
+        limit = slot.hard_deadline - slot.started
+        return KillReason("TimeLimitExceeded", f"hard time limit of {limit:g}s exceeded", True)
+    if state in (SlotState.RUNNING, SlotState.IDLE) and now - slot.last_beat > heartbeat_timeout:
+        return KillReason(
+            "WorkerLostError",
+            f"child silent for {now - slot.last_beat:.1f}s (heartbeat timeout "
+            f"{heartbeat_timeout:g}s): stopped or wedged",
+            False,
+        )
+    return None
+
+
+def check_memory(rss: int, max_memory: int | None) -> KillReason | None:
+    if max_memory and rss > max_memory:
+        return KillReason(
+            "MemoryLimitExceeded",
+            f"child RSS {rss / 2**20:.0f} MiB exceeded the task's max_memory "
+            f"{max_memory / 2**20:.0f} MiB",
+            True,
+        )
+    return None
+
+
+def respawn_delay(early_deaths: int) -> float:
+    """Back-off for a crash loop: children dying before finishing any task."""
+    if early_deaths <= 1:
+        return 0.0
+    return min(30.0, 0.25 * 2.0 ** (early_deaths - 2))

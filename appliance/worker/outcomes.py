@@ -1,0 +1,148 @@
+"""From what happened to a delivery to what the stores should record.
+
+Pure functions: an outcome (or a pre-run verdict) in, a `Settlement` for the broker and
+a `TaskResult` for the backend out. The supervisor applies them in batches.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from appliance.backend.protocol import ErrorInfo, TaskResult
+from appliance.broker.protocol import DeadLetterInfo, Delivery, Settlement
+from appliance.envelope import Envelope
+from appliance.retry import decide
+from appliance.states import DeadLetterReason, SettleKind, TaskState
+from appliance.tasks import Task
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    settlement: Settlement
+    result: TaskResult | None
+    event: str  # "success" | "retry" | "dead" | "revoked" | "released": for logs and counts
+
+
+def _error(fields: dict[str, Any] | None) -> ErrorInfo:
+    fields = fields or {}
+    return ErrorInfo(
+        str(fields.get("type", "Error")),
+        str(fields.get("message", "")),
+        str(fields.get("traceback", "")),
+    )
+
+
+def _result_ttl(task: Task | None, default_ttl: float, now: float) -> float:
+    ttl = task.options.result_ttl if task and task.options.result_ttl is not None else default_ttl
+    return now + ttl
+
+
+def from_outcome(
+    delivery: Delivery,
+    envelope: Envelope,
+    task: Task,
+    outcome: dict[str, Any],
+    *,
+    worker: str,
+    default_ttl: float,
+) -> Settled:
+    """Settle one finished attempt according to the task's retry policy."""
+    now = time.time()
+    ok = bool(outcome.get("ok"))
+    decision = decide(
+        failed=not ok,
+        permanent=bool(outcome.get("permanent")),
+        attempt=envelope.attempt,
+        max_retries=envelope.max_retries,
+        strategy=task.options.strategy,
+        now=now,
+        countdown=outcome.get("countdown"),
+    )
+    common: dict[str, Any] = {
+        "task_id": envelope.id, "name": envelope.name, "queue": envelope.queue,
+        "attempt": envelope.attempt, "worker": worker, "started_at": outcome.get("started"),
+        "finished_at": outcome.get("finished", now), "progress": outcome.get("progress"),
+        "meta": envelope.meta, "expires_at": _result_ttl(task, default_ttl, now),
+    }  # fmt: skip
+    if decision.kind is SettleKind.ACK:
+        result = (
+            None
+            if task.options.ignore_result
+            else TaskResult(state=TaskState.SUCCESS, value=outcome.get("value"), **common)
+        )
+        return Settled(Settlement.ack(delivery), result, "success")
+    error = _error(outcome.get("error"))
+    if decision.kind is SettleKind.RETRY:
+        assert decision.not_before is not None
+        retry = TaskResult(state=TaskState.RETRY, error=error, **common)
+        return Settled(
+            Settlement.retry(delivery, envelope.next_attempt(decision.not_before)), retry, "retry"
+        )
+    reason = decision.reason or DeadLetterReason.EXHAUSTED
+    dead = TaskResult(state=TaskState.DEAD, error=error, **common)
+    info = DeadLetterInfo(reason, error.type, error.message, error.traceback)
+    return Settled(Settlement.dead_letter(delivery, info), dead, "dead")
+
+
+def dead_before_run(
+    delivery: Delivery,
+    envelope: Envelope | None,
+    reason: DeadLetterReason,
+    error_type: str,
+    message: str,
+    *,
+    default_ttl: float,
+) -> Settled:
+    """Dead-letter a delivery that will not run (undecodable, unknown task, poison pill)."""
+    now = time.time()
+    info = DeadLetterInfo(reason, error_type, message)
+    result = None
+    if envelope is not None:
+        result = TaskResult(
+            task_id=envelope.id, state=TaskState.DEAD, name=envelope.name,
+            queue=envelope.queue, attempt=envelope.attempt,
+            error=ErrorInfo(error_type, message), finished_at=now, meta=envelope.meta,
+            expires_at=now + default_ttl,
+        )  # fmt: skip
+    return Settled(Settlement.dead_letter(delivery, info), result, "dead")
+
+
+def expired(delivery: Delivery, envelope: Envelope, *, default_ttl: float) -> Settled:
+    """A delivery past its `expires` time is cancelled, not run."""
+    now = time.time()
+    result = TaskResult(
+        task_id=envelope.id, state=TaskState.REVOKED, name=envelope.name,
+        queue=envelope.queue, attempt=envelope.attempt, finished_at=now,
+        error=ErrorInfo("TaskRevokedError", "expired before it could run"),
+        meta=envelope.meta, expires_at=now + default_ttl,
+    )  # fmt: skip
+    return Settled(Settlement.ack(delivery), result, "revoked")
+
+
+def worker_lost(
+    delivery: Delivery,
+    envelope: Envelope,
+    task: Task,
+    message: str,
+    *,
+    worker: str,
+    default_ttl: float,
+) -> Settled:
+    """The child died under the task: give it back at once, still counted, so a task
+    that kills every child it runs on reaches the DLQ as a poison pill."""
+    now = time.time()
+    if delivery.deliveries >= task.options.max_deliveries:
+        return dead_before_run(
+            delivery, envelope, DeadLetterReason.POISON_PILL, "WorkerLostError",
+            f"{message}; the child died under this task {delivery.deliveries} times",
+            default_ttl=default_ttl,
+        )  # fmt: skip
+    result = TaskResult(
+        task_id=envelope.id, state=TaskState.RETRY, name=envelope.name, queue=envelope.queue,
+        attempt=envelope.attempt, worker=worker, finished_at=now,
+        error=ErrorInfo("WorkerLostError", message), meta=envelope.meta,
+        expires_at=now + default_ttl,
+    )  # fmt: skip
+    return Settled(Settlement.release(delivery, count_delivery=True), result, "released")

@@ -1,0 +1,593 @@
+"""The supervisor: one single-threaded select loop that owns the process tree.
+
+Each turn of the loop: read what the signal pipe, the broker's wake-up fd and the
+children's pipes have to say; reap dead children and recover their work; kill children
+past their limits; settle everything that finished in one batch; claim what free
+children need in one batch; renew leases. Signal handlers do nothing but wake the loop
+(`signal.set_wakeup_fd` carries the signal numbers), so all decisions are made here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import signal
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from appliance.app import Stem
+from appliance.backend.protocol import ResultBackend
+from appliance.broker.protocol import Broker, Consumer, Delivery, Settlement
+from appliance.config import PoolSettings
+from appliance.envelope import decode
+from appliance.errors import BrokerError, DecodeError, StemError
+from appliance.states import DeadLetterReason, ExitCode, SlotState
+from appliance.stores import open_backend, open_broker
+from appliance.worker import outcomes
+from appliance.worker.child import ChildSetup, child_main
+from appliance.worker.heartbeat import HeartbeatTable
+from appliance.worker.ipc import dispatch_frame, make_pipe
+from appliance.worker.limits import KillReason, check_memory, check_slot, respawn_delay
+from appliance.worker.pool import Child, Dispatch, Pool
+from appliance.worker.systemd import Notifier
+
+log = logging.getLogger("stem.worker")
+
+CLAIM_LEASE_S = 30.0  # the lease taken at claim; renewed to each task's own timeout
+POLL_S = 1.0  # claim at least this often without a wake-up (lost wake-ups, outbox)
+SCAN_S = 0.05  # heartbeat-table scan while a task with a deadline runs
+IDLE_SCAN_S = 0.5
+MEMORY_SCAN_S = 0.25
+RECOVER_S = 1.0
+PURGE_S = 60.0
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
+
+
+class Supervisor:
+    """Runs pools of children for one `Stem` until told to stop. `run()` returns the
+    process exit code."""
+
+    def __init__(self, stem: Stem, pools: Sequence[PoolSettings]) -> None:
+        self.stem = stem
+        self.settings = stem.settings
+        first = 0
+        self.pools: list[Pool] = []
+        for settings in pools:
+            self.pools.append(Pool(settings, first))
+            first += settings.concurrency
+        self.slot_count = first
+        self.children: dict[int, Child] = {}  # pid -> child
+        self.by_fd: dict[int, Child] = {}
+        self.pending: list[outcomes.Settled] = []
+        self.seq = 0
+        self.accepting = True
+        self.draining_until: float | None = None
+        self.cold = False
+        self.notifier = Notifier()
+        self.store_retry_at = 0.0
+        self.store_failures = 0
+        self.counts = {"success": 0, "retry": 0, "dead": 0, "revoked": 0, "released": 0}
+        self._timers = {"scan": 0.0, "memory": 0.0, "recover": 0.0, "purge": 0.0, "dog": 0.0}
+
+    # --- life cycle --------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Open stores, fork the pools, serve until shutdown; the exit code."""
+        try:
+            self._open()
+        except StemError as exc:
+            log.error("cannot start: %s", exc)
+            return int(ExitCode.UNAVAILABLE)
+        try:
+            self._spawn_missing(time.monotonic())
+            self.notifier.send("READY=1", f"STATUS=serving {self._queue_names()}")
+            log.info(
+                "supervisor %d ready: %d children, queues %s, broker %s",
+                os.getpid(), self.slot_count, self._queue_names(), self.broker.url,
+            )  # fmt: skip
+            while self.children or self.accepting:
+                self._turn()
+        finally:
+            self._close()
+        log.info("supervisor %d stopped: %s", os.getpid(), self.counts)
+        return int(ExitCode.OK)
+
+    def _open(self) -> None:
+        self.broker: Broker = open_broker(self.settings.broker_url, self.settings)
+        self.backend: ResultBackend = open_backend(self.settings.backend_url, self.settings)
+        self.consumer = Consumer.this_process()
+        self.worker_name = f"{self.consumer.host}:{self.consumer.pid}"
+        recovered = self.broker.recover(self.consumer)
+        if recovered:
+            log.warning("returned %d abandoned deliveries to their queues", recovered)
+        self.table = HeartbeatTable(self.slot_count)
+        self.selector = selectors.DefaultSelector()
+        self.signal_r, self.signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self.signal_w)
+        for signum in HANDLED_SIGNALS:
+            signal.signal(signum, _record_only)
+        self.selector.register(self.signal_r, selectors.EVENT_READ, "signal")
+        queues = sorted({q for pool in self.pools for q in pool.queues})
+        self.wake_fd = self.broker.wake_fd(queues)
+        if self.wake_fd is not None:
+            self.selector.register(self.wake_fd, selectors.EVENT_READ, "wake")
+
+    def _close(self) -> None:
+        for child in list(self.children.values()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGKILL)
+        while self.children:
+            self._reap(block=True)
+        self._flush(final=True)
+        signal.set_wakeup_fd(-1)
+        self.table.close()
+        self.broker.close()
+        self.backend.close()
+
+    # --- the loop ----------------------------------------------------------------------
+
+    def _turn(self) -> None:
+        for key, mask in self.selector.select(self._timeout()):
+            if key.data == "signal":
+                self._on_signals()
+            elif key.data == "wake":
+                self.broker.clear_wake()
+                for pool in self.pools:
+                    pool.maybe_ready = True
+            elif mask & selectors.EVENT_READ:
+                self._read_child(key.data)
+            else:
+                self._write_child(key.data)
+        now = time.monotonic()
+        self._reap(block=False)
+        self._scan(now)
+        self._flush()
+        if self.accepting:
+            self._spawn_missing(now)
+            self._claim(now)
+        self._renew(now)
+        self._housekeeping(now)
+        self._progress_shutdown(now)
+
+    def _timeout(self) -> float:
+        if self.pending and time.monotonic() >= self.store_retry_at:
+            return 0.0
+        now = time.monotonic()
+        deadlines = [self._timers["scan"], now + POLL_S]
+        if self.accepting:
+            for pool in self.pools:
+                if pool.free_capacity():
+                    deadlines.append(now if pool.maybe_ready else pool.next_poll)
+                deadlines.extend(pool.respawn_at.values())
+        if self.draining_until is not None:
+            deadlines.append(self.draining_until)
+        for child in self.children.values():
+            deadlines.extend(d.renew_at for d in child.outstanding.values())
+        return max(0.0, min(deadlines) - now)
+
+    # --- signals and shutdown ------------------------------------------------------------
+
+    def _on_signals(self) -> None:
+        try:
+            received = os.read(self.signal_r, 64)
+        except BlockingIOError:
+            return
+        for signum in received:
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                if self.accepting:
+                    self._begin_warm_shutdown()
+                else:
+                    self._cold_shutdown("second stop signal")
+            elif signum == signal.SIGQUIT:
+                self._cold_shutdown("SIGQUIT")
+
+    def _begin_warm_shutdown(self) -> None:
+        grace = max(p.settings.shutdown_grace for p in self.pools)
+        log.info("warm shutdown: finishing running tasks (grace %gs)", grace)
+        self.notifier.send("STOPPING=1", "STATUS=warm shutdown")
+        self.accepting = False
+        self.draining_until = time.monotonic() + grace
+        self.table.header.draining = 1  # children skip what they have not started yet
+        for child in self.children.values():
+            child.closing = True
+
+    def _cold_shutdown(self, why: str) -> None:
+        log.warning("cold shutdown (%s): killing children, returning their tasks", why)
+        self.notifier.send("STOPPING=1", "STATUS=cold shutdown")
+        self.accepting = False
+        self.cold = True
+        self.table.header.draining = 1
+        for child in self.children.values():
+            child.closing = True
+            child.kill = child.kill or KillReason("WorkerLostError", "cold shutdown", False)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGKILL)
+
+    def _progress_shutdown(self, now: float) -> None:
+        if self.accepting:
+            return
+        if self.draining_until is not None and now >= self.draining_until and not self.cold:
+            self._cold_shutdown("grace period over")
+        for child in list(self.children.values()):
+            if not child.outstanding and child.to_fd >= 0:
+                self._close_pipe_to(child)  # EOF: the child exits on its own
+
+    # --- children ------------------------------------------------------------------------
+
+    def _spawn_missing(self, now: float) -> None:
+        for pool in self.pools:
+            for index in pool.empty_slots(now):
+                pool.respawn_at.pop(index, None)
+                self._spawn(pool, index)
+
+    def _spawn(self, pool: Pool, index: int) -> None:
+        to_r, to_w = make_pipe()
+        from_r, from_w = make_pipe()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        pid = os.fork()
+        if pid == 0:  # the child: drop everything of the supervisor's it must not touch
+            signal.set_wakeup_fd(-1)
+            for fd in (to_w, from_r, self.signal_r, self.signal_w, *self.by_fd):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            with contextlib.suppress(Exception):
+                self.selector.close()
+            setup = ChildSetup(self.stem, pool.settings, self.table.slots[index],
+                               self.table.header, to_r, from_w, self.consumer.pid)  # fmt: skip
+            child_main(setup)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        os.close(to_r)
+        os.close(from_w)
+        os.set_blocking(to_w, False)
+        os.set_blocking(from_r, False)
+        self.table.reset(index, pid)
+        child = Child(pool, index, pid, to_w, from_r, time.monotonic())
+        pool.children[index] = child
+        self.children[pid] = child
+        self.by_fd[from_r] = child
+        self.by_fd[to_w] = child
+        self.selector.register(from_r, selectors.EVENT_READ, child)
+        log.debug("child %d spawned in pool %s slot %d", pid, pool.settings.name, index)
+
+    def _close_pipe_to(self, child: Child) -> None:
+        if child.to_fd < 0:
+            return
+        if child.outbox:
+            self.selector.unregister(child.to_fd)
+        self.by_fd.pop(child.to_fd, None)
+        os.close(child.to_fd)
+        child.to_fd = -1
+
+    def _reap(self, *, block: bool) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = self.children.pop(pid, None)
+            if child is not None:
+                self._on_child_exit(child, os.waitstatus_to_exitcode(status))
+            if block:
+                return
+
+    def _on_child_exit(self, child: Child, code: int) -> None:
+        self._read_child(child, until_eof=True)  # outcomes it wrote before dying count
+        self.selector.unregister(child.from_fd)
+        self.by_fd.pop(child.from_fd, None)
+        os.close(child.from_fd)
+        self._close_pipe_to(child)
+        pool = child.pool
+        del pool.children[child.index]
+        running = self._running_dispatch(child)
+        self.table.slots[child.index].state = SlotState.EMPTY
+        unexpected = child.kill is None and bool(child.outstanding or code != 0)
+        for dispatch in list(child.outstanding.values()):
+            self._recover_dispatch(child, dispatch, running is dispatch, code)
+        child.outstanding.clear()
+        if unexpected:
+            log.warning("child %d exited with %s", child.pid, _describe_exit(code))
+        pool.mark_lifetime(child, unexpected)
+        if self.accepting:
+            pool.respawn_at[child.index] = time.monotonic() + respawn_delay(pool.early_deaths)
+
+    def _running_dispatch(self, child: Child) -> Dispatch | None:
+        if child.kill is not None and child.killed_seq in child.outstanding:
+            return child.outstanding[child.killed_seq]
+        slot = self.table.slots[child.index]
+        if slot.state == SlotState.RUNNING and slot.seq in child.outstanding:
+            return child.outstanding[slot.seq]
+        return None
+
+    def _recover_dispatch(self, child: Child, dispatch: Dispatch, running: bool, code: int) -> None:
+        delivery, envelope, task = dispatch.delivery, dispatch.envelope, dispatch.task
+        ttl = self.settings.result_ttl
+        if not running or (
+            self.cold
+            and child.kill
+            and not child.kill.counts_as_task_failure
+            and child.kill.message == "cold shutdown"
+        ):
+            settled = outcomes.Settled(Settlement.release(delivery, count_delivery=False),
+                                       None, "released")  # fmt: skip
+        elif child.kill is not None and child.kill.counts_as_task_failure:
+            error = {"type": child.kill.error_type, "message": child.kill.message}
+            settled = outcomes.from_outcome(delivery, envelope, task, {"ok": False,
+                                            "error": error, "finished": time.time()},
+                                            worker=self.worker_name, default_ttl=ttl)  # fmt: skip
+        else:
+            reason = child.kill.message if child.kill else f"child {_describe_exit(code)}"
+            settled = outcomes.worker_lost(delivery, envelope, task, reason,
+                                           worker=self.worker_name, default_ttl=ttl)  # fmt: skip
+        self._settle(settled)
+
+    def _read_child(self, child: Child, *, until_eof: bool = False) -> None:
+        while True:
+            try:
+                data = os.read(child.from_fd, 1 << 18)
+            except BlockingIOError:
+                return
+            if not data:
+                return
+            for frame in child.reader.feed(data):
+                self._on_message(child, orjson.loads(frame))
+            if not until_eof and len(data) < (1 << 18):
+                return
+
+    def _write_child(self, child: Child) -> None:
+        if child.to_fd < 0:
+            return
+        try:
+            written = os.write(child.to_fd, child.outbox)
+        except BlockingIOError:
+            return
+        except BrokenPipeError:
+            written = len(child.outbox)  # it died: its dispatches are recovered on reap
+        del child.outbox[:written]
+        if not child.outbox:
+            self.selector.unregister(child.to_fd)
+
+    def _send(self, child: Child, frame: bytes) -> None:
+        had_backlog = bool(child.outbox)
+        child.outbox += frame
+        if had_backlog:
+            return
+        try:
+            written = os.write(child.to_fd, child.outbox)
+        except BlockingIOError:
+            written = 0
+        except BrokenPipeError:
+            written = len(child.outbox)
+        del child.outbox[:written]
+        if child.outbox:
+            self.selector.register(child.to_fd, selectors.EVENT_WRITE, child)
+
+    def _on_message(self, child: Child, message: dict[str, Any]) -> None:
+        kind = message.get("kind")
+        dispatch = child.outstanding.get(message.get("seq", -1))
+        if dispatch is None or kind == "progress":
+            return  # progress is kept in the slot; the final percent comes with the outcome
+        del child.outstanding[dispatch.seq]
+        child.finished += 1
+        if kind == "skipped":
+            settled = outcomes.Settled(
+                Settlement.release(dispatch.delivery, count_delivery=False), None, "released"
+            )
+        else:
+            started, finished = message.get("started"), message.get("finished")
+            if isinstance(started, float) and isinstance(finished, float):
+                child.pool.record_runtime(finished - started)
+            settled = outcomes.from_outcome(
+                dispatch.delivery, dispatch.envelope, dispatch.task, message,
+                worker=self.worker_name, default_ttl=self.settings.result_ttl,
+            )  # fmt: skip
+        self._settle(settled)
+
+    # --- limits --------------------------------------------------------------------------
+
+    def _scan(self, now: float) -> None:
+        if now < self._timers["scan"]:
+            return
+        busy = False
+        for child in list(self.children.values()):
+            slot = self.table.slots[child.index]
+            if slot.state == SlotState.RUNNING and slot.hard_deadline:
+                busy = True
+            if child.kill is None:
+                timeout = child.pool.settings.heartbeat_timeout
+                reason = check_slot(slot, now, timeout)
+                if reason is not None:
+                    self._kill(child, reason, slot.seq)
+        if now >= self._timers["memory"]:
+            self._timers["memory"] = now + MEMORY_SCAN_S
+            self._scan_memory()
+        self._timers["scan"] = now + (SCAN_S if busy else IDLE_SCAN_S)
+
+    def _scan_memory(self) -> None:
+        for child in list(self.children.values()):
+            slot = self.table.slots[child.index]
+            dispatch = child.outstanding.get(slot.seq)
+            if child.kill is not None or dispatch is None or slot.state != SlotState.RUNNING:
+                continue
+            limit = dispatch.task.options.max_memory
+            if not limit:
+                continue
+            try:
+                reason = check_memory(child.rss(), limit)
+            except Exception:  # psutil: the child is gone; the reaper handles it
+                continue
+            if reason is not None:
+                self._kill(child, reason, slot.seq)
+
+    def _kill(self, child: Child, reason: KillReason, seq: int) -> None:
+        log.warning("killing child %d: %s", child.pid, reason.message)
+        child.kill, child.killed_seq, child.closing = reason, seq, True
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, signal.SIGKILL)
+
+    # --- claiming and settling -------------------------------------------------------------
+
+    def _claim(self, now: float) -> None:
+        if self.pending and self.store_failures:
+            return  # the store is failing: do not take more work than we can settle
+        for pool in self.pools:
+            free = pool.free_capacity()
+            if not free or not (pool.maybe_ready or now >= pool.next_poll):
+                continue
+            try:
+                deliveries = self.broker.claim(
+                    pool.queues, free, consumer=self.consumer, lease=CLAIM_LEASE_S
+                )
+            except BrokerError as exc:
+                self._store_failed(exc)
+                return
+            pool.maybe_ready = len(deliveries) == free
+            if not pool.maybe_ready:
+                pool.next_poll = now + POLL_S
+                due = self.broker.next_due(pool.queues)
+                if due is not None:
+                    pool.next_poll = min(pool.next_poll, now + max(0.0, due - time.time()))
+            for delivery in deliveries:
+                self._dispatch(pool, delivery, now)
+
+    def _dispatch(self, pool: Pool, delivery: Delivery, now: float) -> None:
+        ttl = self.settings.result_ttl
+        try:
+            envelope = decode(delivery.payload)
+        except DecodeError as exc:
+            self._settle(outcomes.dead_before_run(
+                delivery, None, DeadLetterReason.UNDECODABLE, "DecodeError", str(exc),
+                default_ttl=ttl))  # fmt: skip
+            return
+        task = self.stem.registry.get(envelope.name)
+        if task is None:
+            self._settle(outcomes.dead_before_run(
+                delivery, envelope, DeadLetterReason.UNKNOWN_TASK, "NotRegistered",
+                f"no task named {envelope.name!r} is registered with this worker",
+                default_ttl=ttl))  # fmt: skip
+            return
+        if delivery.deliveries > task.options.max_deliveries:
+            self._settle(outcomes.dead_before_run(
+                delivery, envelope, DeadLetterReason.POISON_PILL, "WorkerLostError",
+                f"delivered {delivery.deliveries} times without finishing",
+                default_ttl=ttl))  # fmt: skip
+            return
+        if envelope.expires is not None and envelope.expires < time.time():
+            self._settle(outcomes.expired(delivery, envelope, default_ttl=ttl))
+            return
+        child = pool.pick_child()
+        if child is None:  # capacity vanished (a child died meanwhile): give it back
+            self._settle(
+                outcomes.Settled(
+                    Settlement.release(delivery, count_delivery=False), None, "released"
+                )
+            )
+            return
+        self.seq += 1
+        first_renewal = min(CLAIM_LEASE_S, task.options.visibility_timeout) / 3
+        child.outstanding[self.seq] = Dispatch(
+            self.seq, delivery, envelope, task, now + first_renewal, now + CLAIM_LEASE_S
+        )
+        child.sent += 1
+        self._send(child, dispatch_frame(self.seq, delivery.payload))
+
+    def _settle(self, settled: outcomes.Settled) -> None:
+        self.pending.append(settled)
+        self.counts[settled.event] += 1
+        if settled.event in ("retry", "dead") and settled.result and settled.result.error:
+            error = settled.result.error
+            log.info(
+                "task %s %s: %s: %s",
+                settled.result.task_id,
+                settled.event,
+                error.type,
+                error.message,
+                extra={"task_id": settled.result.task_id},
+            )
+
+    def _flush(self, *, final: bool = False) -> None:
+        """Write results, then settle, each batch in one transaction: a crash between
+        the two re-runs the task (at-least-once) but never acks one without its result."""
+        if not self.pending or (time.monotonic() < self.store_retry_at and not final):
+            return
+        batch = self.pending
+        results = [s.result for s in batch if s.result is not None]
+        try:
+            if results:
+                self.backend.store(results)
+            self.broker.settle([s.settlement for s in batch])
+        except BrokerError as exc:
+            self._store_failed(exc)
+            return
+        self.pending = []
+        if self.store_failures:
+            log.warning("store reachable again; settled %d deliveries", len(batch))
+        self.store_failures = 0
+
+    def _store_failed(self, exc: Exception) -> None:
+        if not self.store_failures:
+            log.error("store failed (%s); running tasks go on, settling is retried", exc)
+        self.store_failures += 1
+        self.store_retry_at = time.monotonic() + min(5.0, 0.05 * 2**self.store_failures)
+
+    def _renew(self, now: float) -> None:
+        due: dict[float, list[Dispatch]] = {}
+        for child in self.children.values():
+            if child.kill is not None:
+                continue
+            slot = self.table.slots[child.index]
+            for dispatch in child.outstanding.values():
+                wanted = dispatch.renew_at <= now
+                if slot.seq == dispatch.seq and slot.lease_request > dispatch.lease_end:
+                    wanted = True
+                if wanted:
+                    due.setdefault(dispatch.task.options.visibility_timeout, []).append(dispatch)
+        for lease, dispatches in due.items():
+            try:
+                self.broker.extend([d.delivery for d in dispatches], lease)
+            except BrokerError as exc:
+                self._store_failed(exc)
+                return
+            for dispatch in dispatches:
+                dispatch.renew_at = now + lease / 3
+                dispatch.lease_end = now + lease
+
+    def _housekeeping(self, now: float) -> None:
+        timers = self._timers
+        if now >= timers["recover"]:
+            timers["recover"] = now + RECOVER_S
+            try:
+                if self.broker.recover(self.consumer):
+                    for pool in self.pools:
+                        pool.maybe_ready = True
+            except BrokerError as exc:
+                self._store_failed(exc)
+        if now >= timers["purge"]:
+            timers["purge"] = now + PURGE_S
+            with contextlib.suppress(BrokerError):
+                self.backend.purge_expired()
+        interval = self.notifier.watchdog_interval
+        if interval and now >= timers["dog"]:
+            timers["dog"] = now + interval
+            self.notifier.send("WATCHDOG=1")
+
+    def _queue_names(self) -> str:
+        return ",".join(sorted({q for pool in self.pools for q in pool.queues}))
+
+
+def _record_only(signum: int, frame: object) -> None:
+    """Signal handler: nothing. `set_wakeup_fd` already queued the number for the loop."""
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"signal {signal.Signals(-code).name}"
+        return f"signal {-code}"
+    return f"exit code {code}"

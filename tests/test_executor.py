@@ -1,0 +1,154 @@
+"""Running one task in-process: every way user code can end becomes an outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+import uvloop
+
+from appliance import Reject, Stem, TaskContext, TaskHandler, TaskOptions
+from appliance.context import _Detached
+from appliance.envelope import Envelope
+from appliance.worker.executor import Executor
+
+
+@pytest.fixture
+def stem(sqlite_url: str) -> Stem:
+    return Stem(broker=sqlite_url)
+
+
+def run(stem: Stem, name: str, args: dict[str, Any] | None = None, attempt: int = 0
+        ) -> dict[str, Any]:
+    envelope = Envelope(id="t1", name=name, args=args or {}, attempt=attempt)
+    return Executor(uvloop.new_event_loop).run(stem.get_task(name), envelope, _Detached())
+
+
+def test_sync_success_returns_value(stem: Stem) -> None:
+    @stem.task("t.add")
+    def add(ctx: TaskContext, a: int, b: int) -> int:
+        return a + b
+
+    out = run(stem, "t.add", {"a": 2, "b": 3})
+    assert out["ok"] is True and out["value"] == 5
+    assert out["finished"] >= out["started"]
+
+
+def test_async_task_runs_on_the_child_loop(stem: Stem) -> None:
+    @stem.task("t.async")
+    async def later(ctx: TaskContext, x: int) -> int:
+        await asyncio.sleep(0.01)
+        return x * 2
+
+    assert run(stem, "t.async", {"x": 21})["value"] == 42
+
+
+def test_exception_is_a_retriable_failure_with_traceback(stem: Stem) -> None:
+    @stem.task("t.boom")
+    def boom(ctx: TaskContext) -> None:
+        raise RuntimeError("kaboom")
+
+    out = run(stem, "t.boom")
+    assert out["ok"] is False and not out.get("permanent")
+    assert out["error"]["type"] == "RuntimeError"
+    assert "kaboom" in out["error"]["message"] and "Traceback" in out["error"]["traceback"]
+
+
+def test_reject_is_permanent(stem: Stem) -> None:
+    @stem.task("t.reject")
+    def reject(ctx: TaskContext) -> None:
+        raise Reject("bad order")
+
+    out = run(stem, "t.reject")
+    assert out["permanent"] is True and out["error"]["message"] == "bad order"
+
+
+def test_args_that_do_not_bind_are_permanent(stem: Stem) -> None:
+    @stem.task("t.sig")
+    def sig(ctx: TaskContext, needed: int) -> None:
+        return None
+
+    out = run(stem, "t.sig", {"other": 1})
+    assert out["permanent"] is True and out["error"]["type"] == "TypeError"
+
+
+def test_ctx_retry_carries_countdown(stem: Stem) -> None:
+    @stem.task("t.retry")
+    def again(ctx: TaskContext) -> None:
+        ctx.retry(countdown=7)
+
+    out = run(stem, "t.retry")
+    assert out["retry"] is True and out["countdown"] == 7
+
+
+def test_unserialisable_result_is_recorded_as_failure(stem: Stem) -> None:
+    @stem.task("t.result")
+    def result(ctx: TaskContext) -> object:
+        return object()
+
+    out = run(stem, "t.result")
+    assert out["ok"] is False and "not JSON-serialisable" in out["error"]["message"]
+
+
+def test_exception_that_cannot_be_printed_is_still_a_failure(stem: Stem) -> None:
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise ValueError("no")
+
+    @stem.task("t.unprintable")
+    def unprintable(ctx: TaskContext) -> None:
+        raise Unprintable()
+
+    out = run(stem, "t.unprintable")
+    assert out["ok"] is False and out["error"]["type"] == "Unprintable"
+    assert "unprintable" in out["error"]["message"]
+
+
+def test_sys_exit_in_a_task_is_a_failure_not_an_exit(stem: Stem) -> None:
+    @stem.task("t.exit")
+    def leave(ctx: TaskContext) -> None:
+        raise SystemExit(3)
+
+    assert run(stem, "t.exit")["error"]["type"] == "SystemExit"
+
+
+def test_soft_time_limit_raises_inside_sync_task(stem: Stem) -> None:
+    @stem.task("t.soft", soft_time_limit=0.1, hard_time_limit=5)
+    def slow(ctx: TaskContext) -> None:
+        time.sleep(3)
+
+    started = time.monotonic()
+    out = run(stem, "t.soft")
+    assert time.monotonic() - started < 1.5
+    assert out["error"]["type"] == "SoftTimeLimitExceeded"
+
+
+def test_soft_time_limit_raises_inside_async_task(stem: Stem) -> None:
+    @stem.task("t.asoft", soft_time_limit=0.1)
+    async def slow(ctx: TaskContext) -> None:
+        await asyncio.sleep(3)
+
+    assert run(stem, "t.asoft")["error"]["type"] == "SoftTimeLimitExceeded"
+
+
+def test_class_based_handler_gets_args_dict(stem: Stem) -> None:
+    class Sync(TaskHandler):
+        name = "orders.sync"
+        options = TaskOptions(max_retries=3)
+
+        def __call__(self, ctx: TaskContext, args: dict[str, Any]) -> str:
+            return f"{args['orderId']}@{ctx.attempt}"
+
+    stem.register(Sync())
+    assert run(stem, "orders.sync", {"orderId": "o-42"}, attempt=1)["value"] == "o-42@1"
+
+
+def test_progress_is_reported_in_outcome(stem: Stem) -> None:
+    @stem.task("t.progress")
+    def progress(ctx: TaskContext) -> None:
+        ctx.progress(40)
+        ctx.progress(90, {"step": 2})
+
+    assert run(stem, "t.progress")["progress"] == 90.0
