@@ -1,0 +1,121 @@
+"""Every Redis key the appliance writes, in one place.
+
+All keys live under `<namespace>:` (`Settings.namespace`, `STEM_NAMESPACE`), so several
+environments can share one server without seeing each other. The Python functions below
+and the Lua prelude at the bottom (`LUA_KEYS`, prepended to every broker script) are the
+only places that spell a key: keep them side by side when a key changes.
+
+Layout (P = "<namespace>:"):
+
+| key                         | type   | holds                                                |
+|-----------------------------|--------|------------------------------------------------------|
+| P queues                    | set    | names of every queue ever enqueued to                |
+| P q:<queue>:<band>          | stream | ready and leased messages of one priority band       |
+| P delayed:<queue>           | zset   | members "<band>|<nonce/origin>|<task id>" by due     |
+| P delayed-payload:<queue>   | hash   | delayed member -> encoded envelope bytes             |
+| P tasks                     | hash   | task id -> where its message is (see `location`)     |
+| P consumers                 | hash   | consumer name -> the lease (seconds) it last used    |
+| P wake:<queue>              | pubsub | channel: "messages may be due in <queue>"            |
+| P dlq                       | zset   | every dead-letter id, scored by dead_at              |
+| P dlq:q:<queue>             | zset   | dead-letter ids of one original queue, by dead_at    |
+| P dlq:entry                 | hash   | dead-letter id -> JSON record (reason, error, times) |
+| P dlq:payload               | hash   | dead-letter id -> the raw payload bytes              |
+| P result:<task id>          | string | a `TaskResult` as JSON, with the result's TTL        |
+
+Stream entries carry `p` (the encoded envelope, verbatim), `t` (the task id, so claims
+and settles never parse JSON), `b` (the delivery-count base carried over by a release;
+the PEL counter adds the deliveries of this copy) and, on copies, `o` (the origin: the
+identity of the message across the copies a release, retry or promotion writes, so that
+a late ACK or DEAD from a lost lease still removes the message, as the protocol says).
+A fresh entry is its own origin; a delayed member's nonce is its origin.
+"""
+
+from __future__ import annotations
+
+# The consumer group every stream is read through (one group per stream: every
+# supervisor competes for the same messages).
+GROUP = "stem"
+
+# Priority bands: priority is clamped into 0..9 and claims read band 9 first. Within a
+# band, messages are claimed in enqueue order (stream order).
+BANDS = 10
+BANDS_HIGH_FIRST = tuple(range(BANDS - 1, -1, -1))
+
+
+def band_of(priority: int) -> int:
+    """The stream band of a priority: clamped into 0..BANDS-1."""
+    return min(BANDS - 1, max(0, priority))
+
+
+class Keys:
+    """The keys of one namespace, precomputed where they do not depend on a queue."""
+
+    def __init__(self, namespace: str) -> None:
+        if not namespace:
+            raise ValueError("the Redis namespace must not be empty")
+        self.prefix = f"{namespace}:"
+        p = self.prefix
+        self.queues = f"{p}queues"  # set: queue names ever enqueued to
+        self.tasks = f"{p}tasks"  # hash: task id -> location (see `location`)
+        self.consumers = f"{p}consumers"  # hash: consumer name -> lease seconds
+        self.dlq = f"{p}dlq"  # zset: all dead-letter ids by dead_at
+        self.dlq_entry = f"{p}dlq:entry"  # hash: dead-letter id -> JSON record
+        self.dlq_payload = f"{p}dlq:payload"  # hash: dead-letter id -> payload bytes
+
+    def stream(self, queue: str, band: int) -> str:
+        """Stream: the ready and leased messages of `queue` in one priority band."""
+        return f"{self.prefix}q:{queue}:{band}"
+
+    def delayed(self, queue: str) -> str:
+        """Sorted set: delayed members of `queue`, scored by not_before (epoch seconds)."""
+        return f"{self.prefix}delayed:{queue}"
+
+    def delayed_payload(self, queue: str) -> str:
+        """Hash: delayed member -> encoded envelope."""
+        return f"{self.prefix}delayed-payload:{queue}"
+
+    def wake(self, queue: str) -> str:
+        """Pub/sub channel: enqueue publishes here in the same script as its XADD."""
+        return f"{self.prefix}wake:{queue}"
+
+    def dlq_queue(self, queue: str) -> str:
+        """Sorted set: dead-letter ids whose message came from `queue`, by dead_at."""
+        return f"{self.prefix}dlq:q:{queue}"
+
+    def result(self, task_id: str) -> str:
+        """String: one `TaskResult` as JSON; expires with the result (PEXPIREAT)."""
+        return f"{self.prefix}result:{task_id}"
+
+
+def delayed_member(band: int | str, nonce: str, task_id: str) -> str:
+    """A delayed set member: unique per message (nonce), and carries what promotion needs."""
+    return f"{band}|{nonce}|{task_id}"
+
+
+# Values of the `tasks` hash (the task-id index behind `find_message`):
+#   "s|<band>|<entry id>|<queue>"  the message is stream entry <entry id> (ready or leased)
+#   "d|<band>|<nonce>|<queue>"     the message is delayed; member = "<band>|<nonce>|<task id>"
+# The queue comes last so that any queue name (even one with "|") parses with split("|", 3).
+def location(kind: str, band: int | str, ref: str, queue: str) -> str:
+    return f"{kind}|{band}|{ref}|{queue}"
+
+
+# The same layout for the Lua scripts (ARGV[1] is always the prefix, ARGV[2] the group).
+LUA_KEYS = f"""
+local P = ARGV[1]
+local GROUP = ARGV[2]
+local BANDS = {BANDS}
+local k_queues = P .. 'queues'
+local k_tasks = P .. 'tasks'
+local k_consumers = P .. 'consumers'
+local k_dlq = P .. 'dlq'
+local k_dlq_entry = P .. 'dlq:entry'
+local k_dlq_payload = P .. 'dlq:payload'
+local function k_stream(q, band) return P .. 'q:' .. q .. ':' .. band end
+local function k_delayed(q) return P .. 'delayed:' .. q end
+local function k_delayed_payload(q) return P .. 'delayed-payload:' .. q end
+local function k_wake(q) return P .. 'wake:' .. q end
+local function k_dlq_queue(q) return P .. 'dlq:q:' .. q end
+local function loc_stream(q, band, id) return 's|' .. band .. '|' .. id .. '|' .. q end
+local function loc_delayed(q, band, nonce) return 'd|' .. band .. '|' .. nonce .. '|' .. q end
+"""
