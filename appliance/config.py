@@ -166,13 +166,15 @@ def load_settings(
     document = _read_toml(Path(path)) if path else {}
     source = str(path) if path else "defaults"
     values: dict[str, Any] = {}
-    pool_values: dict[str, Any] = {}
-    for spec, target in [(f, values) for f in FIELDS] + [(f, pool_values) for f in POOL_FIELDS]:
+    worker_values: dict[str, Any] = {}  # [worker] in the file: each [[pools]] table wins
+    pool_values: dict[str, Any] = {}  # env and flags: win over every pool's file values
+    for spec in FIELDS + POOL_FIELDS:
+        in_file, explicit = (values, values) if spec in FIELDS else (worker_values, pool_values)
         section = document.get(spec.section, {})
         if spec.key in section:
-            target[spec.attr] = _parse(spec, section[spec.key], f"{source}: [{spec.section}]")
+            in_file[spec.attr] = _parse(spec, section[spec.key], f"{source}: [{spec.section}]")
         if spec.env in env:
-            target[spec.attr] = _parse(spec, env[spec.env], f"environment {spec.env}")
+            explicit[spec.attr] = _parse(spec, env[spec.env], f"environment {spec.env}")
     for attr, value in (overrides or {}).items():
         if value is None:
             continue
@@ -181,7 +183,7 @@ def load_settings(
             raise ConfigError("command line", attr, "unknown setting")
         target = values if flag in FIELDS else pool_values
         target[attr] = _parse(flag, value, "command line")
-    pools = _pools(document.get("pools", []), source, pool_values, pool)
+    pools = _pools(document.get("pools", []), source, worker_values, pool_values, pool)
     return replace(Settings(**values), pools=pools, source=source)
 
 
@@ -211,10 +213,14 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 
 def _pools(
-    declared: Any, source: str, pool_values: dict[str, Any], selected: str | None
+    declared: Any,
+    source: str,
+    worker_values: dict[str, Any],
+    pool_values: dict[str, Any],
+    selected: str | None,
 ) -> tuple[PoolSettings, ...]:
-    """The `[[pools]]` tables, each on top of `[worker]`/env/flag values; or one pool."""
-    base = PoolSettings(**pool_values)
+    """The `[[pools]]` tables on top of `[worker]`, under env/flag values; or one pool."""
+    base = PoolSettings(**(worker_values | pool_values))
     if not isinstance(declared, list):
         raise ConfigError(source, "pools", "must be an array of tables ([[pools]])")
     pools = [base] if not declared else []

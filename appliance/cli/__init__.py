@@ -1,0 +1,1 @@
+"""The `stem` command line: one module per command group, output rendered in `output`."""

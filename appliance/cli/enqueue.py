@@ -1,0 +1,69 @@
+"""`stem enqueue NAME --args JSON`: store one task by name."""
+
+from __future__ import annotations
+
+import argparse
+
+from appliance.cli import output
+from appliance.cli.common import (
+    Commands,
+    UsageError,
+    add_app_flag,
+    add_json_flag,
+    json_object,
+    opened,
+    seconds,
+    store_flags,
+)
+from appliance.errors import BrokerError, ConfigError, NotRegistered
+
+
+def register(commands: Commands) -> None:
+    parser = commands.add_parser(
+        "enqueue",
+        parents=[store_flags()],
+        help="store one task by name and print its id",
+        description="Store one task durably and print its id. No app is needed: the task "
+        "is stored by name with default options. With --app, the name must be registered, "
+        "the args are checked against the task's signature and the task's own queue and "
+        "priority apply.",
+    )
+    parser.add_argument("name", metavar="NAME", help="the task name, e.g. email.send")
+    parser.add_argument(
+        "--args",
+        default="{}",
+        metavar="JSON",
+        help="keyword arguments as a JSON object (default: {})",
+    )
+    parser.add_argument("--queue", metavar="Q", help="queue (default: the task's, or default)")
+    parser.add_argument(
+        "--countdown", type=seconds, metavar="S", help="run no earlier than S seconds from now"
+    )
+    parser.add_argument("--priority", type=int, metavar="P", help="higher runs first")
+    add_app_flag(parser, required=False, text="check the name and args against this app")
+    add_json_flag(parser)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    task_args = json_object(args.args, "--args")
+    with opened(args) as stem:
+        try:
+            if args.app:
+                stem.get_task(args.name)
+            handle = stem.enqueue(
+                args.name,
+                args=task_args,
+                queue=args.queue,
+                countdown=args.countdown,
+                priority=args.priority,
+            )
+        except (ConfigError, BrokerError):
+            raise  # store trouble keeps its own exit code
+        except (NotRegistered, TypeError, ValueError) as exc:
+            # Bad input caught before anything was stored: args that do not fit the
+            # task, values with no JSON form, a payload over the size limit.
+            raise UsageError(str(exc)) from exc
+    queue = args.queue or (stem.registry[args.name].options.queue if args.app else "default")
+    output.enqueued(handle.id, args.name, queue, args.json)
+    return 0

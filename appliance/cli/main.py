@@ -1,0 +1,45 @@
+"""The `stem` entry point: builds the parser from the command modules and maps errors
+to one line on stderr and an exit code (see `common.report`)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from appliance import __version__
+from appliance.cli import demo, dlq, enqueue, observe, worker
+from appliance.cli.common import Parser, report
+from appliance.states import ExitCode
+
+GROUPS = (worker, enqueue, observe, dlq, demo)
+
+
+def build_parser() -> Parser:
+    parser = Parser(
+        prog="stem",
+        description="Stem appliance: a single-host task queue (SQLite by default, Redis by "
+        "URL). Run `stem COMMAND --help` for each command.",
+    )
+    parser.add_argument("--version", action="version", version=f"stem {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for group in GROUPS:
+        group.register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one `stem` command; returns its exit code (never raises for user errors)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        code: int = args.handler(args)
+        return code
+    except SystemExit as exc:  # --help and --version end through argparse's exit()
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        return int(ExitCode.FAILURE)
+    except KeyboardInterrupt:
+        print("stem: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        return report(exc)

@@ -1,0 +1,78 @@
+"""`stem observe ...`: read queues and tasks through `appliance.observe.Observer`."""
+
+from __future__ import annotations
+
+import argparse
+
+from appliance.cli import output
+from appliance.cli.common import (
+    CliError,
+    Commands,
+    Parser,
+    add_app_flag,
+    add_json_flag,
+    opened,
+    positive_int,
+    store_flags,
+)
+from appliance.observe import Observer
+
+
+def register(commands: Commands) -> None:
+    group = commands.add_parser(
+        "observe",
+        help="read queues and tasks",
+        description="Read-only views of queues and tasks (every one has --json).",
+    )
+    sub = group.add_subparsers(dest="observe_command", metavar="COMMAND", required=True)
+    queues = _leaf(sub, "queues", "counts per queue: ready, delayed, in flight, dead")
+    queues.set_defaults(handler=run_queues)
+
+    tasks = sub.add_parser(
+        "tasks",
+        help="list or show tasks",
+        description="Tasks waiting or in flight, and one task by id.",
+    )
+    tasks_sub = tasks.add_subparsers(dest="tasks_command", metavar="COMMAND", required=True)
+    listing = _leaf(tasks_sub, "list", "tasks waiting or in flight, in claim order")
+    listing.add_argument("--queue", metavar="Q", help="only this queue")
+    listing.add_argument(
+        "--limit", type=positive_int, default=50, metavar="N", help="at most N tasks (default: 50)"
+    )
+    listing.add_argument("--offset", type=int, default=0, metavar="N", help="skip N tasks")
+    listing.set_defaults(handler=run_tasks_list)
+    show = _leaf(tasks_sub, "show", "one task: its message and its stored state and result")
+    show.add_argument("--id", required=True, metavar="ID", help="the task id")
+    show.set_defaults(handler=run_tasks_show)
+
+
+def _leaf(sub: Commands, name: str, text: str) -> Parser:
+    parser: Parser = sub.add_parser(
+        name, parents=[store_flags()], help=text, description=text[0].upper() + text[1:] + "."
+    )
+    add_app_flag(parser, required=False, text="read the stores this app is configured with")
+    add_json_flag(parser)
+    return parser
+
+
+def run_queues(args: argparse.Namespace) -> int:
+    with opened(args) as stem:
+        stats = Observer(stem).queue_stats()
+    output.queues(stats, args.json)
+    return 0
+
+
+def run_tasks_list(args: argparse.Namespace) -> int:
+    with opened(args) as stem:
+        items = Observer(stem).tasks_list(args.queue, limit=args.limit, offset=args.offset)
+    output.messages(items, args.json)
+    return 0
+
+
+def run_tasks_show(args: argparse.Namespace) -> int:
+    with opened(args) as stem:
+        detail = Observer(stem).task_show(args.id)
+    if detail is None:
+        raise CliError(f"no task with id {args.id!r} (unknown, or its result has expired)")
+    output.task(detail, args.json)
+    return 0

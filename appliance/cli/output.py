@@ -1,0 +1,326 @@
+"""All `stem` output: aligned text tables for people, `--json` (orjson) for scripts.
+
+Commands hand plain data from `appliance.observe` to one function here, so the look of
+every command (and the JSON shape scripts rely on) is decided in this one module.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, TextIO
+
+import orjson
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from appliance.broker.protocol import MessageInfo, QueueStats
+    from appliance.cli.demo import DemoSummary
+    from appliance.observe import DeadLetter, DeadLetterPage, TaskDetail
+
+EMPTY = "-"
+
+
+# --- primitives ---------------------------------------------------------------------
+
+
+def print_json(value: Any, out: TextIO | None = None) -> None:
+    """One indented JSON document (dataclasses and enums included) and a newline."""
+    text = orjson.dumps(value, default=_json_default, option=orjson.OPT_INDENT_2).decode()
+    (out or sys.stdout).write(text + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes):  # raw payloads: show them rather than fail
+        return value.decode("utf-8", errors="replace")
+    raise TypeError(f"cannot render {type(value).__name__} as JSON")
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """Columns padded to their widest cell; the last column is not padded."""
+    cells = [list(headers)] + [[cell(value) for value in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = []
+    for row in cells:
+        padded = [text.ljust(width) for text, width in zip(row[:-1], widths, strict=False)]
+        lines.append("  ".join([*padded, row[-1]]).rstrip())
+    return "\n".join(lines)
+
+
+def cell(value: Any) -> str:
+    if value is None or value == "":
+        return EMPTY
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def when(epoch: float | None) -> str:
+    """A wall-clock time in local time, to the second."""
+    if epoch is None:
+        return EMPTY
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+
+
+def fields_block(pairs: Sequence[tuple[str, Any]]) -> str:
+    """`key: value` lines with the values aligned."""
+    width = max(len(key) for key, _ in pairs)
+    return "\n".join(f"{key + ':':<{width + 1}} {cell(value)}" for key, value in pairs)
+
+
+def say(text: str, out: TextIO | None = None) -> None:
+    (out or sys.stdout).write(text + "\n")
+
+
+# --- observe ------------------------------------------------------------------------
+
+
+def queues(stats: Sequence[QueueStats], as_json: bool) -> None:
+    if as_json:
+        return print_json(list(stats))
+    if not stats:
+        return say("no queues yet")
+    rows = [(s.queue, s.ready, s.delayed, s.in_flight, s.dead) for s in stats]
+    say(table(("QUEUE", "READY", "DELAYED", "IN-FLIGHT", "DEAD"), rows))
+
+
+def messages(items: Sequence[MessageInfo], as_json: bool) -> None:
+    if as_json:
+        return print_json(list(items))
+    if not items:
+        return say("no tasks waiting or in flight")
+    rows = [
+        (
+            m.task_id,
+            m.name,
+            m.queue,
+            m.state,
+            m.priority,
+            m.attempt,
+            m.deliveries,
+            when(m.lease_until if m.state == "leased" else m.not_before),
+            m.owner,
+        )
+        for m in items
+    ]
+    headers = (
+        "TASK ID",
+        "NAME",
+        "QUEUE",
+        "STATE",
+        "PRIORITY",
+        "ATTEMPT",
+        "DELIVERIES",
+        "UNTIL",
+        "OWNER",
+    )
+    say(table(headers, rows))
+
+
+def task(detail: TaskDetail, as_json: bool) -> None:
+    if as_json:
+        return print_json(detail)
+    pairs: list[tuple[str, Any]] = [("task id", detail.task_id), ("state", detail.state)]
+    message, result = detail.message, detail.result
+    if message is not None:
+        pairs += [
+            ("name", message.name),
+            ("queue", message.queue),
+            ("message", message.state),
+            ("priority", message.priority),
+            ("attempt", message.attempt),
+            ("deliveries", message.deliveries),
+            ("not before", when(message.not_before)),
+            ("lease until", when(message.lease_until)),
+            ("owner", message.owner),
+        ]
+    if result is not None:
+        pairs += _result_pairs(result, with_name=message is None)
+    say(fields_block(pairs))
+    if result is not None and result.error is not None and result.error.traceback:
+        say("\n" + result.error.traceback.rstrip())
+
+
+def _result_pairs(result: Any, *, with_name: bool) -> list[tuple[str, Any]]:
+    pairs: list[tuple[str, Any]] = []
+    if with_name:
+        pairs += [("name", result.name), ("queue", result.queue), ("attempt", result.attempt)]
+    pairs += [
+        ("worker", result.worker),
+        ("started", when(result.started_at)),
+        ("finished", when(result.finished_at)),
+        ("progress", result.progress),
+    ]
+    if result.error is not None:
+        pairs.append(("error", f"{result.error.type}: {result.error.message}"))
+    elif result.value is not None:
+        pairs.append(("result", orjson.dumps(result.value).decode()))
+    return pairs
+
+
+# --- DLQ ----------------------------------------------------------------------------
+
+
+def dlq_page(page: DeadLetterPage, as_json: bool) -> None:
+    if as_json:
+        return print_json(
+            {
+                "entries": page.entries,
+                "total": page.total,
+                "page": page.page,
+                "page_size": page.page_size,
+                "pages": page.pages,
+            }
+        )
+    if not page.entries:
+        return say(
+            "the dead-letter queue is empty"
+            if page.total == 0
+            else f"no entries on page {page.page} of {page.pages}"
+        )
+    rows = [
+        (e.id, e.task_id, e.name, e.queue, e.reason, e.error_type, e.attempts, when(e.dead_at))
+        for e in page.entries
+    ]
+    say(table(("ID", "TASK ID", "NAME", "QUEUE", "REASON", "ERROR", "ATTEMPTS", "DEAD AT"), rows))
+    say(f"page {page.page} of {page.pages} ({page.total} entries)")
+
+
+def dead_letter(entry: DeadLetter, as_json: bool) -> None:
+    if as_json:
+        return print_json(entry)
+    payload = (
+        ("args", orjson.dumps(entry.args).decode()) if entry.raw is None else ("payload", entry.raw)
+    )
+    say(
+        fields_block(
+            [
+                ("id", entry.id),
+                ("task id", entry.task_id),
+                ("name", entry.name),
+                ("queue", entry.queue),
+                ("reason", entry.reason),
+                ("error", entry.error_type),
+                ("message", entry.message),
+                ("attempts", entry.attempts),
+                ("enqueued", when(entry.enqueued_at)),
+                ("dead at", when(entry.dead_at)),
+                payload,
+            ]
+        )
+    )
+    if entry.traceback:
+        say("\n" + entry.traceback.rstrip())
+
+
+def replayed(task_ids: Sequence[str], as_json: bool) -> None:
+    if as_json:
+        return print_json({"replayed": list(task_ids), "count": len(task_ids)})
+    say(f"replayed {len(task_ids)} dead letter(s) onto their queues")
+    for task_id in task_ids:
+        say(task_id)
+
+
+def purged(count: int, as_json: bool) -> None:
+    if as_json:
+        return print_json({"purged": count})
+    say(f"purged {count} dead letter(s)")
+
+
+# --- enqueue ------------------------------------------------------------------------
+
+
+def enqueued(task_id: str, name: str, queue: str | None, as_json: bool) -> None:
+    if as_json:
+        return print_json({"id": task_id, "name": name, "queue": queue})
+    say(task_id)  # the id alone, so `ID=$(stem enqueue ...)` works
+
+
+# --- demo ---------------------------------------------------------------------------
+
+
+def demo_progress(done: int, total: int, retries: int, dead: int, elapsed: float) -> str:
+    return (
+        f"{done}/{total} tasks final  retries seen: {retries}  dead letters: {dead}  "
+        f"({elapsed:.1f}s)"
+    )
+
+
+class ProgressLine:
+    """A status line redrawn in place on a terminal, printed now and then otherwise
+    (a pipe or CI log gets a readable history instead of carriage returns)."""
+
+    def __init__(self, out: TextIO | None = None, every: float = 1.0) -> None:
+        self.out = out or sys.stdout
+        self.tty = self.out.isatty()
+        self.every = every
+        self._last_text = ""
+        self._last_at = -math.inf  # the first line always prints
+
+    def update(self, text: str, *, force: bool = False) -> None:
+        if self.tty:
+            self.out.write("\r\x1b[K" + text)
+            self.out.flush()
+            return
+        now = time.monotonic()
+        if text != self._last_text and (force or now - self._last_at >= self.every):
+            self.out.write(text + "\n")
+            self.out.flush()
+            self._last_text, self._last_at = text, now
+
+    def finish(self, text: str) -> None:
+        self.update(text, force=True)
+        if self.tty:
+            self.out.write("\n")
+
+
+def demo_started(url: str, concurrency: int, log_path: Path) -> None:
+    say(f"demo: supervisor with {concurrency} children on {url}\ndemo: worker log in {log_path}")
+
+
+def demo_summary(summary: DemoSummary, out: TextIO | None = None) -> None:
+    """The end-of-demo report: states, dead letters, speed, and the verdict."""
+    lines = [
+        "",
+        "States:",
+        table(("STATE", "TASKS"), sorted(summary.states.items())),
+        "",
+        "Dead-letter queue:",
+    ]
+    dead = summary.dead_letters
+    lines.append(
+        table(
+            ("NAME", "REASON", "ERROR", "ATTEMPTS", "MESSAGE"),
+            [(d.name, d.reason, d.error_type, d.attempts, d.message) for d in dead],
+        )
+        if dead
+        else "empty"
+    )
+    rate = summary.total / max(summary.elapsed, 1e-9)
+    lines += [
+        "",
+        f"{summary.total} tasks in {summary.elapsed:.2f}s ({rate:.0f} tasks/s), "
+        f"{summary.retries} retries",
+    ]
+    if summary.problems:
+        lines += ["", "Demo FAILED:", *(f"  - {p}" for p in summary.problems)]
+    else:
+        lines += [
+            "",
+            "Demo OK: the flaky task succeeded on retry, the failing and the slow "
+            "task are in the dead-letter queue, every add succeeded.",
+        ]
+    say("\n".join(lines), out)
+
+
+def log_tail(path: Path, lines: int = 30) -> None:
+    """The end of the worker log on stderr, so a failed demo shows why."""
+    try:
+        tail = path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return
+    say(f"\nlast lines of {path}:", sys.stderr)
+    say("\n".join(tail), sys.stderr)

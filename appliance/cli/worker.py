@@ -1,0 +1,55 @@
+"""`stem worker ...`: run the supervisor in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+
+from appliance.cli.common import (
+    Commands,
+    add_app_flag,
+    build_settings,
+    open_app,
+    positive_int,
+    store_flags,
+)
+from appliance.logs import configure_logging
+
+
+def register(commands: Commands) -> None:
+    group = commands.add_parser(
+        "worker", help="run workers", description="Run the supervisor and its process pools."
+    )
+    sub = group.add_subparsers(dest="worker_command", metavar="COMMAND", required=True)
+    run = sub.add_parser(
+        "run",
+        parents=[store_flags()],
+        help="run the supervisor and its pools in the foreground",
+        description="Run the supervisor in the foreground: it forks the pool children, "
+        "claims tasks for them and settles their outcomes. SIGTERM shuts down warm (running "
+        "tasks finish, the rest go back to the queue); a second SIGTERM or SIGQUIT shuts "
+        "down cold. Nothing is lost either way.",
+    )
+    add_app_flag(run, required=True, text="the app whose tasks to run, e.g. myapp.tasks:stem")
+    run.add_argument("--pool", metavar="NAME", help="run only this pool of the config")
+    run.add_argument(
+        "--concurrency",
+        type=positive_int,
+        metavar="N",
+        help="children per pool (default: the number of CPUs)",
+    )
+    run.add_argument("--queues", metavar="A,B", help="queues to consume (default: default)")
+    run.set_defaults(handler=run_worker)
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """Build settings, load the app, and hand both to the supervisor until it exits."""
+    settings = build_settings(
+        args, pool=args.pool, concurrency=args.concurrency, queues=args.queues
+    )
+    configure_logging(settings)
+    stem = open_app(args, settings)
+    # Imported here: the process tree (fork, shared memory, psutil) is only needed by
+    # this command, and every other command stays quick to start.
+    from appliance.worker.supervisor import Supervisor
+
+    return int(Supervisor(stem, stem.settings.pools).run())

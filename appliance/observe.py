@@ -1,0 +1,161 @@
+"""The one read façade over the broker and the result backend.
+
+The CLI and the TUI read (and act on the DLQ) only through `Observer`, so both show the
+same merged view of a task and both reset replayed tasks the same way. Everything
+returned is a plain frozen dataclass: no printing, no formatting.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from appliance.states import TaskState
+
+if TYPE_CHECKING:
+    from appliance.app import Stem
+    from appliance.backend.protocol import TaskResult
+    from appliance.broker.protocol import DeadLetterEntry, MessageInfo, QueueStats
+
+
+@dataclass(frozen=True, slots=True)
+class TaskDetail:
+    """One task as the broker and the backend know it, merged."""
+
+    task_id: str
+    state: TaskState
+    message: MessageInfo | None  # waiting or in flight
+    result: TaskResult | None  # stored state, value or error
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A DLQ entry with its payload decoded for display (`args` None if it does not
+    decode as a JSON object; `raw` then holds the payload as text)."""
+
+    id: str
+    task_id: str | None
+    name: str | None
+    queue: str
+    reason: str
+    error_type: str
+    message: str
+    traceback: str
+    attempts: int
+    enqueued_at: float | None
+    dead_at: float
+    args: dict[str, Any] | None
+    raw: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterPage:
+    """One page of the DLQ (1-based `page`) and the total it was cut from."""
+
+    entries: list[DeadLetter]
+    total: int
+    page: int
+    page_size: int
+
+    @property
+    def pages(self) -> int:
+        return max(1, math.ceil(self.total / self.page_size))
+
+
+class Observer:
+    """Reads queues, tasks and the DLQ of one `Stem`'s stores; replays and purges."""
+
+    def __init__(self, stem: Stem) -> None:
+        self.stem = stem
+
+    def queue_stats(self) -> list[QueueStats]:
+        return sorted(self.stem.broker.queue_stats(), key=lambda s: s.queue)
+
+    def tasks_list(
+        self, queue: str | None = None, limit: int = 50, offset: int = 0
+    ) -> list[MessageInfo]:
+        """Messages waiting or in flight, in claim order."""
+        return self.stem.broker.list_messages(queue, limit=limit, offset=offset)
+
+    def task_show(self, task_id: str) -> TaskDetail | None:
+        """The merged view of a task, or None when neither store knows the id."""
+        message = self.stem.broker.find_message(task_id)
+        result = self.stem.backend.get(task_id)
+        if message is None and result is None:
+            return None
+        return TaskDetail(task_id, _merged_state(message, result), message, result)
+
+    def dlq_list(
+        self, queue: str | None = None, page: int = 1, page_size: int = 20
+    ) -> DeadLetterPage:
+        """Dead letters, newest first, one page at a time."""
+        if page < 1 or page_size < 1:
+            raise ValueError("page and page_size must be >= 1")
+        broker = self.stem.broker
+        entries = broker.dlq_list(queue, limit=page_size, offset=(page - 1) * page_size)
+        return DeadLetterPage(
+            [_dead_letter(e) for e in entries], broker.dlq_count(queue), page, page_size
+        )
+
+    def dlq_count(self, queue: str | None = None) -> int:
+        return self.stem.broker.dlq_count(queue)
+
+    def dlq_show(self, entry_id: str) -> DeadLetter | None:
+        entry = self.stem.broker.dlq_get(entry_id)
+        return _dead_letter(entry) if entry is not None else None
+
+    def dlq_replay(self, queue: str | None = None, limit: int | None = None) -> list[str]:
+        """Put dead letters back on their queues; returns the replayed task ids.
+
+        Their stored DEAD results are forgotten, so the tasks read PENDING again instead
+        of looking finished while they wait to run.
+        """
+        task_ids = self.stem.broker.dlq_replay(queue, limit=limit)
+        if task_ids:
+            self.stem.backend.forget(task_ids)
+        return task_ids
+
+    def dlq_purge(self, queue: str | None = None) -> int:
+        """Delete dead letters for good; their DEAD results stay as history."""
+        return self.stem.broker.dlq_purge(queue)
+
+
+def _merged_state(message: MessageInfo | None, result: TaskResult | None) -> TaskState:
+    # A final result wins; otherwise a held lease means it is running right now, even
+    # when the backend still says RETRY from the attempt before.
+    if result is not None and (result.state.is_final or message is None):
+        return result.state
+    if message is not None and message.state == "leased":
+        return TaskState.STARTED
+    return result.state if result is not None else TaskState.PENDING
+
+
+def _dead_letter(entry: DeadLetterEntry) -> DeadLetter:
+    args: dict[str, Any] | None = None
+    raw: str | None = None
+    try:
+        decoded = orjson.loads(entry.payload)
+    except orjson.JSONDecodeError:
+        decoded = None
+    if isinstance(decoded, dict) and isinstance(decoded.get("args"), dict):
+        args = decoded["args"]
+    else:  # undecodable: show what is there rather than nothing
+        raw = entry.payload.decode("utf-8", errors="replace")
+    return DeadLetter(
+        id=entry.id,
+        task_id=entry.task_id,
+        name=entry.name,
+        queue=entry.queue,
+        reason=entry.reason,
+        error_type=entry.error_type,
+        message=entry.message,
+        traceback=entry.traceback,
+        attempts=entry.attempts,
+        enqueued_at=entry.enqueued_at,
+        dead_at=entry.dead_at,
+        args=args,
+        raw=raw,
+    )
