@@ -64,6 +64,7 @@ class Supervisor:
         self.children: dict[int, Child] = {}  # pid -> child
         self.by_fd: dict[int, Child] = {}
         self.pending: list[outcomes.Settled] = []
+        self._touched: set[Child] = set()  # children with dispatches not yet written
         self.seq = 0
         self.accepting = True
         self.draining_until: float | None = None
@@ -150,6 +151,8 @@ class Supervisor:
         if self.accepting:
             self._spawn_missing(now)
             self._claim(now)
+            self._flush_outboxes(self._touched)
+            self._touched.clear()
         self._renew(now)
         self._housekeeping(now)
         self._progress_shutdown(now)
@@ -353,20 +356,20 @@ class Supervisor:
         if not child.outbox:
             self.selector.unregister(child.to_fd)
 
-    def _send(self, child: Child, frame: bytes) -> None:
-        had_backlog = bool(child.outbox)
-        child.outbox += frame
-        if had_backlog:
-            return
-        try:
-            written = os.write(child.to_fd, child.outbox)
-        except BlockingIOError:
-            written = 0
-        except BrokenPipeError:
-            written = len(child.outbox)
-        del child.outbox[:written]
-        if child.outbox:
-            self.selector.register(child.to_fd, selectors.EVENT_WRITE, child)
+    def _flush_outboxes(self, children: set[Child]) -> None:
+        """One write per child per turn for everything dispatched to it."""
+        for child in children:
+            if child.to_fd < 0 or not child.outbox:
+                continue
+            try:
+                written = os.write(child.to_fd, child.outbox)
+            except BlockingIOError:
+                written = 0
+            except BrokenPipeError:
+                written = len(child.outbox)  # it died: its dispatches are recovered on reap
+            del child.outbox[:written]
+            if child.outbox:
+                self.selector.register(child.to_fd, selectors.EVENT_WRITE, child)
 
     def _on_message(self, child: Child, message: dict[str, Any]) -> None:
         kind = message.get("kind")
@@ -495,7 +498,9 @@ class Supervisor:
             self.seq, delivery, envelope, task, now + first_renewal, now + CLAIM_LEASE_S
         )
         child.sent += 1
-        self._send(child, dispatch_frame(self.seq, delivery.payload))
+        if not child.outbox:
+            self._touched.add(child)
+        child.outbox += dispatch_frame(self.seq, delivery.payload)
 
     def _settle(self, settled: outcomes.Settled) -> None:
         self.pending.append(settled)
