@@ -37,24 +37,34 @@ class WorkerProcess:
         self.notify_path = tmp / f"notify-{time.monotonic_ns()}.sock"
 
     def start(self, ready_timeout: float = 20.0) -> WorkerProcess:
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(str(self.notify_path))
-        notify.settimeout(0.2)
+        """Launch and wait for READY=1."""
+        self.launch()
+        return self.wait_ready(ready_timeout)
+
+    def launch(self) -> WorkerProcess:
+        """Start the process without waiting for it to be ready."""
+        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._notify.bind(str(self.notify_path))
+        self._notify.settimeout(0.2)
         env = dict(self.env, NOTIFY_SOCKET=str(self.notify_path))
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
-        deadline = time.monotonic() + ready_timeout
+        return self
+
+    def wait_ready(self, timeout: float = 20.0) -> WorkerProcess:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:
                 with contextlib.suppress(TimeoutError):
-                    if b"READY=1" in notify.recv(4096):
+                    if b"READY=1" in self._notify.recv(4096):
                         return self
                 if self.proc.poll() is not None:
                     break
         finally:
-            notify.close()
+            self._notify.close()
             self.notify_path.unlink(missing_ok=True)
         raise AssertionError(f"worker not ready; log:\n{self.read_log()}")
 

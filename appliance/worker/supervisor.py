@@ -25,7 +25,7 @@ from appliance.backend.protocol import ResultBackend
 from appliance.broker.protocol import Broker, Consumer, Delivery, Settlement
 from appliance.config import PoolSettings
 from appliance.envelope import decode
-from appliance.errors import BrokerError, DecodeError, StemError
+from appliance.errors import BrokerError, BrokerUnavailable, DecodeError, StemError
 from appliance.states import DeadLetterReason, ExitCode, SlotState
 from appliance.stores import open_backend, open_broker
 from appliance.worker import outcomes
@@ -79,11 +79,14 @@ class Supervisor:
 
     def run(self) -> int:
         """Open stores, fork the pools, serve until shutdown; the exit code."""
+        self._install_signals()
         try:
-            self._open()
+            if not self._connect():
+                return int(ExitCode.OK)  # told to stop while waiting for the broker
         except StemError as exc:
             log.error("cannot start: %s", exc)
-            return int(ExitCode.UNAVAILABLE)
+            return int(ExitCode.CONFIG)
+        self.table = HeartbeatTable(self.slot_count)
         try:
             self._spawn_missing(time.monotonic())
             self.notifier.send("READY=1", f"STATUS=serving {self._queue_names()}")
@@ -98,27 +101,53 @@ class Supervisor:
         log.info("supervisor %d stopped: %s", os.getpid(), self.counts)
         return int(ExitCode.OK)
 
-    def _open(self) -> None:
-        self.broker: Broker = open_broker(self.settings.broker_url, self.settings)
-        self.backend: ResultBackend = open_backend(self.settings.backend_url, self.settings)
-        self.consumer = Consumer.this_process()
-        self.worker_name = f"{self.consumer.host}:{self.consumer.pid}"
-        recovered = self.broker.recover(self.consumer)
-        if recovered:
-            log.warning("returned %d abandoned deliveries to their queues", recovered)
-        self.table = HeartbeatTable(self.slot_count)
+    def _install_signals(self) -> None:
         self.selector = selectors.DefaultSelector()
         self.signal_r, self.signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self.signal_w)
         for signum in HANDLED_SIGNALS:
             signal.signal(signum, _record_only)
         self.selector.register(self.signal_r, selectors.EVENT_READ, "signal")
+
+    def _connect(self) -> bool:
+        """Open the stores, waiting (with back-off) while the broker is unreachable, so a
+        worker started before its Redis comes up instead of crash-looping under systemd.
+        False if a stop signal arrived meanwhile."""
+        self.broker: Broker = open_broker(self.settings.broker_url, self.settings)
+        self.backend: ResultBackend = open_backend(self.settings.backend_url, self.settings)
+        self.consumer = Consumer.this_process()
+        self.worker_name = f"{self.consumer.host}:{self.consumer.pid}"
         queues = sorted({q for pool in self.pools for q in pool.queues})
-        self.wake_fd = self.broker.wake_fd(queues)
+        pause = 0.5
+        while True:
+            try:
+                recovered = self.broker.recover(self.consumer)
+                self.wake_fd = self.broker.wake_fd(queues)
+                break
+            except BrokerUnavailable as exc:
+                log.warning("broker unavailable (%s); retrying in %.1fs", exc, pause)
+                self.notifier.send(f"STATUS=waiting for broker: {exc}")
+                if self._stop_requested_within(pause):
+                    return False
+                pause = min(pause * 2, 10.0)
+        if recovered:
+            log.warning("returned %d abandoned deliveries to their queues", recovered)
+        for warning in getattr(self.broker, "durability_warnings", list)():
+            log.warning("broker durability: %s", warning)
         if self.wake_fd is not None:
             self.selector.register(self.wake_fd, selectors.EVENT_READ, "wake")
+        return True
+
+    def _stop_requested_within(self, seconds: float) -> bool:
+        if not self.selector.select(seconds):
+            return False
+        with contextlib.suppress(BlockingIOError):
+            received = os.read(self.signal_r, 64)
+            return any(s in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT) for s in received)
+        return False
 
     def _close(self) -> None:
+        """Kill what is left, settle what is known, release shared memory and stores."""
         for child in list(self.children.values()):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child.pid, signal.SIGKILL)
