@@ -1,0 +1,173 @@
+"""The whole SQLite storage layout, in one place, as sqlite-utils migrations.
+
+The broker and the result backend share one database file by default, so one
+migration set covers both; each adapter applies it (idempotently) when it opens.
+sqlite-utils is used for migrations only: the hot path runs fixed SQL on raw sqlite3.
+
+messages       one row per message waiting or in flight
+  id           INTEGER PRIMARY KEY AUTOINCREMENT: enqueue order. AUTOINCREMENT so an id
+               is never reused: a late ACK deletes "by id regardless" (the task did
+               finish) and must not hit a newer message that got a recycled rowid.
+  task_id      the envelope id (NULL only for a replayed payload that does not decode)
+  name, queue, priority (higher runs first), attempt: copied from the envelope so that
+               claims never decode payloads
+  state        'ready' (claimable) | 'delayed' (until not_before) | 'leased'
+  not_before   epoch seconds; NULL = as soon as possible
+  lease_until  epoch seconds; set while leased
+  owner        `Consumer.name` (host:pid:starttime) of the lease holder
+  deliveries   claims of the current attempt (incremented by the claim itself)
+  enqueued_at  epoch seconds
+  payload      the encoded envelope, verbatim
+
+dead_letters   one row per dead letter; newest first is rowid DESC (insertion order,
+               immune to wall-clock steps)
+  id           uuid4 hex (the public DLQ entry id)
+  attempts     runs made (attempt + 1); deliveries: claims of the last attempt
+
+results        one row per task id (`ResultBackend`); JSON columns hold orjson bytes
+  expires_at   epoch seconds; NULL keeps the row until purged
+
+Every hot query is a search on a partial index, so its cost stays flat from 1k to 1M
+rows: claim reads messages_ready in (queue, priority DESC, id) order; promotion and
+`next_due` read messages_delayed; lease expiry and recovery read messages_leased.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sqlite_utils.migrations import Migrations
+
+    from appliance.sqlite_db import Database as SqliteDatabase
+
+MIGRATION_SET = "stem"
+
+_INITIAL = (
+    """
+    CREATE TABLE messages (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        task_id     TEXT,
+        name        TEXT    NOT NULL DEFAULT '',
+        queue       TEXT    NOT NULL,
+        priority    INTEGER NOT NULL DEFAULT 0,
+        state       TEXT    NOT NULL CHECK (state IN ('ready', 'delayed', 'leased')),
+        not_before  REAL,
+        lease_until REAL,
+        owner       TEXT,
+        deliveries  INTEGER NOT NULL DEFAULT 0,
+        attempt     INTEGER NOT NULL DEFAULT 0,
+        enqueued_at REAL    NOT NULL,
+        payload     BLOB    NOT NULL
+    )
+    """,
+    """
+    CREATE INDEX messages_ready ON messages (queue, priority DESC, id)
+        WHERE state = 'ready'
+    """,
+    """
+    CREATE INDEX messages_delayed ON messages (queue, not_before)
+        WHERE state = 'delayed'
+    """,
+    # owner is in the key so that recovery's "which owners hold leases" is index-only.
+    """
+    CREATE INDEX messages_leased ON messages (lease_until, owner)
+        WHERE state = 'leased'
+    """,
+    "CREATE INDEX messages_task_id ON messages (task_id)",
+    """
+    CREATE TABLE dead_letters (
+        id          TEXT    PRIMARY KEY,
+        task_id     TEXT,
+        name        TEXT,
+        queue       TEXT    NOT NULL,
+        priority    INTEGER NOT NULL DEFAULT 0,
+        reason      TEXT    NOT NULL,
+        error_type  TEXT    NOT NULL DEFAULT '',
+        message     TEXT    NOT NULL DEFAULT '',
+        traceback   TEXT    NOT NULL DEFAULT '',
+        attempts    INTEGER NOT NULL,
+        deliveries  INTEGER NOT NULL DEFAULT 0,
+        payload     BLOB    NOT NULL,
+        enqueued_at REAL,
+        dead_at     REAL    NOT NULL
+    )
+    """,
+    "CREATE INDEX dead_letters_queue ON dead_letters (queue)",
+    """
+    CREATE TABLE results (
+        task_id         TEXT PRIMARY KEY,
+        state           TEXT NOT NULL,
+        name            TEXT NOT NULL DEFAULT '',
+        queue           TEXT NOT NULL DEFAULT '',
+        value           BLOB,
+        error_type      TEXT,
+        error_message   TEXT,
+        error_traceback TEXT,
+        attempt         INTEGER NOT NULL DEFAULT 0,
+        worker          TEXT NOT NULL DEFAULT '',
+        started_at      REAL,
+        finished_at     REAL,
+        progress        REAL,
+        progress_data   BLOB,
+        meta            BLOB,
+        expires_at      REAL,
+        updated_at      REAL NOT NULL
+    )
+    """,
+    "CREATE INDEX results_expires_at ON results (expires_at) WHERE expires_at IS NOT NULL",
+)
+
+
+# (name, statements) in order. Append new steps; never edit an applied one.
+STEPS: tuple[tuple[str, tuple[str, ...]], ...] = (("0001_initial", _INITIAL),)
+
+
+def _step(name: str, statements: tuple[str, ...]) -> Callable[[Any], None]:
+    def run(db: Any) -> None:
+        # One statement at a time: executescript() would COMMIT the open transaction.
+        for statement in statements:
+            db.execute(statement)
+
+    run.__name__ = name
+    return run
+
+
+def migrations() -> Migrations:
+    """The migration set. Built on demand: importing sqlite-utils costs ~120 ms, which
+    every process that opens an up-to-date database is spared (see `is_current`)."""
+    from sqlite_utils.migrations import Migrations
+
+    result = Migrations(MIGRATION_SET)
+    for name, statements in STEPS:
+        result(name=name)(_step(name, statements))
+    return result
+
+
+def apply(conn: sqlite3.Connection) -> None:
+    """Bring the schema up to date. Call inside a `BEGIN IMMEDIATE` transaction, so that
+    processes opening a new database at once apply each migration exactly once."""
+    from sqlite_utils import Database
+
+    migrations().apply(Database(conn, recursive_triggers=False, execute_plugins=False))
+
+
+def is_current(conn: sqlite3.Connection) -> bool:
+    """True when every step is applied (read-only, no sqlite-utils import)."""
+    found = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlite_migrations'"
+    ).fetchone()
+    if found is None:
+        return False
+    rows = conn.execute(
+        "SELECT name FROM _sqlite_migrations WHERE migration_set = ?", (MIGRATION_SET,)
+    ).fetchall()
+    return {name for name, _ in STEPS} <= {row[0] for row in rows}
+
+
+def ensure(db: SqliteDatabase) -> None:
+    """Apply pending migrations; takes the write lock only when something is pending."""
+    if not db.read(is_current):
+        db.write(apply)

@@ -1,0 +1,265 @@
+"""Opening SQLite databases for the broker and the result backend, and running write
+transactions on them.
+
+Why it looks like this (measured on the target machine, see docs/architecture.md):
+- Every write is `BEGIN IMMEDIATE`: claiming is read-then-write, and a DEFERRED
+  transaction that upgrades gets SQLITE_BUSY without the busy handler ever running.
+- The stock busy handler (`timeout=`) sleeps 1, 2, 5 ... 100 ms and let one process
+  starve another (1 vs 14,356 claims in 5 s). So the connection has a busy timeout of 0
+  and `Database.write` retries after a random 0-1 ms sleep, up to a deadline, which
+  kept two processes at an even split with the same total.
+- SQLite may roll a transaction back by itself after SQLITE_FULL, IOERR, BUSY or NOMEM,
+  so every error path checks `in_transaction` before issuing ROLLBACK.
+- WAL does not work over a network filesystem ("Write-Ahead Logging" section 1), so the
+  directory's filesystem type is read from /proc/self/mountinfo and refused there.
+- A connection must never be used (not even closed) in a process other than the one
+  that opened it ("How To Corrupt An SQLite Database File" section 2.6).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import parse_qsl, urlsplit
+
+from appliance.errors import BrokerBusy, BrokerError, BrokerFull, BrokerUnavailable, ConfigError
+
+T = TypeVar("T")
+
+MOUNTINFO = Path("/proc/self/mountinfo")
+BUSY_DEADLINE = 30.0  # seconds a write may wait for other writers before BrokerBusy
+JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes the WAL is truncated to after a checkpoint
+SYNCHRONOUS = ("FULL", "NORMAL")
+NETWORK_FILESYSTEMS = frozenset(
+    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "afs", "lustre"}
+)
+
+_BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+
+
+@dataclass(frozen=True, slots=True)
+class SqliteTarget:
+    """A parsed `sqlite:///path` URL: the absolute database path and its durability."""
+
+    url: str
+    path: Path
+    synchronous: str
+
+
+def parse_url(url: str, synchronous: str = "FULL") -> SqliteTarget:
+    """`sqlite:///relative/path` or `sqlite:////absolute/path`, optionally with
+    `?synchronous=NORMAL` (which wins over the `synchronous` setting)."""
+    parts = urlsplit(url)
+    if parts.scheme != "sqlite":
+        raise ConfigError("url", url, "not an sqlite:// URL")
+    if parts.netloc:
+        raise ConfigError(
+            "url", url, "an SQLite URL has no host: use sqlite:///relative or sqlite:////abs"
+        )
+    # urlsplit keeps the slash that separates the (empty) host from the path.
+    raw_path = parts.path[1:] if parts.path.startswith("/") else parts.path
+    if not raw_path or raw_path == ":memory:":
+        raise ConfigError("url", url, "needs a database file path shared by all processes")
+    options = dict(parse_qsl(parts.query))
+    unknown = sorted(set(options) - {"synchronous"})
+    if unknown:
+        raise ConfigError("url", url, f"unknown option {unknown[0]!r}; known: synchronous")
+    chosen = options.get("synchronous", synchronous).upper()
+    if chosen not in SYNCHRONOUS:
+        raise ConfigError("url", url, f"synchronous must be FULL or NORMAL, got {chosen!r}")
+    return SqliteTarget(url, Path(os.path.abspath(raw_path)), chosen)
+
+
+def filesystem_type(directory: Path, mountinfo: Path = MOUNTINFO) -> str | None:
+    """The type of the filesystem holding `directory`, or None if unknown (no /proc)."""
+    try:
+        lines = mountinfo.read_text().splitlines()
+    except OSError:
+        return None
+    target = os.path.realpath(directory)
+    best: tuple[int, str] | None = None
+    for line in lines:
+        head, sep, tail = line.partition(" - ")
+        fields = head.split()
+        if not sep or len(fields) < 5 or not tail:
+            continue
+        mount_point = _unescape(fields[4])
+        if _is_under(target, mount_point) and (best is None or len(mount_point) >= best[0]):
+            # `>=`: a later line for the same mount point is mounted over the earlier one.
+            best = (len(mount_point), tail.split()[0])
+    return best[1] if best else None
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal (\\040 ...)."""
+    if "\\" not in field:
+        return field
+    return field.encode().decode("unicode_escape")
+
+
+def _is_under(path: str, mount_point: str) -> bool:
+    if mount_point == "/":
+        return True
+    return path == mount_point or path.startswith(mount_point.rstrip("/") + "/")
+
+
+def check_local_filesystem(directory: Path, mountinfo: Path = MOUNTINFO) -> None:
+    """Refuse a database on a network filesystem: WAL needs shared memory on one host."""
+    fstype = filesystem_type(directory, mountinfo)
+    if fstype is None:
+        return
+    if fstype in NETWORK_FILESYSTEMS or fstype.startswith("fuse."):
+        raise ConfigError(
+            "broker_url",
+            str(directory),
+            f"the database directory is on a {fstype} filesystem; SQLite in WAL mode only "
+            "works on a local disk (all processes on one host). Move the database to a "
+            "local path or use a redis:// broker",
+        )
+
+
+def _prepare_files(path: Path, mountinfo: Path) -> None:
+    """Create the directory (0o700) and an empty owner-only database file if missing."""
+    parent = path.parent
+    if not parent.exists():
+        parent.mkdir(parents=True, mode=0o700, exist_ok=True)
+        os.chmod(parent, 0o700)  # mkdir's mode is filtered by the umask
+    check_local_filesystem(parent, mountinfo)
+    try:
+        # O_EXCL: only ever create. Opening and closing an fd on a database this process
+        # already has open would drop all its POSIX locks ("How To Corrupt" 2.2).
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)  # SQLite gives -wal and -shm the mode of this file
+
+
+class Database:
+    """One connection, owned by the process that opened it, with the write helper."""
+
+    def __init__(self, conn: sqlite3.Connection, target: SqliteTarget) -> None:
+        self.conn = conn
+        self.target = target
+        self.pid = os.getpid()
+        self.busy_deadline = BUSY_DEADLINE
+        # check_same_thread=False plus this lock: a TUI may read from a worker thread.
+        self._lock = threading.RLock()
+
+    @property
+    def path(self) -> Path:
+        return self.target.path
+
+    def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work` in one `BEGIN IMMEDIATE` transaction and commit; all or none.
+
+        `work` may run more than once (after SQLITE_BUSY), so it must only touch the
+        database. Raises `BrokerBusy` after `busy_deadline`, `BrokerFull` when out of space.
+        """
+        return self._retrying(work, "BEGIN IMMEDIATE")
+
+    def read(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work` in one read transaction (one consistent snapshot)."""
+        return self._retrying(work, "BEGIN")
+
+    def autocommit(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work` outside any transaction (PRAGMAs), with the same busy retry."""
+        return self._retrying(work, None)
+
+    def _retrying(self, work: Callable[[sqlite3.Connection], T], begin: str | None) -> T:
+        self._check_pid()
+        deadline = time.monotonic() + self.busy_deadline
+        with self._lock:
+            while True:
+                try:
+                    return self._transaction(work, begin)
+                except sqlite3.Error as exc:
+                    if getattr(exc, "sqlite_errorcode", 0) & 0xFF not in _BUSY_CODES:
+                        raise translate(exc, self.path) from exc
+                    if time.monotonic() >= deadline:
+                        raise BrokerBusy(
+                            f"{self.path}: other writers kept the database locked for "
+                            f"{self.busy_deadline:g} s; is a process stuck inside a "
+                            "transaction (an open sqlite3 shell, a stopped process)?"
+                        ) from exc
+                # Random 0-1 ms: spreads the retries of competing processes (fairness).
+                time.sleep(random.random() / 1000)
+
+    def _transaction(self, work: Callable[[sqlite3.Connection], T], begin: str | None) -> T:
+        conn = self.conn
+        if begin is None:
+            return work(conn)
+        conn.execute(begin)
+        try:
+            result = work(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            self.rollback()
+            raise
+        return result
+
+    def rollback(self) -> None:
+        """Roll back if a transaction is still open: SQLite may already have done it."""
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+
+    def _check_pid(self) -> None:
+        if os.getpid() != self.pid:
+            raise BrokerError(
+                f"{self.path}: this connection was opened by process {self.pid} and used "
+                f"in process {os.getpid()}; open the broker again after fork()"
+            )
+
+    def close(self) -> None:
+        """Close the connection, unless it was inherited through fork (never touch it)."""
+        if os.getpid() == self.pid:
+            self.conn.close()
+
+
+def translate(exc: sqlite3.Error, path: Path) -> BrokerError:
+    """A user-facing error for an sqlite3 error; the raw text names the cause."""
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    if code == sqlite3.SQLITE_FULL:
+        return BrokerFull(
+            f"{path}: no space left (disk full or page limit reached); nothing was "
+            "written. Free disk space, purge the DLQ or expired results, then retry"
+        )
+    if code in _BUSY_CODES:
+        return BrokerBusy(f"{path}: the database stayed locked by other writers ({exc})")
+    if code in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR):
+        return BrokerUnavailable(
+            f"{path}: cannot use the database file ({exc}); check that it exists, that "
+            "this user can write it and its directory, and that the disk is healthy"
+        )
+    return BrokerError(f"{path}: {exc}")
+
+
+def connect(target: SqliteTarget, *, mountinfo: Path = MOUNTINFO) -> Database:
+    """Open `target`: checked local filesystem, owner-only files, WAL, synchronous."""
+    _prepare_files(target.path, mountinfo)
+    try:
+        conn = sqlite3.connect(
+            target.path, isolation_level=None, timeout=0, check_same_thread=False
+        )
+    except sqlite3.Error as exc:
+        raise translate(exc, target.path) from exc
+    db = Database(conn, target)
+
+    def setup(conn: sqlite3.Connection) -> None:
+        # Switching a new file to WAL takes a lock, so it can meet SQLITE_BUSY.
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {target.synchronous}")  # one of SYNCHRONOUS
+        conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
+
+    try:
+        db.autocommit(setup)
+    except BaseException:
+        conn.close()
+        raise
+    return db

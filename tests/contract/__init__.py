@@ -1,0 +1,1 @@
+"""One contract suite for every store: each test runs against sqlite and redis."""
