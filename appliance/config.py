@@ -27,10 +27,10 @@ class PoolSettings:
     name: str = "default"
     queues: tuple[str, ...] = ("default",)
     concurrency: int = field(default_factory=lambda: os.cpu_count() or 1)
-    # Messages queued to a child behind the one it runs, only while the pool's tasks are
-    # short (< 5 ms on average): enough to keep children busy across one group commit,
-    # never a message parked behind a slow task.
-    prefetch: int = 8
+    # At most this many messages queued to a child behind the one it runs, and never
+    # more than ~3 ms of work at the pool's average task time: enough to keep children
+    # busy across one group commit; slow pools (>= 3 ms per task) get no prefetch.
+    prefetch: int = 64
     max_tasks_per_child: int = 0  # 0 = never recycle for this reason
     max_memory_per_child: int | None = None  # bytes
     shutdown_grace: float = 30.0  # warm shutdown: seconds to let running tasks finish

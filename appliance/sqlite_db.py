@@ -18,12 +18,13 @@ Why it looks like this (measured on the target machine, see docs/architecture.md
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -151,6 +152,40 @@ class Database:
         self.busy_deadline = BUSY_DEADLINE
         # check_same_thread=False plus this lock: a TUI may read from a worker thread.
         self._lock = threading.RLock()
+        self._users = 1  # a broker and a backend on the same file share one connection
+        self._unit_depth = 0  # > 0 inside unit_of_work(): writes join its transaction
+
+    def share(self) -> Database:
+        """Another user of this connection; `close()` closes it after the last one."""
+        self._users += 1
+        return self
+
+    @contextlib.contextmanager
+    def unit_of_work(self) -> Iterator[None]:
+        """Every read and write made inside joins one `BEGIN IMMEDIATE` transaction that
+        commits at the end (group commit: one fsync for many settles and claims).
+        Reentrant; an exception rolls the whole unit back."""
+        if self._unit_depth:
+            self._unit_depth += 1
+            try:
+                yield
+            finally:
+                self._unit_depth -= 1
+            return
+        with self._lock:
+            self._retrying(lambda conn: None, "BEGIN IMMEDIATE", commit=False)
+            self._unit_depth = 1
+            try:
+                yield
+                self.conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self.rollback()
+                raise translate(exc, self.path) from exc
+            except BaseException:
+                self.rollback()
+                raise
+            finally:
+                self._unit_depth = 0
 
     @property
     def path(self) -> Path:
@@ -172,13 +207,20 @@ class Database:
         """Run `work` outside any transaction (PRAGMAs), with the same busy retry."""
         return self._retrying(work, None)
 
-    def _retrying(self, work: Callable[[sqlite3.Connection], T], begin: str | None) -> T:
+    def _retrying(
+        self, work: Callable[[sqlite3.Connection], T], begin: str | None, *, commit: bool = True
+    ) -> T:
         self._check_pid()
+        if self._unit_depth:  # inside a unit of work: its transaction is ours; no retry
+            try:
+                return work(self.conn)
+            except sqlite3.Error as exc:
+                raise translate(exc, self.path) from exc
         deadline = time.monotonic() + self.busy_deadline
         with self._lock:
             while True:
                 try:
-                    return self._transaction(work, begin)
+                    return self._transaction(work, begin, commit)
                 except sqlite3.Error as exc:
                     if getattr(exc, "sqlite_errorcode", 0) & 0xFF not in _BUSY_CODES:
                         raise translate(exc, self.path) from exc
@@ -191,14 +233,17 @@ class Database:
                 # Random 0-1 ms: spreads the retries of competing processes (fairness).
                 time.sleep(random.random() / 1000)
 
-    def _transaction(self, work: Callable[[sqlite3.Connection], T], begin: str | None) -> T:
+    def _transaction(
+        self, work: Callable[[sqlite3.Connection], T], begin: str | None, commit: bool
+    ) -> T:
         conn = self.conn
         if begin is None:
             return work(conn)
         conn.execute(begin)
         try:
             result = work(conn)
-            conn.execute("COMMIT")
+            if commit:
+                conn.execute("COMMIT")
         except BaseException:
             self.rollback()
             raise
@@ -217,8 +262,10 @@ class Database:
             )
 
     def close(self) -> None:
-        """Close the connection, unless it was inherited through fork (never touch it)."""
-        if os.getpid() == self.pid:
+        """Close the connection, unless it was inherited through fork (never touch it)
+        or another user still shares it."""
+        self._users -= 1
+        if self._users <= 0 and os.getpid() == self.pid:
             self.conn.close()
 
 

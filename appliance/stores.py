@@ -43,3 +43,16 @@ def open_backend(url: str, settings: Settings) -> ResultBackend:
     from appliance.backend.redis import RedisBackend
 
     return RedisBackend.from_url(url, settings)
+
+
+def open_stores(settings: Settings) -> tuple[Broker, ResultBackend]:
+    """Broker and backend; on one SQLite file they share a connection, so that
+    `Broker.batch()` commits results and settlements in one transaction."""
+    broker = open_broker(settings.broker_url, settings)
+    if scheme_of(settings.backend_url) == "sqlite" and settings.backend_url == settings.broker_url:
+        from appliance.backend.sqlite import SqliteBackend
+        from appliance.broker.sqlite import SqliteBroker
+
+        if isinstance(broker, SqliteBroker):
+            return broker, SqliteBackend(broker.database.share(), settings.backend_url)
+    return broker, open_backend(settings.backend_url, settings)

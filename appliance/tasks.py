@@ -114,18 +114,22 @@ class Task:
     fn: Callable[..., Any] = field(repr=False)
     options: TaskOptions
     takes_args_dict: bool = False  # TaskHandler form: fn(ctx, args) instead of fn(ctx, **args)
+    signature: inspect.Signature | None = field(default=None, repr=False, compare=False)
+    is_async: bool = field(default=False, compare=False)
 
-    @property
-    def is_async(self) -> bool:
+    def __post_init__(self) -> None:
+        # Computed once: inspect.signature() costs more than a no-op task runs.
         target = self.fn.__call__ if isinstance(self.fn, TaskHandler) else self.fn
-        return inspect.iscoroutinefunction(target)
+        object.__setattr__(self, "is_async", inspect.iscoroutinefunction(target))
+        if not self.takes_args_dict:
+            object.__setattr__(self, "signature", inspect.signature(self.fn))
 
     def check_args(self, args: Mapping[str, Any]) -> None:
         """Raise TypeError if `args` cannot be bound to the handler's parameters."""
-        if self.takes_args_dict:
+        if self.signature is None:
             return
         try:
-            inspect.signature(self.fn).bind(None, **args)
+            self.signature.bind(None, **args)
         except TypeError as exc:
             raise TypeError(f"arguments do not match task {self.name!r}: {exc}") from exc
 

@@ -20,10 +20,12 @@ Shape (keys in `redis_keys.py`):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import orjson
@@ -588,6 +590,10 @@ class RedisBroker:
         dlq_id = f"{self._dlq_last_us:017d}-{os.urandom(3).hex()}"
         record = _dead_record(s, dead_at)
         return [dlq_id, repr(dead_at), orjson.dumps(record), s.delivery.payload]
+
+    def batch(self) -> AbstractContextManager[None]:
+        # Every write is one atomic script already; there is no multi-call transaction.
+        return contextlib.nullcontext()
 
     def extend(self, deliveries: Sequence[Delivery], lease: float) -> None:
         if not deliveries:

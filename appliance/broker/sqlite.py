@@ -24,6 +24,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -262,6 +263,14 @@ class SqliteBroker:
     @property
     def path(self) -> Path:
         return self._db.path
+
+    @property
+    def database(self) -> Database:
+        """The connection, for a result backend on the same file to share."""
+        return self._db
+
+    def batch(self) -> AbstractContextManager[None]:
+        return self._db.unit_of_work()
 
     # --- enqueue -------------------------------------------------------------------
 

@@ -19,9 +19,11 @@ from appliance.tasks import Task
 from appliance.worker.ipc import FrameReader
 from appliance.worker.limits import KillReason
 
-# Prefetch beyond the running task only pays for tasks shorter than one settle cycle of
-# the supervisor (~1 ms); behind a slow task a prefetched message would only wait.
-SHORT_TASK_S = 0.005
+# A child gets at most this much queued work behind the task it runs: enough to stay
+# busy across one settle-and-claim round of the supervisor (one fsync, ~0.2-1 ms), yet
+# bounded in time, so a message never waits long behind a slow task (slow pools get no
+# prefetch at all).
+PREFETCH_WINDOW_S = 0.003
 EWMA_WEIGHT = 0.05
 
 
@@ -89,10 +91,9 @@ class Pool:
         return self.settings.queues
 
     def depth(self) -> int:
-        """Deliveries a child may hold: the running one plus prefetch for short tasks."""
-        if self.avg_task_s < SHORT_TASK_S:
-            return 1 + self.settings.prefetch
-        return 1
+        """Deliveries a child may hold: the running one plus ~3 ms of short tasks."""
+        extra = int(PREFETCH_WINDOW_S / max(self.avg_task_s, 1e-6))
+        return 1 + min(self.settings.prefetch, extra)
 
     def free_capacity(self) -> int:
         depth = self.depth()

@@ -27,7 +27,7 @@ from appliance.config import PoolSettings
 from appliance.envelope import decode
 from appliance.errors import BrokerError, BrokerUnavailable, DecodeError, StemError
 from appliance.states import DeadLetterReason, ExitCode, SlotState
-from appliance.stores import open_backend, open_broker
+from appliance.stores import open_stores
 from appliance.worker import outcomes
 from appliance.worker.child import ChildSetup, child_main
 from appliance.worker.heartbeat import HeartbeatTable
@@ -113,8 +113,9 @@ class Supervisor:
         """Open the stores, waiting (with back-off) while the broker is unreachable, so a
         worker started before its Redis comes up instead of crash-looping under systemd.
         False if a stop signal arrived meanwhile."""
-        self.broker: Broker = open_broker(self.settings.broker_url, self.settings)
-        self.backend: ResultBackend = open_backend(self.settings.backend_url, self.settings)
+        self.broker: Broker
+        self.backend: ResultBackend
+        self.broker, self.backend = open_stores(self.settings)
         self.consumer = Consumer.this_process()
         self.worker_name = f"{self.consumer.host}:{self.consumer.pid}"
         queues = sorted({q for pool in self.pools for q in pool.queues})
@@ -153,7 +154,8 @@ class Supervisor:
                 os.kill(child.pid, signal.SIGKILL)
         while self.children:
             self._reap(block=True)
-        self._flush(final=True)
+        self.accepting = False
+        self._store_round(time.monotonic(), final=True)
         signal.set_wakeup_fd(-1)
         self.table.close()
         self.broker.close()
@@ -176,12 +178,12 @@ class Supervisor:
         now = time.monotonic()
         self._reap(block=False)
         self._scan(now)
-        self._flush()
         if self.accepting:
             self._spawn_missing(now)
-            self._claim(now)
-            self._flush_outboxes(self._touched)
-            self._touched.clear()
+        for pool, delivery in self._store_round(now):
+            self._dispatch(pool, delivery, now)
+        self._flush_outboxes(self._touched)
+        self._touched.clear()
         self._renew(now)
         self._housekeeping(now)
         self._progress_shutdown(now)
@@ -465,28 +467,55 @@ class Supervisor:
 
     # --- claiming and settling -------------------------------------------------------------
 
-    def _claim(self, now: float) -> None:
-        if self.pending and self.store_failures:
-            return  # the store is failing: do not take more work than we can settle
+    def _store_round(self, now: float, *, final: bool = False) -> list[tuple[Pool, Delivery]]:
+        """Settle what finished and claim what free children need, as one unit of work
+        (one transaction, one fsync on SQLite). Results are written before the
+        settlements, so a crash re-runs a task but never acks one without its result.
+        Claimed deliveries are dispatched only after the commit."""
+        if not final and time.monotonic() < self.store_retry_at:
+            return []
+        wants_claim = self.accepting and any(self._wants_claim(p, now) for p in self.pools)
+        if not self.pending and not wants_claim:
+            return []
+        batch, claimed = self.pending, []
+        try:
+            with self.broker.batch():
+                if batch:
+                    results = [s.result for s in batch if s.result is not None]
+                    if results:
+                        self.backend.store(results)
+                    self.broker.settle([s.settlement for s in batch])
+                if wants_claim:
+                    claimed = self._claim(now)
+        except BrokerError as exc:
+            self._store_failed(exc)
+            return []
+        self.pending = self.pending[len(batch):]
+        if self.store_failures:
+            log.warning("store reachable again; settled %d deliveries", len(batch))
+            self.store_failures = 0
+        return claimed
+
+    def _wants_claim(self, pool: Pool, now: float) -> bool:
+        return bool(pool.free_capacity()) and (pool.maybe_ready or now >= pool.next_poll)
+
+    def _claim(self, now: float) -> list[tuple[Pool, Delivery]]:
+        claimed: list[tuple[Pool, Delivery]] = []
         for pool in self.pools:
-            free = pool.free_capacity()
-            if not free or not (pool.maybe_ready or now >= pool.next_poll):
+            if not self._wants_claim(pool, now):
                 continue
-            try:
-                deliveries = self.broker.claim(
-                    pool.queues, free, consumer=self.consumer, lease=CLAIM_LEASE_S
-                )
-            except BrokerError as exc:
-                self._store_failed(exc)
-                return
+            free = pool.free_capacity()
+            deliveries = self.broker.claim(
+                pool.queues, free, consumer=self.consumer, lease=CLAIM_LEASE_S
+            )
             pool.maybe_ready = len(deliveries) == free
             if not pool.maybe_ready:
                 pool.next_poll = now + POLL_S
                 due = self.broker.next_due(pool.queues)
                 if due is not None:
                     pool.next_poll = min(pool.next_poll, now + max(0.0, due - time.time()))
-            for delivery in deliveries:
-                self._dispatch(pool, delivery, now)
+            claimed.extend((pool, delivery) for delivery in deliveries)
+        return claimed
 
     def _dispatch(self, pool: Pool, delivery: Delivery, now: float) -> None:
         ttl = self.settings.result_ttl
@@ -544,25 +573,6 @@ class Supervisor:
                 error.message,
                 extra={"task_id": settled.result.task_id},
             )
-
-    def _flush(self, *, final: bool = False) -> None:
-        """Write results, then settle, each batch in one transaction: a crash between
-        the two re-runs the task (at-least-once) but never acks one without its result."""
-        if not self.pending or (time.monotonic() < self.store_retry_at and not final):
-            return
-        batch = self.pending
-        results = [s.result for s in batch if s.result is not None]
-        try:
-            if results:
-                self.backend.store(results)
-            self.broker.settle([s.settlement for s in batch])
-        except BrokerError as exc:
-            self._store_failed(exc)
-            return
-        self.pending = []
-        if self.store_failures:
-            log.warning("store reachable again; settled %d deliveries", len(batch))
-        self.store_failures = 0
 
     def _store_failed(self, exc: Exception) -> None:
         if not self.store_failures:
