@@ -16,7 +16,6 @@ from appliance.units import parse_bytes, parse_seconds
 
 if TYPE_CHECKING:
     from appliance.app import Stem
-
     from appliance.backend.protocol import TaskResult
     from appliance.context import TaskContext
 
@@ -114,24 +113,23 @@ class Task:
     fn: Callable[..., Any] = field(repr=False)
     options: TaskOptions
     takes_args_dict: bool = False  # TaskHandler form: fn(ctx, args) instead of fn(ctx, **args)
-    signature: inspect.Signature | None = field(default=None, repr=False, compare=False)
     is_async: bool = field(default=False, compare=False)
+    params: _Params | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # Computed once: inspect.signature() costs more than a no-op task runs.
+        # Computed once: inspect.signature() and even Signature.bind() cost more than a
+        # no-op task runs, and every enqueue and every run checks the arguments.
         target = self.fn.__call__ if isinstance(self.fn, TaskHandler) else self.fn
         object.__setattr__(self, "is_async", inspect.iscoroutinefunction(target))
         if not self.takes_args_dict:
-            object.__setattr__(self, "signature", inspect.signature(self.fn))
+            object.__setattr__(self, "params", _Params.of(self.fn))
 
     def check_args(self, args: Mapping[str, Any]) -> None:
-        """Raise TypeError if `args` cannot be bound to the handler's parameters."""
-        if self.signature is None:
-            return
-        try:
-            self.signature.bind(None, **args)
-        except TypeError as exc:
-            raise TypeError(f"arguments do not match task {self.name!r}: {exc}") from exc
+        """Raise TypeError if `args` cannot be passed as keywords to the handler."""
+        if self.params is not None:
+            problem = self.params.problem(args)
+            if problem:
+                raise TypeError(f"arguments do not match task {self.name!r}: {problem}")
 
     def invoke(self, ctx: TaskContext, args: dict[str, Any]) -> Any:
         """Call the handler (returns a coroutine for async handlers)."""
@@ -146,6 +144,38 @@ class Task:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Calling the task runs the function in-process (as a plain function)."""
         return self.fn(*args, **kwargs)
+
+
+@dataclass(frozen=True, slots=True)
+class _Params:
+    """What `fn(ctx, **args)` accepts, precomputed from its signature."""
+
+    names: frozenset[str]  # keyword-passable parameters after ctx
+    required: frozenset[str]  # of those, the ones without a default
+    any_keyword: bool  # fn has **kwargs
+
+    @classmethod
+    def of(cls, fn: Callable[..., Any]) -> _Params:
+        params = list(inspect.signature(fn).parameters.values())[1:]  # after ctx
+        keywords = [
+            p for p in params
+            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        ]  # fmt: skip
+        return cls(
+            names=frozenset(p.name for p in keywords),
+            required=frozenset(p.name for p in keywords if p.default is inspect.Parameter.empty)
+            | frozenset(p.name for p in params if p.kind is inspect.Parameter.POSITIONAL_ONLY),
+            any_keyword=any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params),
+        )
+
+    def problem(self, args: Mapping[str, Any]) -> str | None:
+        missing = self.required - args.keys()
+        if missing:
+            return f"missing required argument(s) {', '.join(sorted(missing))}"
+        unexpected = () if self.any_keyword else args.keys() - self.names
+        if unexpected:
+            return f"unexpected argument(s) {', '.join(sorted(unexpected))}"
+        return None
 
 
 _POLL_START, _POLL_MAX = 0.002, 0.1

@@ -153,7 +153,7 @@ def test_enqueue_with_app_checks_the_args_before_storing(
     result = cli(
         tmp_path, url, "enqueue", "demo.add", "--args", '{"x": 1}', "--app", "appliance.demo:stem"
     )
-    assert_user_error(result, ExitCode.USAGE, "missing a required argument: 'y'")
+    assert_user_error(result, ExitCode.USAGE, "missing required argument(s) y")
     unknown = cli(tmp_path, url, "enqueue", "demo.nope", "--app", "appliance.demo:stem")
     assert_user_error(unknown, ExitCode.USAGE, "no task named 'demo.nope'")
     assert app.broker.queue_stats() == []
