@@ -375,3 +375,20 @@ def test_binding_removes_sockets_of_dead_processes(sqlite_url: str) -> None:
         broker.enqueue([envelope()])  # pokes what is left without error
     finally:
         broker.close()
+
+
+def test_idle_checkpoint_truncates_the_wal(tmp_path: Path) -> None:
+    from appliance.config import Settings
+    from appliance.envelope import Envelope
+    from appliance.stores import open_broker
+
+    url = f"sqlite:///{tmp_path / 'idle.db'}"
+    broker = open_broker(url, Settings())
+    try:
+        broker.enqueue([Envelope(id=f"t{i}", name="x") for i in range(2000)])
+        wal = tmp_path / "idle.db-wal"
+        assert wal.stat().st_size > 0
+        broker.idle()
+        assert wal.stat().st_size == 0
+    finally:
+        broker.close()

@@ -208,6 +208,12 @@ class Broker(Protocol):
         """Consume pending wake-ups after `wake_fd` turned readable."""
         ...
 
+    def idle(self) -> None:
+        """Upkeep for a consumer with nothing to do. SQLite checkpoints the WAL into the
+        database and truncates it, so it cannot grow without bound under steady load;
+        stores that need no upkeep do nothing. Never raises for a busy store."""
+        ...
+
     # --- observation and the DLQ -----------------------------------------------------
 
     def queue_stats(self) -> list[QueueStats]:

@@ -595,6 +595,10 @@ class RedisBroker:
         # Every write is one atomic script already; there is no multi-call transaction.
         return contextlib.nullcontext()
 
+    def idle(self) -> None:
+        # Acknowledged entries are deleted when settled; Redis needs no idle upkeep.
+        return None
+
     def extend(self, deliveries: Sequence[Delivery], lease: float) -> None:
         if not deliveries:
             return

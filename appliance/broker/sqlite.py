@@ -42,7 +42,7 @@ from appliance.broker.protocol import (
 )
 from appliance.config import Settings
 from appliance.envelope import Envelope, decode, encode, peek_id
-from appliance.errors import DecodeError
+from appliance.errors import BrokerError, DecodeError
 from appliance.sqlite_db import MOUNTINFO, Database, connect, parse_url, translate
 from appliance.states import SettleKind
 
@@ -499,6 +499,12 @@ class SqliteBroker:
     def dlq_purge(self, queue: str | None = None) -> int:
         count: int = self._db.write(lambda conn: conn.execute(_DLQ_PURGE, (queue,)).rowcount)
         return count
+
+    def idle(self) -> None:
+        # TRUNCATE waits for nothing: if a reader holds an old snapshot it checkpoints
+        # what it can and the next idle turn finishes the job.
+        with contextlib.suppress(BrokerError):
+            self._db.autocommit(lambda conn: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
 
     def close(self) -> None:
         """Release the connection and our wake socket; a no-op in a forked child, which

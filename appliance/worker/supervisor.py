@@ -45,6 +45,7 @@ IDLE_SCAN_S = 0.5
 MEMORY_SCAN_S = 0.25
 RECOVER_S = 1.0
 PURGE_S = 60.0
+IDLE_UPKEEP_S = 10.0  # checkpoint the SQLite WAL at most this often, and only when idle
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
 
 
@@ -73,7 +74,14 @@ class Supervisor:
         self.store_retry_at = 0.0
         self.store_failures = 0
         self.counts = {"success": 0, "retry": 0, "dead": 0, "revoked": 0, "released": 0}
-        self._timers = {"scan": 0.0, "memory": 0.0, "recover": 0.0, "purge": 0.0, "dog": 0.0}
+        self._timers = {
+            "scan": 0.0,
+            "memory": 0.0,
+            "recover": 0.0,
+            "purge": 0.0,
+            "dog": 0.0,
+            "idle": 0.0,
+        }
 
     # --- life cycle --------------------------------------------------------------------
 
@@ -490,7 +498,7 @@ class Supervisor:
         except BrokerError as exc:
             self._store_failed(exc)
             return []
-        self.pending = self.pending[len(batch):]
+        self.pending = self.pending[len(batch) :]
         if self.store_failures:
             log.warning("store reachable again; settled %d deliveries", len(batch))
             self.store_failures = 0
@@ -616,6 +624,13 @@ class Supervisor:
             timers["purge"] = now + PURGE_S
             with contextlib.suppress(BrokerError):
                 self.backend.purge_expired()
+        if (
+            now >= timers["idle"]
+            and not self.pending
+            and not any(child.outstanding for child in self.children.values())
+        ):
+            timers["idle"] = now + IDLE_UPKEEP_S
+            self.broker.idle()
         interval = self.notifier.watchdog_interval
         if interval and now >= timers["dog"]:
             timers["dog"] = now + interval
