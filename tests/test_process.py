@@ -184,3 +184,45 @@ def signal_pid(pid: int, signum: int) -> None:
     import os
 
     os.kill(pid, signum)
+
+
+def test_children_are_recycled_after_max_tasks_per_child(
+    stem: Stem, tmp_path: Path, store_url: str
+) -> None:
+    worker = WorkerProcess(tmp_path, store_url, concurrency=1,
+                           env={"STEM_MAX_TASKS_PER_CHILD": "3"}).start()
+    try:
+        pids = [stem.enqueue("t.pid").result(timeout=10) for _ in range(9)]
+    finally:
+        worker.stop()
+    assert len(set(pids)) == 3  # a fresh child every 3 tasks
+    assert [pids.count(p) for p in dict.fromkeys(pids)] == [3, 3, 3]
+
+
+def test_a_stopped_child_is_killed_after_its_heartbeat_timeout_and_the_task_rerun(
+    stem: Stem, tmp_path: Path, store_url: str
+) -> None:
+    worker = WorkerProcess(tmp_path, store_url, concurrency=1,
+                           env={"STEM_HEARTBEAT_TIMEOUT": "1.5"}).start()
+    try:
+        handle = stem.enqueue("t.slow", {"seconds": 1.0})
+        assert wait_until(lambda: len(worker.ledger_lines("start")) == 1, timeout=10)
+        stopped = int(worker.ledger_lines("start")[0][3])
+        signal_pid(stopped, signal.SIGSTOP)  # frozen: no heartbeat, no progress
+        assert handle.result(timeout=20) is None
+        assert stopped not in {p.pid for p in worker.children()}
+        starts = worker.ledger_lines("start")
+        assert len(starts) == 2 and starts[1][3] != str(stopped)
+    finally:
+        worker.stop()
+
+
+def test_a_task_longer_than_its_visibility_timeout_runs_once_under_heartbeats(
+    stem: Stem, worker: WorkerProcess
+) -> None:
+    worker.start()
+    handle = stem.enqueue("t.long", {"seconds": 3.0})
+    assert handle.result(timeout=20) is None
+    time.sleep(1.5)  # a lost lease would have been redelivered by now
+    assert len(worker.ledger_lines("start")) == 1
+    assert worker.completions()[handle.id] == 1

@@ -44,14 +44,14 @@ def test_redis_killed_mid_run_loses_nothing(tmp_path: Path, redis_server: RedisS
                                             redis_url: str) -> None:
     stem = Stem(broker=redis_url)
     stem.registry.update(ledger_app.stem.registry)
-    handles = stem.enqueue_many([("t.record", {"n": i}) for i in range(1500)])
+    handles = stem.enqueue_many([("t.record", {"n": i}) for i in range(5000)])
     worker = WorkerProcess(tmp_path, redis_url).start()
     try:
-        assert wait_until(lambda: len(worker.ledger_lines()) >= 300, timeout=30)
+        assert wait_until(lambda: len(worker.ledger_lines()) >= 1000, timeout=30)
         redis_server.kill()  # SIGKILL; the AOF (appendfsync always) survives
         time.sleep(1.0)
         redis_server.start()
-        assert wait_until(lambda: len(worker.completions()) >= 1500, timeout=90), (
+        assert wait_until(lambda: len(worker.completions()) >= 5000, timeout=90), (
             worker.read_log()[-3000:]
         )
         done = worker.completions()

@@ -64,3 +64,20 @@ def hog(ctx: TaskContext) -> None:
     while True:  # grows ~50 MB every 20 ms until the supervisor kills the child
         blocks.append(bytearray(50 * 2**20))
         time.sleep(0.02)
+
+
+@stem.task("t.pid")
+def pid(ctx: TaskContext) -> int:
+    record(ctx)
+    return os.getpid()
+
+
+@stem.task("t.long", visibility_timeout=1)
+def long_task(ctx: TaskContext, seconds: float = 3.0) -> None:
+    """Runs three times its visibility timeout: the lease must be renewed, not lost."""
+    record(ctx, "start")
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        ctx.heartbeat()
+        time.sleep(0.1)
+    record(ctx)
