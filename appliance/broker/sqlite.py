@@ -25,7 +25,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,11 +80,16 @@ _DEAD = (
     "SELECT ?, task_id, NULLIF(name, ''), queue, priority, ?, ?, ?, ?, attempt + 1, "
     "deliveries, payload, enqueued_at, ? FROM messages WHERE id = ?"
 )
-_ANY_EXPIRED = "SELECT 1 FROM messages WHERE state = 'leased' AND lease_until < ? LIMIT 1"
+# ?1 = now, ?2 = the latest end a lease granted now could have: a lease ending later
+# was taken before a reboot (CLOCK_BOOTTIME restarted) and its owner is gone.
+_ANY_EXPIRED = (
+    "SELECT 1 FROM messages WHERE state = 'leased' AND (lease_until < ?1 OR lease_until > ?2) "
+    "LIMIT 1"
+)
 _LEASE_OWNERS = "SELECT DISTINCT owner FROM messages WHERE state = 'leased'"
 _EXPIRE = (
     "UPDATE messages SET state = 'ready', owner = NULL, lease_until = NULL "
-    "WHERE state = 'leased' AND lease_until < ?"
+    "WHERE state = 'leased' AND (lease_until < ?1 OR lease_until > ?2)"
 )
 _FREE_OWNER = (
     "UPDATE messages SET state = 'ready', owner = NULL, lease_until = NULL "
@@ -200,6 +205,29 @@ class _SettlePlan:
 
 def _state(env: Envelope, now: float) -> str:
     return "delayed" if env.not_before is not None and env.not_before > now else "ready"
+
+
+MAX_LEASE_S = 86400.0  # leases are renewed while held, so none needs to be longer
+
+
+def lease_clock() -> float:
+    """The clock of SQLite leases: CLOCK_BOOTTIME, shared by every process on the host
+    (one database file serves one host) and never moved by wall-clock jumps, which
+    would otherwise expire the lease of a task its live owner is still running."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def _lease_window() -> tuple[float, float]:
+    now = lease_clock()
+    return now, now + MAX_LEASE_S
+
+
+def _message_info(row: Sequence[Any]) -> MessageInfo:
+    """A message for display, its lease end turned back into wall-clock time."""
+    info = MessageInfo(*row)
+    if info.lease_until is None:
+        return info
+    return replace(info, lease_until=time.time() + info.lease_until - lease_clock())
 
 
 def _message_row(env: Envelope, now: float) -> tuple[Any, ...]:
@@ -327,16 +355,18 @@ class SqliteBroker:
         order = [*queues[start:], *queues[:start]]
         owner = consumer.name
 
+        lease = min(lease, MAX_LEASE_S)
+
         def work(conn: sqlite3.Connection) -> tuple[list[Any], float]:
             now = time.time()
             conn.executemany(_PROMOTE, [(queue, now) for queue in order])
-            lease_until = now + lease
+            ends = lease_clock() + lease
             rows: list[Any] = []
             for queue in order:
-                rows += conn.execute(CLAIM_SQL, (lease_until, owner, queue, limit - len(rows)))
+                rows += conn.execute(CLAIM_SQL, (ends, owner, queue, limit - len(rows)))
                 if len(rows) >= limit:
                     break
-            return rows, lease_until
+            return rows, now + lease
 
         rows, lease_until = self._db.write(work)
         rows.sort(key=lambda row: (-row[2], row[0]))  # RETURNING has no defined order
@@ -364,8 +394,8 @@ class SqliteBroker:
         keys = [_parse_receipt(delivery.receipt) for delivery in deliveries]
 
         def work(conn: sqlite3.Connection) -> None:
-            lease_until = time.time() + lease
-            conn.executemany(_EXTEND, [(lease_until, *key) for key in keys])
+            ends = lease_clock() + min(lease, MAX_LEASE_S)
+            conn.executemany(_EXTEND, [(ends, *key) for key in keys])
 
         self._db.write(work)
 
@@ -374,7 +404,7 @@ class SqliteBroker:
         is nothing to do: one read, one liveness check per distinct owner, no write."""
 
         def scan(conn: sqlite3.Connection) -> tuple[bool, list[str]]:
-            expired = conn.execute(_ANY_EXPIRED, (time.time(),)).fetchone() is not None
+            expired = conn.execute(_ANY_EXPIRED, _lease_window()).fetchone() is not None
             return expired, [row[0] for row in conn.execute(_LEASE_OWNERS)]
 
         expired, owners = self._db.read(scan)
@@ -383,7 +413,7 @@ class SqliteBroker:
             return 0
 
         def work(conn: sqlite3.Connection) -> int:
-            count = conn.execute(_EXPIRE, (time.time(),)).rowcount
+            count = conn.execute(_EXPIRE, _lease_window()).rowcount
             for owner in dead:
                 count += conn.execute(_FREE_OWNER, (owner,)).rowcount
             return count
@@ -445,11 +475,11 @@ class SqliteBroker:
         rows = self._db.read(
             lambda conn: conn.execute(_LIST_MESSAGES, (queue, limit, offset)).fetchall()
         )
-        return [MessageInfo(*row) for row in rows]
+        return [_message_info(row) for row in rows]
 
     def find_message(self, task_id: str) -> MessageInfo | None:
         row = self._db.read(lambda conn: conn.execute(_FIND_MESSAGE, (task_id,)).fetchone())
-        return MessageInfo(*row) if row else None
+        return _message_info(row) if row else None
 
     # --- the DLQ ---------------------------------------------------------------------
 
