@@ -46,6 +46,8 @@ MEMORY_SCAN_S = 0.25
 RECOVER_S = 1.0
 PURGE_S = 60.0
 IDLE_UPKEEP_S = 10.0  # checkpoint the SQLite WAL at most this often, and only when idle
+# Killed by a cold shutdown: the task goes back uncounted (it did nothing wrong).
+COLD_SHUTDOWN = KillReason("WorkerLostError", "cold shutdown", counts_as_task_failure=False)
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
 
 
@@ -246,7 +248,7 @@ class Supervisor:
         self.table.header.draining = 1
         for child in self.children.values():
             child.closing = True
-            child.kill = child.kill or KillReason("WorkerLostError", "cold shutdown", False)
+            child.kill = child.kill or COLD_SHUTDOWN
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child.pid, signal.SIGKILL)
 
