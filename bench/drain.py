@@ -60,10 +60,10 @@ class Sampler(threading.Thread):
 
 
 def producer(url: str, marks: Path, code: str) -> dict[str, Any]:
-    env = dict(os.environ, STEM_BROKER_URL=url, BENCH_MARK_FILE=str(marks),
-               PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True, cwd=ROOT)
+    env = dict(os.environ, STEM_BROKER_URL=url, BENCH_MARK_FILE=str(marks), PYTHONPATH=str(ROOT))
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=ROOT
+    )
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
 
@@ -106,13 +106,26 @@ print(json.dumps({{"n": n}}))
 
 
 def start_worker(url: str, marks: Path, log: Path) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, STEM_BROKER_URL=url, BENCH_MARK_FILE=str(marks),
-               PYTHONPATH=str(ROOT))
+    env = dict(os.environ, STEM_BROKER_URL=url, BENCH_MARK_FILE=str(marks), PYTHONPATH=str(ROOT))
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "appliance", "worker", "run", "--app", "bench.noop_app:stem",
-             "--concurrency", "2"], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "appliance",
+                "worker",
+                "run",
+                "--app",
+                "bench.noop_app:stem",
+                "--concurrency",
+                "2",
+            ],
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -146,10 +159,17 @@ def drain(url: str, tmp: Path, n: int) -> dict[str, Any]:
     stop(proc)
     stamps = [float(x) for x in marks.read_bytes().splitlines()]
     first, last = min(stamps), max(stamps)
-    return {"n": n, "completed": len(stamps), "timed_out": not ok,
-            "enqueue_single_per_s": single["per_s"], "enqueue_batch_per_s": batch["per_s"],
-            "startup_s": first - spawned, "drain_per_s": (len(stamps) - 1) / (last - first),
-            "supervisor_rss_mb": sampler.sup_rss / 2**20, "child_rss_mb": sampler.child_rss / 2**20}
+    return {
+        "n": n,
+        "completed": len(stamps),
+        "timed_out": not ok,
+        "enqueue_single_per_s": single["per_s"],
+        "enqueue_batch_per_s": batch["per_s"],
+        "startup_s": first - spawned,
+        "drain_per_s": (len(stamps) - 1) / (last - first),
+        "supervisor_rss_mb": sampler.sup_rss / 2**20,
+        "child_rss_mb": sampler.child_rss / 2**20,
+    }
 
 
 def latency(url: str, tmp: Path, n: int, rate: float) -> dict[str, Any]:
@@ -164,8 +184,13 @@ def latency(url: str, tmp: Path, n: int, rate: float) -> dict[str, Any]:
         stop(proc)
     rows = [line.split() for line in marks.read_bytes().splitlines()]
     lat = [(float(s) - float(e)) * 1000 for _, e, s in rows[20:]]
-    return {"n": len(lat), "rate": rate, "p50_ms": percentile(lat, 50),
-            "p99_ms": percentile(lat, 99), "max_ms": max(lat)}
+    return {
+        "n": len(lat),
+        "rate": rate,
+        "p50_ms": percentile(lat, 50),
+        "p99_ms": percentile(lat, 99),
+        "max_ms": max(lat),
+    }
 
 
 def main() -> None:

@@ -65,8 +65,9 @@ def settings() -> Settings:
     return Settings()
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.01
-               ) -> bool:
+def wait_until(
+    predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.01
+) -> bool:
     """Poll `predicate` until it is true or `timeout` passes; returns its last value."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

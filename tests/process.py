@@ -21,18 +21,39 @@ ROOT = Path(__file__).resolve().parent.parent
 class WorkerProcess:
     """One supervisor subprocess with its NOTIFY_SOCKET and log file."""
 
-    def __init__(self, tmp: Path, broker_url: str, *, app: str = "tests.apps.ledger_app:stem",
-                 concurrency: int = 2, extra: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        broker_url: str,
+        *,
+        app: str = "tests.apps.ledger_app:stem",
+        concurrency: int = 2,
+        extra: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.tmp = tmp
         self.broker_url = broker_url
         self.ledger = tmp / "ledger.txt"
         self.log = tmp / f"worker-{time.monotonic_ns()}.log"
-        self.argv = [sys.executable, "-m", "appliance", "worker", "run", "--app", app,
-                     "--concurrency", str(concurrency), *(extra or [])]
-        self.env = dict(os.environ, STEM_BROKER_URL=broker_url,
-                        STEM_TEST_LEDGER=str(self.ledger), PYTHONPATH=str(ROOT),
-                        **(env or {}))
+        self.argv = [
+            sys.executable,
+            "-m",
+            "appliance",
+            "worker",
+            "run",
+            "--app",
+            app,
+            "--concurrency",
+            str(concurrency),
+            *(extra or []),
+        ]
+        self.env = dict(
+            os.environ,
+            STEM_BROKER_URL=broker_url,
+            STEM_TEST_LEDGER=str(self.ledger),
+            PYTHONPATH=str(ROOT),
+            **(env or {}),
+        )
         self.proc: subprocess.Popen[bytes] | None = None
         self.notify_path = tmp / f"notify-{time.monotonic_ns()}.sock"
 
@@ -48,9 +69,15 @@ class WorkerProcess:
         self._notify.settimeout(0.2)
         env = dict(self.env, NOTIFY_SOCKET=str(self.notify_path))
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.argv,
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         return self
 
     def wait_ready(self, timeout: float = 20.0) -> WorkerProcess:

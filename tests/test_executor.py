@@ -20,8 +20,9 @@ def stem(sqlite_url: str) -> Stem:
     return Stem(broker=sqlite_url)
 
 
-def run(stem: Stem, name: str, args: dict[str, Any] | None = None, attempt: int = 0
-        ) -> dict[str, Any]:
+def run(
+    stem: Stem, name: str, args: dict[str, Any] | None = None, attempt: int = 0
+) -> dict[str, Any]:
     envelope = Envelope(id="t1", name=name, args=args or {}, attempt=attempt)
     return Executor(uvloop.new_event_loop).run(stem.get_task(name), envelope, _Detached())
 

@@ -189,8 +189,9 @@ def signal_pid(pid: int, signum: int) -> None:
 def test_children_are_recycled_after_max_tasks_per_child(
     stem: Stem, tmp_path: Path, store_url: str
 ) -> None:
-    worker = WorkerProcess(tmp_path, store_url, concurrency=1,
-                           env={"STEM_MAX_TASKS_PER_CHILD": "3"}).start()
+    worker = WorkerProcess(
+        tmp_path, store_url, concurrency=1, env={"STEM_MAX_TASKS_PER_CHILD": "3"}
+    ).start()
     try:
         pids = [stem.enqueue("t.pid").result(timeout=10) for _ in range(9)]
     finally:
@@ -202,8 +203,9 @@ def test_children_are_recycled_after_max_tasks_per_child(
 def test_a_stopped_child_is_killed_after_its_heartbeat_timeout_and_the_task_rerun(
     stem: Stem, tmp_path: Path, store_url: str
 ) -> None:
-    worker = WorkerProcess(tmp_path, store_url, concurrency=1,
-                           env={"STEM_HEARTBEAT_TIMEOUT": "1.5"}).start()
+    worker = WorkerProcess(
+        tmp_path, store_url, concurrency=1, env={"STEM_HEARTBEAT_TIMEOUT": "1.5"}
+    ).start()
     try:
         handle = stem.enqueue("t.slow", {"seconds": 1.0})
         assert wait_until(lambda: len(worker.ledger_lines("start")) == 1, timeout=10)

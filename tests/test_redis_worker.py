@@ -40,8 +40,9 @@ def test_worker_warns_when_redis_could_lose_acknowledged_tasks(tmp_path: Path) -
         server.stop()
 
 
-def test_redis_killed_mid_run_loses_nothing(tmp_path: Path, redis_server: RedisServer,
-                                            redis_url: str) -> None:
+def test_redis_killed_mid_run_loses_nothing(
+    tmp_path: Path, redis_server: RedisServer, redis_url: str
+) -> None:
     stem = Stem(broker=redis_url)
     stem.registry.update(ledger_app.stem.registry)
     handles = stem.enqueue_many([("t.record", {"n": i}) for i in range(5000)])
@@ -51,9 +52,9 @@ def test_redis_killed_mid_run_loses_nothing(tmp_path: Path, redis_server: RedisS
         redis_server.kill()  # SIGKILL; the AOF (appendfsync always) survives
         time.sleep(1.0)
         redis_server.start()
-        assert wait_until(lambda: len(worker.completions()) >= 5000, timeout=90), (
-            worker.read_log()[-3000:]
-        )
+        assert wait_until(lambda: len(worker.completions()) >= 5000, timeout=90), worker.read_log()[
+            -3000:
+        ]
         done = worker.completions()
         assert {h.id for h in handles} == set(done)  # nothing lost
         duplicates = sum(n - 1 for n in done.values())

@@ -19,8 +19,7 @@ def test_success_acks() -> None:
 def test_failure_retries_until_max_retries_then_exhausts() -> None:
     strategy = FixedRetryStrategy(2.0)
     kinds = [
-        decide(failed=True, permanent=False, attempt=a, max_retries=2, strategy=strategy,
-               now=100.0)  # fmt: skip
+        decide(failed=True, permanent=False, attempt=a, max_retries=2, strategy=strategy, now=100.0)
         for a in range(3)
     ]
     assert [k.kind for k in kinds] == [SettleKind.RETRY, SettleKind.RETRY, SettleKind.DEAD]

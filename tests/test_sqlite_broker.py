@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from appliance.backend.sqlite import SqliteBackend
+from appliance.broker import sqlite_schema
 from appliance.broker.protocol import Consumer, DeadLetterInfo, Settlement
 from appliance.broker.sqlite import CLAIM_SQL, SqliteBroker
 from appliance.config import Settings
@@ -248,7 +249,7 @@ def test_broker_and_backend_share_one_file_and_migrate_once(sqlite_url: str) -> 
     backend = SqliteBackend.from_url(sqlite_url, Settings())
     with sqlite3.connect(parse_url(sqlite_url).path) as conn:
         applied = conn.execute("SELECT name FROM _sqlite_migrations").fetchall()
-    assert applied == [("0001_initial",)]
+    assert applied == [(name,) for name, _ in sqlite_schema.STEPS]  # each exactly once
     for store in (*brokers, backend):
         store.close()
 

@@ -15,7 +15,10 @@ from appliance.worker.limits import check_memory, check_slot, respawn_delay
 def running_slot(started: float, hard: float, beat: float) -> Slot:
     slot = Slot()
     slot.state, slot.started, slot.hard_deadline, slot.last_beat = (
-        SlotState.RUNNING, started, hard, beat
+        SlotState.RUNNING,
+        started,
+        hard,
+        beat,
     )
     return slot
 

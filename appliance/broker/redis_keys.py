@@ -21,6 +21,12 @@ Layout (P = "<namespace>:"):
 | P dlq:entry                 | hash   | dead-letter id -> JSON record (reason, error, times) |
 | P dlq:payload               | hash   | dead-letter id -> the raw payload bytes              |
 | P result:<task id>          | string | a `TaskResult` as JSON, with the result's TTL        |
+| P kv:<key>                  | string | a `put_if_absent` value (unique task, lock), PX TTL  |
+| P counter:<key>             | string | an `incr` counter, PX TTL set when it is created     |
+| P group:<group id>          | hash   | "size" -> member count; "<index>" -> `TaskResult` JSON |
+| P revoked                   | zset   | revoked task ids, scored by expiry (ms, server time) |
+| P workers                   | zset   | worker ids, scored by heartbeat expiry (ms)          |
+| P worker:<worker id>        | string | a `WorkerHeartbeat` as JSON, PX TTL                  |
 
 Stream entries carry `p` (the encoded envelope, verbatim), `t` (the task id, so claims
 and settles never parse JSON), `b` (the delivery-count base carried over by a release;
@@ -61,6 +67,12 @@ class Keys:
         self.dlq = f"{p}dlq"  # zset: all dead-letter ids by dead_at
         self.dlq_entry = f"{p}dlq:entry"  # hash: dead-letter id -> JSON record
         self.dlq_payload = f"{p}dlq:payload"  # hash: dead-letter id -> payload bytes
+        # zset: revoked task id -> expiry (ms, Redis server clock). One set, not a key per
+        # id, so listing every revoke is one read; expired members are trimmed on write.
+        self.revoked = f"{p}revoked"
+        # zset: worker id -> expiry of its heartbeat key (ms). The index that lists the
+        # `worker:<id>` keys without SCAN; members whose key expired are trimmed on write.
+        self.workers = f"{p}workers"
 
     def stream(self, queue: str, band: int) -> str:
         """Stream: the ready and leased messages of `queue` in one priority band."""
@@ -85,6 +97,25 @@ class Keys:
     def result(self, task_id: str) -> str:
         """String: one `TaskResult` as JSON; expires with the result (PEXPIREAT)."""
         return f"{self.prefix}result:{task_id}"
+
+    def kv(self, key: str) -> str:
+        """String: the value `put_if_absent` stored (unique tasks, locks); native PX TTL."""
+        return f"{self.prefix}kv:{key}"
+
+    def counter(self, key: str) -> str:
+        """String (integer): an `incr` counter; a PX TTL set by the increment creating it.
+        A keyspace apart from `kv`, so a counter never satisfies or blocks a lock."""
+        return f"{self.prefix}counter:{key}"
+
+    def group(self, group_id: str) -> str:
+        """Hash: field "size" holds the member count; field "<index>" the `TaskResult`
+        JSON of each finished member (HSETNX: a duplicate report keeps the first). The
+        finished count is HLEN - 1. The key carries the group's TTL."""
+        return f"{self.prefix}group:{group_id}"
+
+    def worker(self, worker_id: str) -> str:
+        """String: the last `WorkerHeartbeat` of one supervisor as JSON; native PX TTL."""
+        return f"{self.prefix}worker:{worker_id}"
 
 
 def delayed_member(band: int | str, nonce: str, task_id: str) -> str:

@@ -13,7 +13,8 @@ messages       one row per message waiting or in flight
                claims never decode payloads
   state        'ready' (claimable) | 'delayed' (until not_before) | 'leased'
   not_before   epoch seconds; NULL = as soon as possible
-  lease_until  epoch seconds; set while leased
+  lease_until  CLOCK_BOOTTIME seconds (not epoch: immune to wall-clock jumps); set while
+               leased
   owner        `Consumer.name` (host:pid:starttime) of the lease holder
   deliveries   claims of the current attempt (incremented by the claim itself)
   enqueued_at  epoch seconds
@@ -26,6 +27,16 @@ dead_letters   one row per dead letter; newest first is rowid DESC (insertion or
 
 results        one row per task id (`ResultBackend`); JSON columns hold orjson bytes
   expires_at   epoch seconds; NULL keeps the row until purged
+
+The `ResultBackend` primitives (0002). Every `expires_at` is epoch seconds: a row past
+it is absent to readers (each query checks it) and deleted by `purge_expired`.
+kv             `put_if_absent` keys (unique tasks, locks); value is raw bytes
+counters       `incr` counters; expires_at NULL keeps the counter until deleted
+task_groups    one row per group or chord: how many members it has
+task_group_members  one row per finished member; (group_id, idx) is the key, so a
+               duplicate report cannot count twice; result is a `TaskResult` as JSON
+revoked        revoked task ids
+workers        one row per supervisor: its last `WorkerHeartbeat` as JSON
 
 Every hot query is a search on a partial index, so its cost stays flat from 1k to 1M
 rows: claim reads messages_ready in (queue, priority DESC, id) order; promotion and
@@ -121,8 +132,64 @@ _INITIAL = (
 )
 
 
+# Every table gets an index on expires_at: purging must not scan the live rows.
+_PRIMITIVES = (
+    """
+    CREATE TABLE kv (
+        key        TEXT PRIMARY KEY,
+        value      BLOB NOT NULL,
+        expires_at REAL NOT NULL
+    )
+    """,
+    "CREATE INDEX kv_expires_at ON kv (expires_at)",
+    """
+    CREATE TABLE counters (
+        key        TEXT    PRIMARY KEY,
+        value      INTEGER NOT NULL,
+        expires_at REAL
+    )
+    """,
+    "CREATE INDEX counters_expires_at ON counters (expires_at) WHERE expires_at IS NOT NULL",
+    """
+    CREATE TABLE task_groups (
+        group_id   TEXT    PRIMARY KEY,
+        size       INTEGER NOT NULL,
+        expires_at REAL    NOT NULL
+    )
+    """,
+    "CREATE INDEX task_groups_expires_at ON task_groups (expires_at)",
+    # WITHOUT ROWID: the members of a group are stored together, in index order.
+    """
+    CREATE TABLE task_group_members (
+        group_id TEXT    NOT NULL,
+        idx      INTEGER NOT NULL,
+        result   BLOB    NOT NULL,
+        PRIMARY KEY (group_id, idx)
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE revoked (
+        task_id    TEXT PRIMARY KEY,
+        expires_at REAL NOT NULL
+    )
+    """,
+    "CREATE INDEX revoked_expires_at ON revoked (expires_at)",
+    """
+    CREATE TABLE workers (
+        id         TEXT PRIMARY KEY,
+        heartbeat  BLOB NOT NULL,
+        expires_at REAL NOT NULL
+    )
+    """,
+    "CREATE INDEX workers_expires_at ON workers (expires_at)",
+)
+
+
 # (name, statements) in order. Append new steps; never edit an applied one.
-STEPS: tuple[tuple[str, tuple[str, ...]], ...] = (("0001_initial", _INITIAL),)
+STEPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("0001_initial", _INITIAL),
+    ("0002_backend_primitives", _PRIMITIVES),
+)
 
 
 def _step(name: str, statements: tuple[str, ...]) -> Callable[[Any], None]:

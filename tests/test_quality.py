@@ -1,0 +1,42 @@
+"""The checks that keep main shippable run with the suite: lint, format, types, and
+the rule that the core never imports the TUI's toolkit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_ruff_check_is_clean() -> None:
+    result = run(str(BIN / "ruff"), "check", ".")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ruff_format_is_clean() -> None:
+    result = run(str(BIN / "ruff"), "format", "--check", ".")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_mypy_strict_is_clean() -> None:
+    result = run(str(BIN / "mypy"))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_core_never_imports_textual_or_redis_for_sqlite_users() -> None:
+    code = (
+        "import sys, appliance, appliance.cli.main, appliance.worker.supervisor\n"
+        "from appliance import Stem\n"
+        "Stem(broker='sqlite:///:memory:')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('textual', 'redis')))"
+    )
+    result = run(sys.executable, "-c", code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
