@@ -46,8 +46,9 @@ def open_backend(url: str, settings: Settings) -> ResultBackend:
 
 
 def open_stores(settings: Settings) -> tuple[Broker, ResultBackend]:
-    """Broker and backend; on one SQLite file they share a connection, so that
-    `Broker.batch()` commits results and settlements in one transaction."""
+    """Broker and backend; on one store they share a connection, so that
+    `Broker.batch()` writes results and settlements together: one SQLite transaction,
+    or one Redis round trip."""
     broker = open_broker(settings.broker_url, settings)
     if scheme_of(settings.backend_url) == "sqlite" and settings.backend_url == settings.broker_url:
         from appliance.backend.sqlite import SqliteBackend
@@ -55,4 +56,10 @@ def open_stores(settings: Settings) -> tuple[Broker, ResultBackend]:
 
         if isinstance(broker, SqliteBroker):
             return broker, SqliteBackend(broker.database.share(), settings.backend_url)
+    if scheme_of(settings.backend_url) != "sqlite" and settings.backend_url == settings.broker_url:
+        from appliance.backend.redis import RedisBackend
+        from appliance.broker.redis import RedisBroker
+
+        if isinstance(broker, RedisBroker):
+            return broker, RedisBackend.sharing(broker, namespace=settings.namespace)
     return broker, open_backend(settings.backend_url, settings)

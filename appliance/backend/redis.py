@@ -123,6 +123,15 @@ class RedisBackend:
         self.keys = Keys(namespace)
         self._outage = OutageLog(redact(url))
         self._scripts = _Scripts(client)
+        self._batches: Any = None  # a RedisBroker on the same server whose batches we join
+
+    @classmethod
+    def sharing(cls, broker: Any, *, namespace: str) -> RedisBackend:
+        """A backend on the broker's server and client that joins `broker.batch()`: its
+        result writes ride in the same round trip as the settles."""
+        backend = cls(broker.url, broker.client, namespace=namespace)
+        backend._batches = broker
+        return backend
 
     @classmethod
     def from_url(cls, url: str, settings: Settings) -> RedisBackend:
@@ -134,7 +143,10 @@ class RedisBackend:
         now = time.time()
         # Encode everything first: a value that is not JSON fails before anything is sent.
         encoded = [(r, encode_result(r)) for r in results]
-        pipe = self.client.pipeline(transaction=True)  # MULTI/EXEC: all or none
+        joined = self._batches.batch_pipeline if self._batches is not None else None
+        # MULTI/EXEC: all or none; inside a broker batch, plain SETs in its pipeline (each
+        # is idempotent, and a failed batch is written again whole).
+        pipe = joined if joined is not None else self.client.pipeline(transaction=True)
         for result, data in encoded:
             key = self.keys.result(result.task_id)
             if result.expires_at is None:
@@ -143,6 +155,8 @@ class RedisBackend:
                 pipe.delete(key)  # already expired: a later write still replaces the earlier
             else:
                 pipe.set(key, data, pxat=int(result.expires_at * 1000))
+        if joined is not None:
+            return
         with guarded(self._outage, "storing results"):
             pipe.execute()
 

@@ -480,6 +480,9 @@ class RedisBroker:
         self._rotation = 0
         self._wake: _Wake | None = None
         self._dlq_last_us = 0
+        # Inside batch(): writes queue here and go out with the next claim, or at the end
+        # of the batch, in one round trip (the supervisor's settle-and-claim round).
+        self._pipe: Any = None
 
     @classmethod
     def from_url(cls, url: str, settings: Settings) -> RedisBroker:
@@ -543,7 +546,10 @@ class RedisBroker:
         name = consumer.name
         args = [*self._head, repr(now), name, limit, int(lease * 1000), int(sweep), repr(lease)]
         with self._guard("claim"):
-            rows = self._claim(args=[*args, *queues])
+            if self._pipe is not None and self._pipe.command_stack:
+                rows = self._flush_batch(then=(self._claim, [*args, *queues]))
+            else:
+                rows = self._claim(args=[*args, *queues])
         if self._wake is not None:
             self._wake.maybe_resubscribe()
         lease_until = now + lease
@@ -561,6 +567,9 @@ class RedisBroker:
         args = list(self._head)
         for settlement in settlements:
             args += self._settle_args(settlement)
+        if self._pipe is not None:
+            self._queue(self._settle, args)
+            return
         with self._guard("settle"):
             self._settle(args=args)
 
@@ -592,8 +601,51 @@ class RedisBroker:
         return [dlq_id, repr(dead_at), orjson.dumps(record), s.delivery.payload]
 
     def batch(self) -> AbstractContextManager[None]:
-        # Every write is one atomic script already; there is no multi-call transaction.
-        return contextlib.nullcontext()
+        """Pipelining, not a transaction: each script stays atomic on its own, and a
+        batch that fails part-way is retried whole by the supervisor, which is safe
+        because result writes and settles are idempotent (a repeated settle of a lease
+        already settled changes nothing)."""
+        return self._batch_scope()
+
+    @contextlib.contextmanager
+    def _batch_scope(self) -> Iterator[None]:
+        if self._pipe is not None:  # reentrant
+            yield
+            return
+        with self._guard("loading scripts"):
+            self._load_scripts()
+        self._pipe = self.client.pipeline(transaction=False)
+        try:
+            yield
+            if self._pipe.command_stack:
+                with self._guard("settle"):
+                    self._flush_batch()
+        finally:
+            self._pipe = None
+
+    @property
+    def batch_pipeline(self) -> Any:
+        """The pipeline of the open batch, for a result backend on the same server."""
+        return self._pipe
+
+    def _queue(self, script: Script, args: list[Any]) -> None:
+        # EVALSHA rather than the Script object: a pipeline holding Script objects asks
+        # SCRIPT EXISTS on every execute, a second round trip. The scripts were loaded
+        # when the batch opened; after a server restart NOSCRIPT fails the batch, the
+        # supervisor retries it, and the reload below makes the retry work.
+        self._pipe.evalsha(script.sha, 0, *args)
+
+    def _flush_batch(self, then: tuple[Script, list[Any]] | None = None) -> Any:
+        """Send what the batch queued (plus `then`), one round trip; `then`'s reply."""
+        if then is not None:
+            self._queue(*then)
+        pipe, self._pipe = self._pipe, self.client.pipeline(transaction=False)
+        try:
+            replies = pipe.execute()
+        except redis.exceptions.NoScriptError:
+            self._loaded = False
+            raise
+        return replies[-1] if then is not None else None
 
     def idle(self) -> None:
         # Acknowledged entries are deleted when settled; Redis needs no idle upkeep.
