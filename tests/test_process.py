@@ -228,3 +228,15 @@ def test_a_task_longer_than_its_visibility_timeout_runs_once_under_heartbeats(
     time.sleep(1.5)  # a lost lease would have been redelivered by now
     assert len(worker.ledger_lines("start")) == 1
     assert worker.completions()[handle.id] == 1
+
+
+def test_the_supervisor_publishes_its_heartbeat_record_and_removes_it_on_exit(
+    stem: Stem, worker: WorkerProcess
+) -> None:
+    worker.start()
+    assert wait_until(lambda: len(stem.backend.list_workers()) == 1, timeout=10)
+    [beat] = stem.backend.list_workers()
+    assert (beat.pid, beat.concurrency, beat.queues) == (worker.pid, 2, ("default",))
+    assert stem.enqueue("t.record", {"n": 1}).result(timeout=10) == 1
+    worker.stop()
+    assert stem.backend.list_workers() == []

@@ -20,8 +20,9 @@ from typing import Any
 
 import orjson
 
+from appliance import __version__
 from appliance.app import Stem
-from appliance.backend.protocol import ResultBackend
+from appliance.backend.protocol import ResultBackend, WorkerHeartbeat
 from appliance.broker.protocol import Broker, Consumer, Delivery, Settlement
 from appliance.config import PoolSettings
 from appliance.envelope import decode
@@ -45,6 +46,7 @@ IDLE_SCAN_S = 0.5
 MEMORY_SCAN_S = 0.25
 RECOVER_S = 1.0
 PURGE_S = 60.0
+WORKER_BEAT_S = 5.0  # the supervisor's record in the backend; it expires after 3 beats
 IDLE_UPKEEP_S = 10.0  # checkpoint the SQLite WAL at most this often, and only when idle
 # Killed by a cold shutdown: the task goes back uncounted (it did nothing wrong).
 COLD_SHUTDOWN = KillReason("WorkerLostError", "cold shutdown", counts_as_task_failure=False)
@@ -82,6 +84,7 @@ class Supervisor:
             "recover": 0.0,
             "purge": 0.0,
             "dog": 0.0,
+            "beat": 0.0,
             "idle": 0.0,
         }
 
@@ -166,6 +169,8 @@ class Supervisor:
             self._reap(block=True)
         self.accepting = False
         self._store_round(time.monotonic(), final=True)
+        with contextlib.suppress(BrokerError):
+            self.backend.remove_worker(self.consumer.name)
         signal.set_wakeup_fd(-1)
         self.table.close()
         self.broker.close()
@@ -633,10 +638,30 @@ class Supervisor:
         ):
             timers["idle"] = now + IDLE_UPKEEP_S
             self.broker.idle()
+        if now >= timers["beat"]:
+            timers["beat"] = now + WORKER_BEAT_S
+            self._publish_heartbeat()
         interval = self.notifier.watchdog_interval
         if interval and now >= timers["dog"]:
             timers["dog"] = now + interval
             self.notifier.send("WATCHDOG=1")
+
+    def _publish_heartbeat(self) -> None:
+        """The worker record `stem worker status` and the TUI read (SPEC section 3)."""
+        beat = WorkerHeartbeat(
+            id=self.consumer.name, host=self.consumer.host, pid=self.consumer.pid,
+            pools=tuple(p.settings.name for p in self.pools),
+            queues=tuple(sorted({q for p in self.pools for q in p.queues})),
+            concurrency=self.slot_count,
+            in_flight=sum(len(c.outstanding) for c in self.children.values()),
+            processed=sum(self.counts[k] for k in ("success", "dead", "revoked")),
+            failed=self.counts["dead"], started_at=self.consumer.started,
+            version=__version__, sent_at=time.time(),
+        )  # fmt: skip
+        try:
+            self.backend.put_worker_heartbeat(beat, ttl=3 * WORKER_BEAT_S)
+        except BrokerError as exc:
+            self._store_failed(exc)
 
     def _queue_names(self) -> str:
         return ",".join(sorted({q for pool in self.pools for q in pool.queues}))
