@@ -35,7 +35,7 @@ from appliance.backend.protocol import (
 from appliance.broker import sqlite_schema
 from appliance.config import Settings
 from appliance.envelope import dumps_json
-from appliance.sqlite_db import MOUNTINFO, Database, connect, parse_url
+from appliance.sqlite_db import MOUNTINFO, Database
 from appliance.states import TaskState
 
 _COLUMNS = (
@@ -176,12 +176,7 @@ class SqliteBackend:
         cls, url: str, settings: Settings, *, mountinfo: Path = MOUNTINFO
     ) -> SqliteBackend:
         """Open (creating if needed) the database of `url` and bring its schema up to date."""
-        db = connect(parse_url(url, settings.sqlite_synchronous), mountinfo=mountinfo)
-        try:
-            sqlite_schema.ensure(db)
-        except BaseException:
-            db.close()
-            raise
+        db = sqlite_schema.open_current(url, settings.sqlite_synchronous, mountinfo=mountinfo)
         return cls(db, url)
 
     def store(self, results: Sequence[TaskResult]) -> None:

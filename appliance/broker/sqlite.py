@@ -43,7 +43,7 @@ from appliance.broker.protocol import (
 from appliance.config import Settings
 from appliance.envelope import Envelope, decode, encode, peek_id
 from appliance.errors import BrokerError, DecodeError
-from appliance.sqlite_db import MOUNTINFO, Database, connect, parse_url, translate
+from appliance.sqlite_db import MOUNTINFO, Database, translate
 from appliance.states import SettleKind
 
 # The row a claim, settle or observation touches is always found through an index
@@ -280,12 +280,7 @@ class SqliteBroker:
     @classmethod
     def from_url(cls, url: str, settings: Settings, *, mountinfo: Path = MOUNTINFO) -> SqliteBroker:
         """Open (creating if needed) the database of `url` and bring its schema up to date."""
-        db = connect(parse_url(url, settings.sqlite_synchronous), mountinfo=mountinfo)
-        try:
-            sqlite_schema.ensure(db)
-        except BaseException:
-            db.close()
-            raise
+        db = sqlite_schema.open_current(url, settings.sqlite_synchronous, mountinfo=mountinfo)
         return cls(db, url)
 
     @property

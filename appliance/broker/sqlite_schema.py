@@ -47,12 +47,14 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from appliance.sqlite_db import MOUNTINFO, connect, parse_url
+from appliance.sqlite_db import Database as SqliteDatabase
 
 if TYPE_CHECKING:
     from sqlite_utils.migrations import Migrations
-
-    from appliance.sqlite_db import Database as SqliteDatabase
 
 MIGRATION_SET = "stem"
 
@@ -232,6 +234,18 @@ def is_current(conn: sqlite3.Connection) -> bool:
         "SELECT name FROM _sqlite_migrations WHERE migration_set = ?", (MIGRATION_SET,)
     ).fetchall()
     return {name for name, _ in STEPS} <= {row[0] for row in rows}
+
+
+def open_current(url: str, synchronous: str, *, mountinfo: Path = MOUNTINFO) -> SqliteDatabase:
+    """Open (creating if needed) the database of `url` with its schema up to date: what
+    both the broker and the backend do first."""
+    db = connect(parse_url(url, synchronous), mountinfo=mountinfo)
+    try:
+        ensure(db)
+    except BaseException:
+        db.close()
+        raise
+    return db
 
 
 def ensure(db: SqliteDatabase) -> None:

@@ -257,3 +257,13 @@ def report(exc: BaseException) -> int:
     else:
         print(f"stem: error: {exc}", file=sys.stderr)
     return int(code)
+
+
+def store_command(sub: Commands, name: str, text: str, *, app_text: str) -> Parser:
+    """A read or admin subcommand: store flags, an optional --app, and --json."""
+    parser: Parser = sub.add_parser(
+        name, parents=[store_flags()], help=text, description=text[0].upper() + text[1:] + "."
+    )
+    add_app_flag(parser, required=False, text=app_text)
+    add_json_flag(parser)
+    return parser

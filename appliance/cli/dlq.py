@@ -10,11 +10,9 @@ from appliance.cli.common import (
     Commands,
     Parser,
     UsageError,
-    add_app_flag,
-    add_json_flag,
     opened,
     positive_int,
-    store_flags,
+    store_command,
 )
 from appliance.observe import Observer
 
@@ -58,12 +56,7 @@ def register(commands: Commands) -> None:
 
 
 def _leaf(sub: Commands, name: str, text: str) -> Parser:
-    parser: Parser = sub.add_parser(
-        name, parents=[store_flags()], help=text, description=text[0].upper() + text[1:] + "."
-    )
-    add_app_flag(parser, required=False, text="use the stores this app is configured with")
-    add_json_flag(parser)
-    return parser
+    return store_command(sub, name, text, app_text="use the stores this app is configured with")
 
 
 def _confirm_flag(parser: argparse.ArgumentParser, verb: str) -> None:

@@ -9,11 +9,9 @@ from appliance.cli.common import (
     CliError,
     Commands,
     Parser,
-    add_app_flag,
-    add_json_flag,
     opened,
     positive_int,
-    store_flags,
+    store_command,
 )
 from appliance.observe import Observer
 
@@ -47,12 +45,7 @@ def register(commands: Commands) -> None:
 
 
 def _leaf(sub: Commands, name: str, text: str) -> Parser:
-    parser: Parser = sub.add_parser(
-        name, parents=[store_flags()], help=text, description=text[0].upper() + text[1:] + "."
-    )
-    add_app_flag(parser, required=False, text="read the stores this app is configured with")
-    add_json_flag(parser)
-    return parser
+    return store_command(sub, name, text, app_text="read the stores this app is configured with")
 
 
 def run_queues(args: argparse.Namespace) -> int:
