@@ -17,7 +17,7 @@ from appliance.states import TaskState
 
 if TYPE_CHECKING:
     from appliance.app import Stem
-    from appliance.backend.protocol import TaskResult
+    from appliance.backend.protocol import TaskResult, WorkerHeartbeat
     from appliance.broker.protocol import DeadLetterEntry, MessageInfo, QueueStats
 
 
@@ -73,6 +73,10 @@ class Observer:
 
     def queue_stats(self) -> list[QueueStats]:
         return sorted(self.stem.broker.queue_stats(), key=lambda s: s.queue)
+
+    def workers(self) -> list[WorkerHeartbeat]:
+        """The supervisors alive now (their heartbeat records, which expire on their own)."""
+        return self.stem.backend.list_workers()
 
     def tasks_list(
         self, queue: str | None = None, limit: int = 50, offset: int = 0

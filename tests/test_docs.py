@@ -39,6 +39,7 @@ def test_the_command_tree_is_what_the_spec_names() -> None:
         "worker run",
         "enqueue",
         "observe queues",
+        "observe workers",
         "observe tasks list",
         "observe tasks show",
         "dlq list",

@@ -132,3 +132,21 @@ def test_dlq_purge(stem: Stem) -> None:
     assert observer.dlq_purge("other") == 0
     assert observer.dlq_purge() == 2
     assert observer.dlq_count() == 0
+
+
+def test_workers_lists_live_heartbeat_records(store_url: str) -> None:
+    import time
+
+    from appliance import Stem
+    from appliance.backend.protocol import WorkerHeartbeat
+    from appliance.observe import Observer
+
+    stem = Stem(broker=store_url)
+    beat = WorkerHeartbeat(
+        id="h:1:2.000", host="h", pid=1, pools=("default",), queues=("default",),
+        concurrency=2, in_flight=0, processed=5, failed=1, started_at=time.time(),
+        version="0.1.0", sent_at=time.time(),
+    )  # fmt: skip
+    stem.backend.put_worker_heartbeat(beat, ttl=30)
+    assert Observer(stem).workers() == [beat]
+    stem.close()

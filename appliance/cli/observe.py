@@ -25,6 +25,8 @@ def register(commands: Commands) -> None:
     sub = group.add_subparsers(dest="observe_command", metavar="COMMAND", required=True)
     queues = _leaf(sub, "queues", "counts per queue: ready, delayed, in flight, dead")
     queues.set_defaults(handler=run_queues)
+    workers = _leaf(sub, "workers", "the supervisors alive now, from their heartbeat records")
+    workers.set_defaults(handler=run_workers)
 
     tasks = sub.add_parser(
         "tasks",
@@ -52,6 +54,13 @@ def run_queues(args: argparse.Namespace) -> int:
     with opened(args) as stem:
         stats = Observer(stem).queue_stats()
     output.queues(stats, args.json)
+    return 0
+
+
+def run_workers(args: argparse.Namespace) -> int:
+    with opened(args) as stem:
+        beats = Observer(stem).workers()
+    output.workers(beats, args.json)
     return 0
 
 

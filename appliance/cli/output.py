@@ -17,6 +17,7 @@ import orjson
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from appliance.backend.protocol import WorkerHeartbeat
     from appliance.broker.protocol import MessageInfo, QueueStats
     from appliance.cli.demo import DemoSummary
     from appliance.observe import DeadLetter, DeadLetterPage, TaskDetail
@@ -85,6 +86,21 @@ def queues(stats: Sequence[QueueStats], as_json: bool) -> None:
         return say("no queues yet")
     rows = [(s.queue, s.ready, s.delayed, s.in_flight, s.dead) for s in stats]
     say(table(("QUEUE", "READY", "DELAYED", "IN-FLIGHT", "DEAD"), rows))
+
+
+def workers(beats: Sequence[WorkerHeartbeat], as_json: bool) -> None:
+    if as_json:
+        return print_json(list(beats))
+    if not beats:
+        return say("no workers alive")
+    rows = [
+        (b.host, b.pid, ",".join(b.pools), ",".join(b.queues), b.concurrency, b.in_flight,
+         b.processed, b.failed, when(b.started_at), f"{max(0.0, time.time() - b.sent_at):.1f}s")
+        for b in beats
+    ]  # fmt: skip
+    headers = ("HOST", "PID", "POOLS", "QUEUES", "CHILDREN", "IN-FLIGHT", "PROCESSED",
+               "FAILED", "STARTED", "BEAT AGE")  # fmt: skip
+    say(table(headers, rows))
 
 
 def messages(items: Sequence[MessageInfo], as_json: bool) -> None:
