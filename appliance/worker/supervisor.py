@@ -43,7 +43,7 @@ CLAIM_LEASE_S = 30.0  # the lease taken at claim; renewed to each task's own tim
 POLL_S = 1.0  # claim at least this often without a wake-up (lost wake-ups, outbox)
 SCAN_S = 0.05  # heartbeat-table scan while a task with a deadline runs
 IDLE_SCAN_S = 0.5
-MEMORY_SCAN_S = 0.25
+MEMORY_SCAN_S = 0.05  # one /proc read per child running a task with max_memory
 RECOVER_S = 1.0
 PURGE_S = 60.0
 WORKER_BEAT_S = 5.0  # the supervisor's record in the backend; it expires after 3 beats
@@ -446,8 +446,8 @@ class Supervisor:
         busy = False
         for child in list(self.children.values()):
             slot = self.table.slots[child.index]
-            if slot.state == SlotState.RUNNING and slot.hard_deadline:
-                busy = True
+            if slot.state == SlotState.RUNNING and (slot.hard_deadline or _memory_limited(child)):
+                busy = True  # a limit to watch closely
             if child.kill is None:
                 timeout = child.pool.settings.heartbeat_timeout
                 reason = check_slot(slot, now, timeout)
@@ -665,6 +665,10 @@ class Supervisor:
 
     def _queue_names(self) -> str:
         return ",".join(sorted({q for pool in self.pools for q in pool.queues}))
+
+
+def _memory_limited(child: Child) -> bool:
+    return any(d.task.options.max_memory for d in child.outstanding.values())
 
 
 def _record_only(signum: int, frame: object) -> None:
