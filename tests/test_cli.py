@@ -183,7 +183,7 @@ def test_enqueue_oversized_payload_is_refused(tmp_path: Path, url: str, app: Ste
 
 
 def test_observe_queues(tmp_path: Path, url: str, app: Stem) -> None:
-    assert "no queues yet" in ok(cli(tmp_path, url, "observe", "queues"))
+    assert "no messages waiting, in flight or dead" in ok(cli(tmp_path, url, "observe", "queues"))
     app.enqueue("a.task", queue="alpha")
     app.enqueue("a.task", queue="beta", countdown=60)
     lines = ok(cli(tmp_path, url, "observe", "queues")).splitlines()

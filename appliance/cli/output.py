@@ -83,7 +83,7 @@ def queues(stats: Sequence[QueueStats], as_json: bool) -> None:
     if as_json:
         return print_json(list(stats))
     if not stats:
-        return say("no queues yet")
+        return say("no messages waiting, in flight or dead")
     rows = [(s.queue, s.ready, s.delayed, s.in_flight, s.dead) for s in stats]
     say(table(("QUEUE", "READY", "DELAYED", "IN-FLIGHT", "DEAD"), rows))
 
