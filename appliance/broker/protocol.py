@@ -49,6 +49,34 @@ class Consumer:
         return cls(host, int(pid), float(started))
 
 
+# psutil's create_time is rounded; two readings of one process can differ slightly.
+CREATE_TIME_SLACK_S = 1.0  # seconds: psutil's create time is tick-rounded
+
+
+def consumer_gone(owner: str, me: Consumer) -> bool:
+    """True when `owner` is a consumer on this host whose process provably ended: its
+    pid is not running, is a zombie, or now belongs to a process started at another time."""
+    import psutil
+
+    try:
+        holder = Consumer.parse(owner)
+    except ValueError:
+        return False  # not ours to judge
+    if holder.host != me.host:
+        return False
+    if holder.pid == me.pid:
+        return abs(holder.started - me.started) > CREATE_TIME_SLACK_S
+    try:
+        process = psutil.Process(holder.pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return True
+        return abs(process.create_time() - holder.started) > CREATE_TIME_SLACK_S
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.AccessDenied:
+        return False  # another user's live process
+
+
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """One claimed message. `receipt` identifies the lease to the adapter that made it."""

@@ -22,18 +22,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
 import orjson
-import psutil
 import redis
 from redis.commands.core import Script
 
 from appliance.broker import redis_keys as rk
+from appliance.broker import redis_scripts as scripts
 from appliance.broker.protocol import (
     Consumer,
     DeadLetterEntry,
@@ -41,337 +40,18 @@ from appliance.broker.protocol import (
     MessageInfo,
     QueueStats,
     Settlement,
+    consumer_gone,
 )
+from appliance.broker.redis_records import dead_entry, dead_record, message_info, stream_info, text
+from appliance.broker.redis_wake import RedisWake
 from appliance.config import Settings
-from appliance.envelope import decode, encode, peek_id
+from appliance.envelope import decode, encode
 from appliance.errors import DecodeError
 from appliance.redis_conn import OutageLog, connect, durability_warnings, guarded, redact
 from appliance.states import SettleKind
 
-# Shared helpers of the writing scripts (after the key prelude).
-_LUA_HELPERS = """
--- `origin` names a message across the copies a release or retry makes (field 'o'; a
--- fresh entry is its own origin), so a late ACK or DEAD still finds the message.
-local function add_ready(q, band, task, payload, base, origin)
-  local id
-  if origin == '' then
-    id = redis.call('XADD', k_stream(q, band), '*', 'p', payload, 't', task, 'b', base)
-  else
-    id = redis.call('XADD', k_stream(q, band), '*', 'p', payload, 't', task, 'b', base,
-                    'o', origin)
-  end
-  if task ~= '' then redis.call('HSET', k_tasks, task, loc_stream(q, band, id)) end
-  return id
-end
-local function add_delayed(q, band, nonce, task, payload, score)
-  local member = band .. '|' .. nonce .. '|' .. task
-  redis.call('ZADD', k_delayed(q), score, member)
-  redis.call('HSET', k_delayed_payload(q), member, payload)
-  if task ~= '' then redis.call('HSET', k_tasks, task, loc_delayed(q, band, nonce)) end
-end
--- The index keeps only the newest message of a task id: drop it only if it is ours.
-local function forget_loc(task, loc)
-  if redis.call('HGET', k_tasks, task) == loc then redis.call('HDEL', k_tasks, task) end
-end
-local function fields_of(id, flat)
-  local p, t, b, o = false, '', '0', id
-  for j = 1, #flat, 2 do
-    local f = flat[j]
-    if f == 'p' then p = flat[j + 1] elseif f == 't' then t = flat[j + 1]
-    elseif f == 'b' then b = flat[j + 1] elseif f == 'o' then o = flat[j + 1] end
-  end
-  return p, t, b, o
-end
-"""
-
-_ENQUEUE = """#!lua
--- ARGV: prefix, group, then (queue, band, task, payload, score or '', nonce) per message
-local woken = {}
-for i = 3, #ARGV, 6 do
-  local q, band, task, payload, score = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
-  if score == '' then add_ready(q, band, task, payload, 0, '')
-  else add_delayed(q, band, ARGV[i + 5], task, payload, score) end
-  if not woken[q] then woken[q] = true; redis.call('SADD', k_queues, q) end
-end
-for q in pairs(woken) do redis.call('PUBLISH', k_wake(q), '1') end
-return 0
-"""
-
-_CLAIM = """#!lua
--- ARGV: prefix, group, now, consumer, limit, (unused), sweep 0|1, lease, queues...
-local now, consumer, limit = ARGV[3], ARGV[4], tonumber(ARGV[5])
-local sweep, lease = ARGV[7] == '1', ARGV[8]
-local out = {}
-
-local function promote(q)
-  local due = redis.call('ZRANGEBYSCORE', k_delayed(q), '-inf', now, 'LIMIT', 0, 1000)
-  for _, member in ipairs(due) do
-    local band, nonce, task = string.match(member, '^(%d+)|([^|]*)|(.*)$')
-    local payload = redis.call('HGET', k_delayed_payload(q), member)
-    redis.call('ZREM', k_delayed(q), member)
-    redis.call('HDEL', k_delayed_payload(q), member)
-    if payload then
-      local was = redis.call('HGET', k_tasks, task)
-      local id = redis.call('XADD', k_stream(q, band), '*', 'p', payload, 't', task, 'b', 0,
-                            'o', nonce)
-      if was == loc_delayed(q, band, nonce) then
-        redis.call('HSET', k_tasks, task, loc_stream(q, band, id))
-      end
-    end
-  end
-end
-
-local function push(q, band, id, flat, count)
-  local p, t, b, o = fields_of(id, flat)
-  if p then out[#out + 1] = {q, band, id, p, t, b, count, o} end
-end
-
--- An entry idle longer than its owner's lease (the lease that consumer last claimed or
--- extended with) was abandoned. XAUTOCLAIM cannot judge per owner, so walk each owner's
--- idle entries with XPENDING IDLE, page by page, and XCLAIM them (counter bumped: a
--- task that keeps killing its holder is still counted).
-local function reclaim_owner(key, q, band, owner)
-  local idle = math.floor(tonumber(redis.call('HGET', k_consumers, owner) or lease) * 1000)
-  local start = '-'
-  while #out < limit do
-    local page = redis.call('XPENDING', key, GROUP, 'IDLE', idle, start, '+', 100, owner)
-    for _, e in ipairs(page) do
-      local got = redis.call('XCLAIM', key, GROUP, consumer, idle, e[1])
-      if got[1] then push(q, band, e[1], got[1][2], e[4] + 1) end
-      if #out >= limit then return end
-    end
-    if #page < 100 then return end
-    start = '(' .. page[#page][1]
-  end
-end
-
-local function reclaim(key, q, band)
-  local owners = redis.pcall('XINFO', 'CONSUMERS', key, GROUP)
-  if owners.err then return end
-  for _, info in ipairs(owners) do
-    local name, pending = false, 0
-    for j = 1, #info, 2 do
-      local field, value = info[j], info[j + 1]
-      if field == 'name' then name = value elseif field == 'pending' then pending = value end
-    end
-    if name and pending > 0 and #out < limit then reclaim_owner(key, q, band, name) end
-  end
-end
-
-local function read_new(key, q, band)
-  local args = {'XREADGROUP', 'GROUP', GROUP, consumer, 'COUNT', limit - #out,
-                'STREAMS', key, '>'}
-  local r = redis.pcall(unpack(args))
-  if type(r) == 'table' and r.err then
-    if not string.find(r.err, 'NOGROUP') then error(r.err) end
-    -- Groups are made on first read at id 0, so nothing enqueued before is skipped.
-    redis.call('XGROUP', 'CREATE', key, GROUP, '0')
-    r = redis.call(unpack(args))
-  end
-  if not r then return end
-  for _, e in ipairs(r[1][2]) do push(q, band, e[1], e[2], 1) end
-end
-
-for i = 9, #ARGV do promote(ARGV[i]) end
-for band = BANDS - 1, 0, -1 do
-  for i = 9, #ARGV do
-    local q = ARGV[i]
-    local key = k_stream(q, band)
-    if #out < limit and redis.call('EXISTS', key) == 1 then
-      if sweep then reclaim(key, q, band) end
-      if #out < limit then read_new(key, q, band) end
-    end
-  end
-end
-if #out > 0 then redis.call('HSET', k_consumers, consumer, lease) end
-return out
-"""
-
-_SETTLE = """#!lua
--- ARGV: prefix, group, then one op per settlement, each starting with
--- kind, queue, band, entry id, origin, task id:
---   a (ack)                                                              6 args
---   d (dead): + dlq id, dead_at, JSON record, payload                   10 args
---   r (retry): + consumer, count, new queue, new band, new task id,
---               payload, score or ''                                    13 args
---   l (release): + consumer, count, counted 1|0                          9 args
-local woken = {}
-
-local function held(key, id, consumer, count)
-  local r = redis.pcall('XPENDING', key, GROUP, id, id, 1)
-  if r.err or #r == 0 then return false end
-  return r[1][2] == consumer and tostring(r[1][4]) == count
-end
-
-local function finish(key, q, band, id, task)
-  redis.call('XACK', key, GROUP, id)
-  local gone = redis.call('XDEL', key, id)
-  forget_loc(task, loc_stream(q, band, id))
-  return gone == 1
-end
-
--- The copy of the same message (same origin) that a release or retry made after our
--- lease was lost, if the task index still points at it.
-local function remove_copy(origin, task)
-  local loc = redis.call('HGET', k_tasks, task)
-  if not loc then return false end
-  local kind, band, ref, q = string.match(loc, '^(%a)|(%d+)|([^|]*)|(.*)$')
-  if kind == 'd' then
-    if ref ~= origin then return false end
-    local member = band .. '|' .. ref .. '|' .. task
-    redis.call('HDEL', k_delayed_payload(q), member)
-    redis.call('HDEL', k_tasks, task)
-    return redis.call('ZREM', k_delayed(q), member) == 1
-  end
-  local key = k_stream(q, band)
-  local entry = redis.call('XRANGE', key, ref, ref)
-  if #entry == 0 then return false end
-  local _, _, _, o = fields_of(ref, entry[1][2])
-  if o ~= origin then return false end
-  return finish(key, q, band, ref, task)
-end
-
--- ACK and DEAD remove the message even when the lease was lost (the task did finish);
--- a message already gone is left alone.
-local function remove(key, q, band, id, origin, task)
-  return finish(key, q, band, id, task) or remove_copy(origin, task)
-end
-
-local function dead(key, q, band, id, origin, task, i)
-  if not remove(key, q, band, id, origin, task) then return end
-  local dlq_id, dead_at = ARGV[i + 6], ARGV[i + 7]
-  redis.call('HSET', k_dlq_entry, dlq_id, ARGV[i + 8])
-  redis.call('HSET', k_dlq_payload, dlq_id, ARGV[i + 9])
-  redis.call('ZADD', k_dlq, dead_at, dlq_id)
-  redis.call('ZADD', k_dlq_queue(q), dead_at, dlq_id)
-end
-
-local function retry(key, q, band, id, origin, task, i)
-  if not held(key, id, ARGV[i + 6], ARGV[i + 7]) then return end
-  finish(key, q, band, id, task)
-  local nq, nband, ntask, payload, score = ARGV[i + 8], ARGV[i + 9], ARGV[i + 10],
-                                           ARGV[i + 11], ARGV[i + 12]
-  redis.call('SADD', k_queues, nq)
-  if score == '' then add_ready(nq, nband, ntask, payload, 0, origin); woken[nq] = true
-  else add_delayed(nq, nband, origin, ntask, payload, score) end
-end
-
-local function release(key, q, band, id, i)
-  if not held(key, id, ARGV[i + 6], ARGV[i + 7]) then return end
-  local entry = redis.call('XRANGE', key, id, id)
-  local p, t, b, o = false, '', '0', id
-  if #entry > 0 then p, t, b, o = fields_of(id, entry[1][2]) end
-  finish(key, q, band, id, t)
-  if p then
-    local base = tonumber(b) + tonumber(ARGV[i + 7])
-    if ARGV[i + 8] ~= '1' then base = base - 1 end
-    add_ready(q, band, t, p, base, o)
-    woken[q] = true
-  end
-end
-
-local i = 3
-while i <= #ARGV do
-  local kind, q, band, id = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local origin, task = ARGV[i + 4], ARGV[i + 5]
-  local key = k_stream(q, band)
-  if kind == 'a' then remove(key, q, band, id, origin, task); i = i + 6
-  elseif kind == 'd' then dead(key, q, band, id, origin, task, i); i = i + 10
-  elseif kind == 'r' then retry(key, q, band, id, origin, task, i); i = i + 13
-  elseif kind == 'l' then release(key, q, band, id, i); i = i + 9
-  else return redis.error_reply('unknown settle kind ' .. kind) end
-end
-for q in pairs(woken) do redis.call('PUBLISH', k_wake(q), '1') end
-return 0
-"""
-
-_EXTEND = """#!lua
--- ARGV: prefix, group, lease, then (queue, band, entry id, consumer, count) per delivery.
--- XCLAIM with min-idle 0 and JUSTID resets the idle time without bumping the counter;
--- only for entries still held by the same consumer with the same counter.
-local n = 0
-local consumer = nil
-for i = 4, #ARGV, 5 do
-  local key, id = k_stream(ARGV[i], ARGV[i + 1]), ARGV[i + 2]
-  local r = redis.pcall('XPENDING', key, GROUP, id, id, 1)
-  if not r.err and #r == 1 and r[1][2] == ARGV[i + 3] and tostring(r[1][4]) == ARGV[i + 4] then
-    redis.call('XCLAIM', key, GROUP, ARGV[i + 3], 0, id, 'JUSTID')
-    consumer = ARGV[i + 3]
-    n = n + 1
-  end
-end
-if consumer then redis.call('HSET', k_consumers, consumer, ARGV[3]) end
-return n
-"""
-
-_STATS = """#!lua flags=no-writes
--- ARGV: prefix, group, now, queues... -> per queue {ready, delayed, in flight, dead}
--- A delayed message already due counts as ready: the next claim promotes it.
-local now = ARGV[3]
-local out = {}
-for i = 4, #ARGV do
-  local q = ARGV[i]
-  local ready, inflight = 0, 0
-  for band = 0, BANDS - 1 do
-    local key = k_stream(q, band)
-    if redis.call('EXISTS', key) == 1 then
-      local pend = redis.pcall('XPENDING', key, GROUP)
-      local n = 0
-      if not pend.err then n = pend[1] end
-      ready = ready + redis.call('XLEN', key) - n
-      inflight = inflight + n
-    end
-  end
-  local due = redis.call('ZCOUNT', k_delayed(q), '-inf', now)
-  out[#out + 1] = {ready + due, redis.call('ZCARD', k_delayed(q)) - due, inflight,
-                   redis.call('ZCARD', k_dlq_queue(q))}
-end
-return out
-"""
-
-_REPLAY = """#!lua
--- ARGV: prefix, group, dlq id, dead queue, new queue, band, task, payload
-local id, dq, q, band, task, payload = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
-if redis.call('ZREM', k_dlq, id) == 0 then return 0 end
-redis.call('ZREM', k_dlq_queue(dq), id)
-redis.call('HDEL', k_dlq_entry, id)
-redis.call('HDEL', k_dlq_payload, id)
-redis.call('SADD', k_queues, q)
-add_ready(q, band, task, payload, 0, '')
-redis.call('PUBLISH', k_wake(q), '1')
-return 1
-"""
-
-_PURGE = """#!lua
--- ARGV: prefix, group, queue or '' (all) -> how many dead letters were deleted
-local q = ARGV[3]
-local index = k_dlq
-if q ~= '' then index = k_dlq_queue(q) end
-local ids = redis.call('ZRANGE', index, 0, -1)
-for _, id in ipairs(ids) do
-  local raw = redis.call('HGET', k_dlq_entry, id)
-  redis.call('ZREM', k_dlq, id)
-  redis.call('HDEL', k_dlq_entry, id)
-  redis.call('HDEL', k_dlq_payload, id)
-  if raw then redis.call('ZREM', k_dlq_queue(cjson.decode(raw)['queue']), id) end
-end
-redis.call('DEL', index)
-return #ids
-"""
-
-
 # The op codes of the settle script.
 _KIND = {SettleKind.ACK: "a", SettleKind.DEAD: "d", SettleKind.RETRY: "r", SettleKind.RELEASE: "l"}
-
-
-def _script(client: redis.Redis, body: str, *, helpers: bool = True) -> Script:
-    shebang, _, rest = body.partition("\n")
-    source = "\n".join([shebang, rk.LUA_KEYS, _LUA_HELPERS if helpers else "", rest])
-    return client.register_script(source)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 class _Receipt:
@@ -385,78 +65,6 @@ class _Receipt:
         self.band, self.entry, self.count, self.consumer, self.origin, self.task = parts
 
 
-class _Wake:
-    """The wake-up subscriber behind `wake_fd`, with a file descriptor that never changes.
-
-    The supervisor selects on `fd`, a dup of the subscriber's socket. When that socket is
-    replaced (Redis restarted), `dup2` re-points the same fd number at the new one; while
-    Redis is down it points at a socket nobody writes to, so the loop falls back to its
-    1 s poll instead of spinning on a dead connection.
-    """
-
-    RETRY_EVERY = 1.0
-
-    def __init__(self, client: redis.Redis, channels: list[str]) -> None:
-        self.client = client
-        self.channels = channels
-        self.pubsub = client.pubsub()  # type: ignore[no-untyped-call]
-        self._quiet, self._quiet_peer = socket.socketpair()
-        self.fd = os.dup(self._quiet.fileno())
-        self.sock_fd: int | None = None
-        self.next_try = 0.0
-
-    def subscribe(self) -> None:
-        try:
-            self.pubsub.reset()
-            self.pubsub.subscribe(*self.channels)
-            # Read the confirmations now, so the fd is not readable for no reason.
-            for _ in self.channels:
-                self.pubsub.get_message(timeout=1.0)
-            self._point_at_socket()
-        except (redis.ConnectionError, redis.TimeoutError, OSError):
-            self._go_quiet()
-
-    def _point_at_socket(self) -> None:
-        conn = self.pubsub.connection
-        sock = conn._sock if conn is not None else None
-        if sock is None:
-            self._go_quiet()
-            return
-        if sock.fileno() != self.sock_fd:
-            os.dup2(sock.fileno(), self.fd)
-            self.sock_fd = sock.fileno()
-
-    def _go_quiet(self) -> None:
-        os.dup2(self._quiet.fileno(), self.fd)
-        self.sock_fd = None
-        self.next_try = time.monotonic() + self.RETRY_EVERY
-
-    def drain(self) -> None:
-        """Read every pending message without blocking."""
-        if self.sock_fd is None:
-            self.maybe_resubscribe()
-            return
-        try:
-            while self.pubsub.get_message(timeout=0) is not None:
-                pass
-            self._point_at_socket()
-        except (redis.ConnectionError, redis.TimeoutError, OSError):
-            self._go_quiet()
-
-    def maybe_resubscribe(self) -> None:
-        if self.sock_fd is None and time.monotonic() >= self.next_try:
-            self.subscribe()
-
-    def close(self) -> None:
-        try:
-            self.pubsub.close()
-        finally:
-            os.close(self.fd)
-            self._quiet.close()
-            self._quiet_peer.close()
-            self.client.close()
-
-
 class RedisBroker:
     """`Broker` on Redis Streams. One instance per process (connections never cross fork)."""
 
@@ -466,19 +74,19 @@ class RedisBroker:
         self.keys = rk.Keys(namespace)
         self._head: list[Any] = [self.keys.prefix, rk.GROUP]
         self._outage = OutageLog(redact(url))
-        self._enqueue = _script(client, _ENQUEUE)
-        self._claim = _script(client, _CLAIM)
-        self._settle = _script(client, _SETTLE)
-        self._extend = _script(client, _EXTEND, helpers=False)
-        self._stats = _script(client, _STATS, helpers=False)
-        self._replay = _script(client, _REPLAY)
-        self._purge = _script(client, _PURGE, helpers=False)
+        self._enqueue = scripts.register(client, scripts.ENQUEUE)
+        self._claim = scripts.register(client, scripts.CLAIM)
+        self._settle = scripts.register(client, scripts.SETTLE)
+        self._extend = scripts.register(client, scripts.EXTEND, helpers=False)
+        self._stats = scripts.register(client, scripts.STATS, helpers=False)
+        self._replay = scripts.register(client, scripts.REPLAY)
+        self._purge = scripts.register(client, scripts.PURGE, helpers=False)
         self._scripts = [self._enqueue, self._claim, self._settle, self._extend, self._stats,
                          self._replay, self._purge]  # fmt: skip
         self._loaded = False
         self._next_sweep = 0.0
         self._rotation = 0
-        self._wake: _Wake | None = None
+        self._wake: RedisWake | None = None
         self._dlq_last_us = 0
         # Inside batch(): writes queue here and go out with the next claim, or at the end
         # of the batch, in one round trip (the supervisor's settle-and-claim round).
@@ -558,8 +166,8 @@ class RedisBroker:
     @staticmethod
     def _delivery(row: list[Any], consumer: str, lease_until: float) -> Delivery:
         queue, band, entry, payload, task, base, count, origin = row
-        receipt = f"{band}|{_text(entry)}|{count}|{consumer}|{_text(origin)}|{_text(task)}"
-        return Delivery(receipt, _text(queue), payload, int(base) + count, lease_until)
+        receipt = f"{band}|{text(entry)}|{count}|{consumer}|{text(origin)}|{text(task)}"
+        return Delivery(receipt, text(queue), payload, int(base) + count, lease_until)
 
     def settle(self, settlements: Sequence[Settlement]) -> None:
         if not settlements:
@@ -597,7 +205,7 @@ class RedisBroker:
         # ties in dead_at still list newest first; the random tail keeps processes apart.
         self._dlq_last_us = max(int(dead_at * 1_000_000), self._dlq_last_us + 1)
         dlq_id = f"{self._dlq_last_us:017d}-{os.urandom(3).hex()}"
-        record = _dead_record(s, dead_at)
+        record = dead_record(s, dead_at)
         return [dlq_id, repr(dead_at), orjson.dumps(record), s.delivery.payload]
 
     def batch(self) -> AbstractContextManager[None]:
@@ -666,7 +274,7 @@ class RedisBroker:
     def recover(self, consumer: Consumer) -> int:
         with self._guard("recover"):
             leases = {
-                _text(k): float(v) for k, v in self.client.hgetall(self.keys.consumers).items()
+                text(k): float(v) for k, v in self.client.hgetall(self.keys.consumers).items()
             }
             released = 0
             for queue, band, key in self._streams():
@@ -680,7 +288,7 @@ class RedisBroker:
                 yield queue, band, self.keys.stream(queue, band)
 
     def _queues(self) -> list[str]:
-        return sorted(_text(q) for q in self.client.smembers(self.keys.queues))
+        return sorted(text(q) for q in self.client.smembers(self.keys.queues))
 
     def _group_consumers(self, key: str) -> list[dict[str, Any]]:
         try:
@@ -693,8 +301,8 @@ class RedisBroker:
         self, queue: str, band: int, key: str, info: dict[str, Any], me: Consumer,
         leases: dict[str, float],
     ) -> int:  # fmt: skip
-        name = _text(info["name"])
-        dead = name != me.name and _dead_here(name, me)
+        name = text(info["name"])
+        dead = name != me.name and consumer_gone(name, me)
         if not dead and name not in leases:
             return 0
         min_idle = 0 if dead else int(leases[name] * 1000)
@@ -702,7 +310,7 @@ class RedisBroker:
         for page in self._pending_pages(key, name, min_idle):
             ops: list[Any] = list(self._head)
             for entry in page:
-                ops += ["l", queue, band, _text(entry["message_id"]), "", "", name,
+                ops += ["l", queue, band, text(entry["message_id"]), "", "", name,
                         entry["times_delivered"], 1]  # fmt: skip
             self._settle(args=ops)
             released += len(page)
@@ -719,7 +327,7 @@ class RedisBroker:
             if not page:
                 return
             yield page
-            start = "(" + _text(page[-1]["message_id"])
+            start = "(" + text(page[-1]["message_id"])
 
     # --- wake-ups and timing ---------------------------------------------------------------
 
@@ -735,7 +343,7 @@ class RedisBroker:
     def wake_fd(self, queues: Sequence[str]) -> int | None:
         channels = sorted(self.keys.wake(q) for q in queues)
         if self._wake is None:
-            self._wake = _Wake(connect(self.url, retry=False), channels)
+            self._wake = RedisWake(connect(self.url, retry=False), channels)
         elif self._wake.channels != channels:
             self._wake.channels = channels
         self._wake.subscribe()
@@ -774,7 +382,7 @@ class RedisBroker:
 
     def _leases(self) -> dict[str, float]:
         raw = self.client.hgetall(self.keys.consumers)
-        return {_text(k): float(v) for k, v in raw.items()}
+        return {text(k): float(v) for k, v in raw.items()}
 
     def _ranked_stream(
         self, queue: str, key: str, want: int, leases: dict[str, float]
@@ -798,7 +406,7 @@ class RedisBroker:
             if entry_id in seen:
                 continue
             seen.add(entry_id)
-            ms, seq = _text(entry_id).split("-")
+            ms, seq = text(entry_id).split("-")
             rank = 0 if info.state == "leased" else 1
             ranked.append(((rank, -info.priority, int(ms), int(seq)), info))
         return ranked
@@ -820,10 +428,10 @@ class RedisBroker:
             pending: Any = self.client.xpending_range(key, rk.GROUP, ids[0], ids[-1], len(ids))
         except redis.ResponseError:  # no group yet: nothing was ever claimed
             pending = []
-        held = {_text(p["message_id"]): p for p in pending}
+        held = {text(p["message_id"]): p for p in pending}
         now = time.time()
         return [
-            _stream_info(queue, _text(entry_id), fields, held, leases, now)
+            stream_info(queue, text(entry_id), fields, held, leases, now)
             for entry_id, fields in entries
         ]
 
@@ -833,7 +441,7 @@ class RedisBroker:
             return []
         payloads: Any = self.client.hmget(self.keys.delayed_payload(queue), [m for m, _ in members])
         return [
-            _message_info(queue, payload, "delayed", base=0, not_before=float(score))
+            message_info(queue, payload, "delayed", base=0, not_before=float(score))
             for (_, score), payload in zip(members, payloads, strict=True)
             if payload is not None
         ]
@@ -843,7 +451,7 @@ class RedisBroker:
             where = self.client.hget(self.keys.tasks, task_id)
             if where is None:
                 return None
-            kind, band, ref, queue = _text(where).split("|", 3)
+            kind, band, ref, queue = text(where).split("|", 3)
             if kind == "d":
                 return self._find_delayed(queue, rk.delayed_member(band, ref, task_id))
             key = self.keys.stream(queue, int(band))
@@ -858,7 +466,7 @@ class RedisBroker:
         score, payload = pipe.execute()
         if score is None or payload is None:
             return None
-        return _message_info(queue, payload, "delayed", base=0, not_before=float(score))
+        return message_info(queue, payload, "delayed", base=0, not_before=float(score))
 
     # --- dead-letter queue --------------------------------------------------------------------
 
@@ -882,7 +490,7 @@ class RedisBroker:
         pipe.hmget(self.keys.dlq_payload, ids)
         records, payloads = pipe.execute()
         return [
-            _dead_entry(_text(i), record, payload or b"")
+            dead_entry(text(i), record, payload or b"")
             for i, record, payload in zip(ids, records, payloads, strict=True)
             if record is not None
         ]
@@ -931,80 +539,3 @@ class RedisBroker:
 def _id_order(entry_id: bytes) -> tuple[int, int]:
     ms, seq = entry_id.split(b"-")
     return int(ms), int(seq)
-
-
-def _dead_here(name: str, me: Consumer) -> bool:
-    """True when consumer `name` ran on this host and its process is provably gone."""
-    try:
-        other = Consumer.parse(name)
-    except ValueError:
-        return False
-    if other.host != me.host:
-        return False
-    try:
-        started = psutil.Process(other.pid).create_time()
-    except psutil.NoSuchProcess:
-        return True
-    except psutil.Error:
-        return False
-    return abs(started - other.started) > 0.5  # the pid was reused by another process
-
-
-def _dead_record(s: Settlement, dead_at: float) -> dict[str, Any]:
-    info = s.dead
-    try:
-        envelope = decode(s.delivery.payload)
-        task_id: str | None = envelope.id
-        name, attempts = envelope.name, envelope.attempt + 1
-        enqueued_at: float | None = envelope.enqueued_at
-        priority = envelope.priority
-    except DecodeError:
-        task_id, name, attempts, enqueued_at = None, None, 1, None
-        task_id, priority = peek_id(s.delivery.payload), 0
-    return {
-        "task_id": task_id, "name": name, "queue": s.delivery.queue,
-        "reason": str(info.reason) if info else "", "error_type": info.error_type if info else "",
-        "message": info.message if info else "", "traceback": info.traceback if info else "",
-        "attempts": attempts, "enqueued_at": enqueued_at, "dead_at": dead_at,
-        "extra": {"deliveries": s.delivery.deliveries, "priority": priority},
-    }  # fmt: skip
-
-
-def _dead_entry(entry_id: str, record: bytes, payload: bytes) -> DeadLetterEntry:
-    data = orjson.loads(record)
-    return DeadLetterEntry(id=entry_id, payload=payload, **data)
-
-
-def _stream_info(
-    queue: str, entry_id: str, fields: dict[bytes, bytes], held: dict[str, Any],
-    leases: dict[str, float], now: float,
-) -> MessageInfo:  # fmt: skip
-    base = int(fields.get(b"b", b"0"))
-    payload = fields.get(b"p", b"")
-    pend = held.get(entry_id)
-    if pend is None:
-        return _message_info(queue, payload, "ready", base=base)
-    owner = _text(pend["consumer"])
-    idle = pend["time_since_delivered"] / 1000
-    lease = leases.get(owner)
-    return _message_info(
-        queue, payload, "leased", base=base + pend["times_delivered"], owner=owner,
-        lease_until=None if lease is None else now - idle + lease,
-    )  # fmt: skip
-
-
-def _message_info(
-    queue: str, payload: bytes, state: str, *, base: int, not_before: float | None = None,
-    lease_until: float | None = None, owner: str | None = None,
-) -> MessageInfo:  # fmt: skip
-    try:
-        env = decode(payload)
-        task_id, name, priority, attempt = env.id, env.name, env.priority, env.attempt
-        not_before = not_before if not_before is not None else env.not_before
-    except DecodeError:
-        task_id, name, priority, attempt = peek_id(payload) or "", "", 0, 0
-    return MessageInfo(
-        task_id=task_id, name=name, queue=queue, priority=priority, attempt=attempt,
-        deliveries=base, state=state, not_before=not_before, lease_until=lease_until,
-        owner=owner,
-    )  # fmt: skip

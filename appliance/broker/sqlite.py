@@ -39,6 +39,7 @@ from appliance.broker.protocol import (
     MessageInfo,
     QueueStats,
     Settlement,
+    consumer_gone,
 )
 from appliance.config import Settings
 from appliance.envelope import Envelope, decode, encode, peek_id
@@ -135,7 +136,6 @@ _DLQ_PURGE = "DELETE FROM dead_letters WHERE (?1 IS NULL OR queue = ?1)"
 ENQUEUE_CHUNK = 1000  # rows encoded and inserted per step of a big enqueue
 WAKE = b"\x01"
 _SUN_PATH_MAX = 107  # bytes of a unix socket path, NUL excluded (Linux sun_path is 108)
-_CREATE_TIME_SLACK = 1.0  # seconds: psutil's create time is tick-rounded
 
 
 def _receipt(message_id: int, attempt: int, deliveries: int, owner: str) -> str:
@@ -244,28 +244,6 @@ def _insert_chunked(conn: sqlite3.Connection, envelopes: Sequence[Envelope], now
     for start in range(0, len(envelopes), ENQUEUE_CHUNK):
         chunk = envelopes[start : start + ENQUEUE_CHUNK]
         conn.executemany(_INSERT, [_message_row(env, now) for env in chunk])
-
-
-def owner_gone(owner: str, me: Consumer) -> bool:
-    """True when `owner` is a consumer on this host whose process provably ended: its
-    pid is not running, is a zombie, or now belongs to a process started at another time."""
-    try:
-        holder = Consumer.parse(owner)
-    except ValueError:
-        return False  # not ours to judge
-    if holder.host != me.host:
-        return False
-    if holder.pid == me.pid:
-        return abs(holder.started - me.started) > _CREATE_TIME_SLACK
-    try:
-        process = psutil.Process(holder.pid)
-        if process.status() == psutil.STATUS_ZOMBIE:
-            return True
-        return abs(process.create_time() - holder.started) > _CREATE_TIME_SLACK
-    except psutil.NoSuchProcess:
-        return True
-    except psutil.AccessDenied:
-        return False  # another user's live process
 
 
 class SqliteBroker:
@@ -403,7 +381,7 @@ class SqliteBroker:
             return expired, [row[0] for row in conn.execute(_LEASE_OWNERS)]
 
         expired, owners = self._db.read(scan)
-        dead = [owner for owner in owners if owner_gone(owner, consumer)]
+        dead = [owner for owner in owners if consumer_gone(owner, consumer)]
         if not expired and not dead:
             return 0
 

@@ -1,0 +1,327 @@
+"""The Lua scripts of the Redis broker, one per write, each run atomically in one round
+trip. Every script starts with the key prelude of `redis_keys.LUA_KEYS`; the writing
+ones also get the shared helpers below."""
+
+from __future__ import annotations
+
+import redis
+from redis.commands.core import Script
+
+from appliance.broker import redis_keys as rk
+
+# Shared helpers of the writing scripts (after the key prelude).
+LUA_HELPERS = """
+-- `origin` names a message across the copies a release or retry makes (field 'o'; a
+-- fresh entry is its own origin), so a late ACK or DEAD still finds the message.
+local function add_ready(q, band, task, payload, base, origin)
+  local id
+  if origin == '' then
+    id = redis.call('XADD', k_stream(q, band), '*', 'p', payload, 't', task, 'b', base)
+  else
+    id = redis.call('XADD', k_stream(q, band), '*', 'p', payload, 't', task, 'b', base,
+                    'o', origin)
+  end
+  if task ~= '' then redis.call('HSET', k_tasks, task, loc_stream(q, band, id)) end
+  return id
+end
+local function add_delayed(q, band, nonce, task, payload, score)
+  local member = band .. '|' .. nonce .. '|' .. task
+  redis.call('ZADD', k_delayed(q), score, member)
+  redis.call('HSET', k_delayed_payload(q), member, payload)
+  if task ~= '' then redis.call('HSET', k_tasks, task, loc_delayed(q, band, nonce)) end
+end
+-- The index keeps only the newest message of a task id: drop it only if it is ours.
+local function forget_loc(task, loc)
+  if redis.call('HGET', k_tasks, task) == loc then redis.call('HDEL', k_tasks, task) end
+end
+local function fields_of(id, flat)
+  local p, t, b, o = false, '', '0', id
+  for j = 1, #flat, 2 do
+    local f = flat[j]
+    if f == 'p' then p = flat[j + 1] elseif f == 't' then t = flat[j + 1]
+    elseif f == 'b' then b = flat[j + 1] elseif f == 'o' then o = flat[j + 1] end
+  end
+  return p, t, b, o
+end
+"""
+
+ENQUEUE = """#!lua
+-- ARGV: prefix, group, then (queue, band, task, payload, score or '', nonce) per message
+local woken = {}
+for i = 3, #ARGV, 6 do
+  local q, band, task, payload, score = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  if score == '' then add_ready(q, band, task, payload, 0, '')
+  else add_delayed(q, band, ARGV[i + 5], task, payload, score) end
+  if not woken[q] then woken[q] = true; redis.call('SADD', k_queues, q) end
+end
+for q in pairs(woken) do redis.call('PUBLISH', k_wake(q), '1') end
+return 0
+"""
+
+CLAIM = """#!lua
+-- ARGV: prefix, group, now, consumer, limit, (unused), sweep 0|1, lease, queues...
+local now, consumer, limit = ARGV[3], ARGV[4], tonumber(ARGV[5])
+local sweep, lease = ARGV[7] == '1', ARGV[8]
+local out = {}
+
+local function promote(q)
+  local due = redis.call('ZRANGEBYSCORE', k_delayed(q), '-inf', now, 'LIMIT', 0, 1000)
+  for _, member in ipairs(due) do
+    local band, nonce, task = string.match(member, '^(%d+)|([^|]*)|(.*)$')
+    local payload = redis.call('HGET', k_delayed_payload(q), member)
+    redis.call('ZREM', k_delayed(q), member)
+    redis.call('HDEL', k_delayed_payload(q), member)
+    if payload then
+      local was = redis.call('HGET', k_tasks, task)
+      local id = redis.call('XADD', k_stream(q, band), '*', 'p', payload, 't', task, 'b', 0,
+                            'o', nonce)
+      if was == loc_delayed(q, band, nonce) then
+        redis.call('HSET', k_tasks, task, loc_stream(q, band, id))
+      end
+    end
+  end
+end
+
+local function push(q, band, id, flat, count)
+  local p, t, b, o = fields_of(id, flat)
+  if p then out[#out + 1] = {q, band, id, p, t, b, count, o} end
+end
+
+-- An entry idle longer than its owner's lease (the lease that consumer last claimed or
+-- extended with) was abandoned. XAUTOCLAIM cannot judge per owner, so walk each owner's
+-- idle entries with XPENDING IDLE, page by page, and XCLAIM them (counter bumped: a
+-- task that keeps killing its holder is still counted).
+local function reclaim_owner(key, q, band, owner)
+  local idle = math.floor(tonumber(redis.call('HGET', k_consumers, owner) or lease) * 1000)
+  local start = '-'
+  while #out < limit do
+    local page = redis.call('XPENDING', key, GROUP, 'IDLE', idle, start, '+', 100, owner)
+    for _, e in ipairs(page) do
+      local got = redis.call('XCLAIM', key, GROUP, consumer, idle, e[1])
+      if got[1] then push(q, band, e[1], got[1][2], e[4] + 1) end
+      if #out >= limit then return end
+    end
+    if #page < 100 then return end
+    start = '(' .. page[#page][1]
+  end
+end
+
+local function reclaim(key, q, band)
+  local owners = redis.pcall('XINFO', 'CONSUMERS', key, GROUP)
+  if owners.err then return end
+  for _, info in ipairs(owners) do
+    local name, pending = false, 0
+    for j = 1, #info, 2 do
+      local field, value = info[j], info[j + 1]
+      if field == 'name' then name = value elseif field == 'pending' then pending = value end
+    end
+    if name and pending > 0 and #out < limit then reclaim_owner(key, q, band, name) end
+  end
+end
+
+local function read_new(key, q, band)
+  local args = {'XREADGROUP', 'GROUP', GROUP, consumer, 'COUNT', limit - #out,
+                'STREAMS', key, '>'}
+  local r = redis.pcall(unpack(args))
+  if type(r) == 'table' and r.err then
+    if not string.find(r.err, 'NOGROUP') then error(r.err) end
+    -- Groups are made on first read at id 0, so nothing enqueued before is skipped.
+    redis.call('XGROUP', 'CREATE', key, GROUP, '0')
+    r = redis.call(unpack(args))
+  end
+  if not r then return end
+  for _, e in ipairs(r[1][2]) do push(q, band, e[1], e[2], 1) end
+end
+
+for i = 9, #ARGV do promote(ARGV[i]) end
+for band = BANDS - 1, 0, -1 do
+  for i = 9, #ARGV do
+    local q = ARGV[i]
+    local key = k_stream(q, band)
+    if #out < limit and redis.call('EXISTS', key) == 1 then
+      if sweep then reclaim(key, q, band) end
+      if #out < limit then read_new(key, q, band) end
+    end
+  end
+end
+if #out > 0 then redis.call('HSET', k_consumers, consumer, lease) end
+return out
+"""
+
+SETTLE = """#!lua
+-- ARGV: prefix, group, then one op per settlement, each starting with
+-- kind, queue, band, entry id, origin, task id:
+--   a (ack)                                                              6 args
+--   d (dead): + dlq id, dead_at, JSON record, payload                   10 args
+--   r (retry): + consumer, count, new queue, new band, new task id,
+--               payload, score or ''                                    13 args
+--   l (release): + consumer, count, counted 1|0                          9 args
+local woken = {}
+
+local function held(key, id, consumer, count)
+  local r = redis.pcall('XPENDING', key, GROUP, id, id, 1)
+  if r.err or #r == 0 then return false end
+  return r[1][2] == consumer and tostring(r[1][4]) == count
+end
+
+local function finish(key, q, band, id, task)
+  redis.call('XACK', key, GROUP, id)
+  local gone = redis.call('XDEL', key, id)
+  forget_loc(task, loc_stream(q, band, id))
+  return gone == 1
+end
+
+-- The copy of the same message (same origin) that a release or retry made after our
+-- lease was lost, if the task index still points at it.
+local function remove_copy(origin, task)
+  local loc = redis.call('HGET', k_tasks, task)
+  if not loc then return false end
+  local kind, band, ref, q = string.match(loc, '^(%a)|(%d+)|([^|]*)|(.*)$')
+  if kind == 'd' then
+    if ref ~= origin then return false end
+    local member = band .. '|' .. ref .. '|' .. task
+    redis.call('HDEL', k_delayed_payload(q), member)
+    redis.call('HDEL', k_tasks, task)
+    return redis.call('ZREM', k_delayed(q), member) == 1
+  end
+  local key = k_stream(q, band)
+  local entry = redis.call('XRANGE', key, ref, ref)
+  if #entry == 0 then return false end
+  local _, _, _, o = fields_of(ref, entry[1][2])
+  if o ~= origin then return false end
+  return finish(key, q, band, ref, task)
+end
+
+-- ACK and DEAD remove the message even when the lease was lost (the task did finish);
+-- a message already gone is left alone.
+local function remove(key, q, band, id, origin, task)
+  return finish(key, q, band, id, task) or remove_copy(origin, task)
+end
+
+local function dead(key, q, band, id, origin, task, i)
+  if not remove(key, q, band, id, origin, task) then return end
+  local dlq_id, dead_at = ARGV[i + 6], ARGV[i + 7]
+  redis.call('HSET', k_dlq_entry, dlq_id, ARGV[i + 8])
+  redis.call('HSET', k_dlq_payload, dlq_id, ARGV[i + 9])
+  redis.call('ZADD', k_dlq, dead_at, dlq_id)
+  redis.call('ZADD', k_dlq_queue(q), dead_at, dlq_id)
+end
+
+local function retry(key, q, band, id, origin, task, i)
+  if not held(key, id, ARGV[i + 6], ARGV[i + 7]) then return end
+  finish(key, q, band, id, task)
+  local nq, nband, ntask, payload, score = ARGV[i + 8], ARGV[i + 9], ARGV[i + 10],
+                                           ARGV[i + 11], ARGV[i + 12]
+  redis.call('SADD', k_queues, nq)
+  if score == '' then add_ready(nq, nband, ntask, payload, 0, origin); woken[nq] = true
+  else add_delayed(nq, nband, origin, ntask, payload, score) end
+end
+
+local function release(key, q, band, id, i)
+  if not held(key, id, ARGV[i + 6], ARGV[i + 7]) then return end
+  local entry = redis.call('XRANGE', key, id, id)
+  local p, t, b, o = false, '', '0', id
+  if #entry > 0 then p, t, b, o = fields_of(id, entry[1][2]) end
+  finish(key, q, band, id, t)
+  if p then
+    local base = tonumber(b) + tonumber(ARGV[i + 7])
+    if ARGV[i + 8] ~= '1' then base = base - 1 end
+    add_ready(q, band, t, p, base, o)
+    woken[q] = true
+  end
+end
+
+local i = 3
+while i <= #ARGV do
+  local kind, q, band, id = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local origin, task = ARGV[i + 4], ARGV[i + 5]
+  local key = k_stream(q, band)
+  if kind == 'a' then remove(key, q, band, id, origin, task); i = i + 6
+  elseif kind == 'd' then dead(key, q, band, id, origin, task, i); i = i + 10
+  elseif kind == 'r' then retry(key, q, band, id, origin, task, i); i = i + 13
+  elseif kind == 'l' then release(key, q, band, id, i); i = i + 9
+  else return redis.error_reply('unknown settle kind ' .. kind) end
+end
+for q in pairs(woken) do redis.call('PUBLISH', k_wake(q), '1') end
+return 0
+"""
+
+EXTEND = """#!lua
+-- ARGV: prefix, group, lease, then (queue, band, entry id, consumer, count) per delivery.
+-- XCLAIM with min-idle 0 and JUSTID resets the idle time without bumping the counter;
+-- only for entries still held by the same consumer with the same counter.
+local n = 0
+local consumer = nil
+for i = 4, #ARGV, 5 do
+  local key, id = k_stream(ARGV[i], ARGV[i + 1]), ARGV[i + 2]
+  local r = redis.pcall('XPENDING', key, GROUP, id, id, 1)
+  if not r.err and #r == 1 and r[1][2] == ARGV[i + 3] and tostring(r[1][4]) == ARGV[i + 4] then
+    redis.call('XCLAIM', key, GROUP, ARGV[i + 3], 0, id, 'JUSTID')
+    consumer = ARGV[i + 3]
+    n = n + 1
+  end
+end
+if consumer then redis.call('HSET', k_consumers, consumer, ARGV[3]) end
+return n
+"""
+
+STATS = """#!lua flags=no-writes
+-- ARGV: prefix, group, now, queues... -> per queue {ready, delayed, in flight, dead}
+-- A delayed message already due counts as ready: the next claim promotes it.
+local now = ARGV[3]
+local out = {}
+for i = 4, #ARGV do
+  local q = ARGV[i]
+  local ready, inflight = 0, 0
+  for band = 0, BANDS - 1 do
+    local key = k_stream(q, band)
+    if redis.call('EXISTS', key) == 1 then
+      local pend = redis.pcall('XPENDING', key, GROUP)
+      local n = 0
+      if not pend.err then n = pend[1] end
+      ready = ready + redis.call('XLEN', key) - n
+      inflight = inflight + n
+    end
+  end
+  local due = redis.call('ZCOUNT', k_delayed(q), '-inf', now)
+  out[#out + 1] = {ready + due, redis.call('ZCARD', k_delayed(q)) - due, inflight,
+                   redis.call('ZCARD', k_dlq_queue(q))}
+end
+return out
+"""
+
+REPLAY = """#!lua
+-- ARGV: prefix, group, dlq id, dead queue, new queue, band, task, payload
+local id, dq, q, band, task, payload = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+if redis.call('ZREM', k_dlq, id) == 0 then return 0 end
+redis.call('ZREM', k_dlq_queue(dq), id)
+redis.call('HDEL', k_dlq_entry, id)
+redis.call('HDEL', k_dlq_payload, id)
+redis.call('SADD', k_queues, q)
+add_ready(q, band, task, payload, 0, '')
+redis.call('PUBLISH', k_wake(q), '1')
+return 1
+"""
+
+PURGE = """#!lua
+-- ARGV: prefix, group, queue or '' (all) -> how many dead letters were deleted
+local q = ARGV[3]
+local index = k_dlq
+if q ~= '' then index = k_dlq_queue(q) end
+local ids = redis.call('ZRANGE', index, 0, -1)
+for _, id in ipairs(ids) do
+  local raw = redis.call('HGET', k_dlq_entry, id)
+  redis.call('ZREM', k_dlq, id)
+  redis.call('HDEL', k_dlq_entry, id)
+  redis.call('HDEL', k_dlq_payload, id)
+  if raw then redis.call('ZREM', k_dlq_queue(cjson.decode(raw)['queue']), id) end
+end
+redis.call('DEL', index)
+return #ids
+"""
+
+
+def register(client: redis.Redis, body: str, *, helpers: bool = True) -> Script:
+    shebang, _, rest = body.partition("\n")
+    source = "\n".join([shebang, rk.LUA_KEYS, LUA_HELPERS if helpers else "", rest])
+    return client.register_script(source)
