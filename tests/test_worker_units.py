@@ -95,3 +95,61 @@ def test_worker_lost_releases_then_poison_pills(sqlite_url: str) -> None:
     assert last.settlement.kind is SettleKind.DEAD
     assert last.settlement.dead is not None
     assert last.settlement.dead.reason is DeadLetterReason.POISON_PILL
+
+
+def test_triage_sorts_out_what_must_not_run(sqlite_url: str) -> None:
+    import time
+
+    from appliance.envelope import encode
+
+    stem = Stem(broker=sqlite_url)
+
+    @stem.task("z", max_deliveries=2)
+    def z(ctx: TaskContext) -> None: ...
+
+    def verdict(payload: bytes, deliveries: int = 1) -> object:
+        delivery = Delivery("r", "default", payload, deliveries, 0.0)
+        return outcomes.triage(delivery, stem.registry, default_ttl=60)
+
+    def reason(found: object) -> object:
+        assert isinstance(found, outcomes.Settled) and found.settlement.dead is not None
+        return found.settlement.dead.reason
+
+    assert reason(verdict(b"{nope")) is DeadLetterReason.UNDECODABLE
+    assert reason(verdict(encode(Envelope(id="1", name="other")))) is (
+        DeadLetterReason.UNKNOWN_TASK
+    )
+    assert reason(verdict(encode(Envelope(id="1", name="z")), deliveries=3)) is (
+        DeadLetterReason.POISON_PILL
+    )
+    late = verdict(encode(Envelope(id="1", name="z", expires=time.time() - 1)))
+    assert isinstance(late, outcomes.Settled) and late.event == "revoked"
+    runnable = verdict(encode(Envelope(id="1", name="z")))
+    assert isinstance(runnable, tuple) and runnable[1].name == "z"
+
+
+def test_after_child_death_by_cause(sqlite_url: str) -> None:
+    from appliance.worker.limits import COLD_SHUTDOWN, KillReason
+
+    stem = Stem(broker=sqlite_url)
+
+    @stem.task("w", max_retries=1)
+    def w(ctx: TaskContext) -> None: ...
+
+    env, task = Envelope(id="1", name="w", max_retries=1), stem.get_task("w")
+
+    def after(kill: KillReason | None, running: bool = True) -> outcomes.Settled:
+        return outcomes.after_child_death(_delivery(), env, task, kill, running=running,
+                                          exit_text="child signal SIGSEGV", worker="w",
+                                          default_ttl=60)  # fmt: skip
+
+    prefetched = after(None, running=False).settlement
+    assert prefetched.kind is SettleKind.RELEASE and not prefetched.count_delivery
+    cold = after(COLD_SHUTDOWN).settlement
+    assert cold.kind is SettleKind.RELEASE and not cold.count_delivery
+    timed_out = after(KillReason("TimeLimitExceeded", "too slow", True))
+    assert timed_out.settlement.kind is SettleKind.RETRY
+    crashed = after(None)
+    assert crashed.settlement.kind is SettleKind.RELEASE and crashed.settlement.count_delivery
+    assert crashed.result is not None and crashed.result.error is not None
+    assert crashed.result.error.message == "child signal SIGSEGV"

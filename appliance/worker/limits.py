@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 from dataclasses import dataclass
 
 from appliance.states import SlotState
@@ -13,6 +15,10 @@ class KillReason:
     error_type: str  # the error the task is failed with
     message: str
     counts_as_task_failure: bool  # False: the child, not the task, is at fault
+
+
+# Killed by a cold shutdown: the task goes back uncounted (it did nothing wrong).
+COLD_SHUTDOWN = KillReason("WorkerLostError", "cold shutdown", counts_as_task_failure=False)
 
 
 def check_slot(slot: Slot, now: float, heartbeat_timeout: float) -> KillReason | None:
@@ -47,3 +53,12 @@ def respawn_delay(early_deaths: int) -> float:
     if early_deaths <= 1:
         return 0.0
     return min(30.0, 0.25 * 2.0 ** (early_deaths - 2))
+
+
+def describe_exit(code: int) -> str:
+    """ "exit code 3" or "signal SIGKILL", from `os.waitstatus_to_exitcode`."""
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"signal {signal.Signals(-code).name}"
+        return f"signal {-code}"
+    return f"exit code {code}"

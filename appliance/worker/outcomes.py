@@ -7,15 +7,18 @@ a `TaskResult` for the backend out. The supervisor applies them in batches.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from appliance.backend.protocol import ErrorInfo, TaskResult
 from appliance.broker.protocol import DeadLetterInfo, Delivery, Settlement
-from appliance.envelope import Envelope
+from appliance.envelope import Envelope, decode
+from appliance.errors import DecodeError
 from appliance.retry import decide
 from appliance.states import DeadLetterReason, SettleKind, TaskState
 from appliance.tasks import Task
+from appliance.worker.limits import COLD_SHUTDOWN, KillReason
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,3 +149,63 @@ def worker_lost(
         expires_at=now + default_ttl,
     )  # fmt: skip
     return Settled(Settlement.release(delivery, count_delivery=True), result, "released")
+
+
+def triage(
+    delivery: Delivery, registry: Mapping[str, Task], *, default_ttl: float
+) -> Settled | tuple[Envelope, Task]:
+    """Before running: a verdict for deliveries that must not run (undecodable, unknown
+    task, poison pill, expired), else the envelope and task to run."""
+    try:
+        envelope = decode(delivery.payload)
+    except DecodeError as exc:
+        return dead_before_run(delivery, None, DeadLetterReason.UNDECODABLE, "DecodeError",
+                               str(exc), default_ttl=default_ttl)  # fmt: skip
+    task = registry.get(envelope.name)
+    if task is None:
+        return dead_before_run(
+            delivery, envelope, DeadLetterReason.UNKNOWN_TASK, "NotRegistered",
+            f"no task named {envelope.name!r} is registered with this worker",
+            default_ttl=default_ttl,
+        )  # fmt: skip
+    if delivery.deliveries > task.options.max_deliveries:
+        return dead_before_run(
+            delivery, envelope, DeadLetterReason.POISON_PILL, "WorkerLostError",
+            f"delivered {delivery.deliveries} times without finishing", default_ttl=default_ttl,
+        )  # fmt: skip
+    if envelope.expires is not None and envelope.expires < time.time():
+        return expired(delivery, envelope, default_ttl=default_ttl)
+    return envelope, task
+
+
+def released(delivery: Delivery) -> Settled:
+    """Give a delivery back unstarted: not counted against the task."""
+    return Settled(Settlement.release(delivery, count_delivery=False), None, "released")
+
+
+def after_child_death(
+    delivery: Delivery,
+    envelope: Envelope,
+    task: Task,
+    kill: KillReason | None,
+    *,
+    running: bool,
+    exit_text: str,
+    worker: str,
+    default_ttl: float,
+) -> Settled:
+    """What happens to a delivery its child held when the child died.
+
+    Not running yet, or stopped by a cold shutdown: back uncounted. Killed for a limit
+    the task broke (time, memory): a failure under its retry policy. Otherwise the child
+    was lost under it (a crash, a signal, silence): back at once, counted (poison pills).
+    """
+    if not running or kill is COLD_SHUTDOWN:
+        return released(delivery)
+    if kill is not None and kill.counts_as_task_failure:
+        error = {"type": kill.error_type, "message": kill.message}
+        return from_outcome(delivery, envelope, task,
+                            {"ok": False, "error": error, "finished": time.time()},
+                            worker=worker, default_ttl=default_ttl)  # fmt: skip
+    reason = kill.message if kill is not None else exit_text
+    return worker_lost(delivery, envelope, task, reason, worker=worker, default_ttl=default_ttl)

@@ -23,17 +23,23 @@ import orjson
 from appliance import __version__
 from appliance.app import Stem
 from appliance.backend.protocol import ResultBackend, WorkerHeartbeat
-from appliance.broker.protocol import Broker, Consumer, Delivery, Settlement
+from appliance.broker.protocol import Broker, Consumer, Delivery
 from appliance.config import PoolSettings
-from appliance.envelope import decode
-from appliance.errors import BrokerError, BrokerUnavailable, DecodeError, StemError
-from appliance.states import DeadLetterReason, ExitCode, SlotState
+from appliance.errors import BrokerError, BrokerUnavailable, StemError
+from appliance.states import ExitCode, SlotState
 from appliance.stores import open_stores
 from appliance.worker import outcomes
 from appliance.worker.child import ChildSetup, child_main
 from appliance.worker.heartbeat import HeartbeatTable
 from appliance.worker.ipc import dispatch_frame, make_pipe
-from appliance.worker.limits import KillReason, check_memory, check_slot, respawn_delay
+from appliance.worker.limits import (
+    COLD_SHUTDOWN,
+    KillReason,
+    check_memory,
+    check_slot,
+    describe_exit,
+    respawn_delay,
+)
 from appliance.worker.pool import Child, Dispatch, Pool
 from appliance.worker.systemd import Notifier
 
@@ -48,8 +54,6 @@ RECOVER_S = 1.0
 PURGE_S = 60.0
 WORKER_BEAT_S = 5.0  # the supervisor's record in the backend; it expires after 3 beats
 IDLE_UPKEEP_S = 10.0  # checkpoint the SQLite WAL at most this often, and only when idle
-# Killed by a cold shutdown: the task goes back uncounted (it did nothing wrong).
-COLD_SHUTDOWN = KillReason("WorkerLostError", "cold shutdown", counts_as_task_failure=False)
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
 
 
@@ -341,7 +345,7 @@ class Supervisor:
             self._recover_dispatch(child, dispatch, running is dispatch, code)
         child.outstanding.clear()
         if unexpected:
-            log.warning("child %d exited with %s", child.pid, _describe_exit(code))
+            log.warning("child %d exited with %s", child.pid, describe_exit(code))
         pool.mark_lifetime(child, unexpected)
         if self.accepting:
             pool.respawn_at[child.index] = time.monotonic() + respawn_delay(pool.early_deaths)
@@ -355,26 +359,11 @@ class Supervisor:
         return None
 
     def _recover_dispatch(self, child: Child, dispatch: Dispatch, running: bool, code: int) -> None:
-        delivery, envelope, task = dispatch.delivery, dispatch.envelope, dispatch.task
-        ttl = self.settings.result_ttl
-        if not running or (
-            self.cold
-            and child.kill
-            and not child.kill.counts_as_task_failure
-            and child.kill.message == "cold shutdown"
-        ):
-            settled = outcomes.Settled(Settlement.release(delivery, count_delivery=False),
-                                       None, "released")  # fmt: skip
-        elif child.kill is not None and child.kill.counts_as_task_failure:
-            error = {"type": child.kill.error_type, "message": child.kill.message}
-            settled = outcomes.from_outcome(delivery, envelope, task, {"ok": False,
-                                            "error": error, "finished": time.time()},
-                                            worker=self.worker_name, default_ttl=ttl)  # fmt: skip
-        else:
-            reason = child.kill.message if child.kill else f"child {_describe_exit(code)}"
-            settled = outcomes.worker_lost(delivery, envelope, task, reason,
-                                           worker=self.worker_name, default_ttl=ttl)  # fmt: skip
-        self._settle(settled)
+        self._settle(outcomes.after_child_death(
+            dispatch.delivery, dispatch.envelope, dispatch.task, child.kill,
+            running=running, exit_text=f"child {describe_exit(code)}",
+            worker=self.worker_name, default_ttl=self.settings.result_ttl,
+        ))  # fmt: skip
 
     def _read_child(self, child: Child, *, until_eof: bool = False) -> None:
         while True:
@@ -425,9 +414,7 @@ class Supervisor:
         del child.outstanding[dispatch.seq]
         child.finished += 1
         if kind == "skipped":
-            settled = outcomes.Settled(
-                Settlement.release(dispatch.delivery, count_delivery=False), None, "released"
-            )
+            settled = outcomes.released(dispatch.delivery)
         else:
             started, finished = message.get("started"), message.get("finished")
             if isinstance(started, float) and isinstance(finished, float):
@@ -533,37 +520,16 @@ class Supervisor:
         return claimed
 
     def _dispatch(self, pool: Pool, delivery: Delivery, now: float) -> None:
-        ttl = self.settings.result_ttl
-        try:
-            envelope = decode(delivery.payload)
-        except DecodeError as exc:
-            self._settle(outcomes.dead_before_run(
-                delivery, None, DeadLetterReason.UNDECODABLE, "DecodeError", str(exc),
-                default_ttl=ttl))  # fmt: skip
+        verdict = outcomes.triage(
+            delivery, self.stem.registry, default_ttl=self.settings.result_ttl
+        )
+        if isinstance(verdict, outcomes.Settled):
+            self._settle(verdict)
             return
-        task = self.stem.registry.get(envelope.name)
-        if task is None:
-            self._settle(outcomes.dead_before_run(
-                delivery, envelope, DeadLetterReason.UNKNOWN_TASK, "NotRegistered",
-                f"no task named {envelope.name!r} is registered with this worker",
-                default_ttl=ttl))  # fmt: skip
-            return
-        if delivery.deliveries > task.options.max_deliveries:
-            self._settle(outcomes.dead_before_run(
-                delivery, envelope, DeadLetterReason.POISON_PILL, "WorkerLostError",
-                f"delivered {delivery.deliveries} times without finishing",
-                default_ttl=ttl))  # fmt: skip
-            return
-        if envelope.expires is not None and envelope.expires < time.time():
-            self._settle(outcomes.expired(delivery, envelope, default_ttl=ttl))
-            return
+        envelope, task = verdict
         child = pool.pick_child()
         if child is None:  # capacity vanished (a child died meanwhile): give it back
-            self._settle(
-                outcomes.Settled(
-                    Settlement.release(delivery, count_delivery=False), None, "released"
-                )
-            )
+            self._settle(outcomes.released(delivery))
             return
         self.seq += 1
         first_renewal = min(CLAIM_LEASE_S, task.options.visibility_timeout) / 3
@@ -673,11 +639,3 @@ def _memory_limited(child: Child) -> bool:
 
 def _record_only(signum: int, frame: object) -> None:
     """Signal handler: nothing. `set_wakeup_fd` already queued the number for the loop."""
-
-
-def _describe_exit(code: int) -> str:
-    if code < 0:
-        with contextlib.suppress(ValueError):
-            return f"signal {signal.Signals(-code).name}"
-        return f"signal {-code}"
-    return f"exit code {code}"
