@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from appliance.config import Settings, load_settings
 from appliance.context import current_task
-from appliance.envelope import Envelope, encode, new_task_id
-from appliance.errors import NotRegistered, PayloadTooLarge
+from appliance.envelope import Envelope, new_task_id
+from appliance.errors import NotRegistered
 from appliance.states import TaskState
 from appliance.stores import open_backend, open_broker
 from appliance.tasks import Task, TaskHandle, TaskHandler, TaskOptions
@@ -184,7 +184,8 @@ class Stem:
         return [TaskHandle(e.id, self) for e in envelopes]
 
     def build_envelope(self, request: EnqueueRequest) -> Envelope:
-        """Validate a request into an envelope; raises before anything is stored."""
+        """Validate a request into an envelope (options, argument names); the broker
+        refuses non-JSON arguments and oversized payloads before storing anything."""
         task = self.registry.get(request.name)
         options = task.options if task else TaskOptions()
         args = dict(request.args or {})
@@ -207,13 +208,8 @@ class Stem:
             parent_id=parent.id if parent else None,
             root_id=(parent.root_id or parent.id) if parent else None,
         )
-        size = len(encode(envelope))
-        if size > self.settings.max_payload_bytes:
-            raise PayloadTooLarge(
-                f"task {request.name!r}: encoded payload is {size} bytes, above the "
-                f"{self.settings.max_payload_bytes}-byte limit; store the data elsewhere "
-                "(a file, an object store, a database row) and pass a reference to it"
-            )
+        # Encoding (JSON check, size limit: `encode_checked`) happens once, in the broker,
+        # before anything of the batch is stored.
         return envelope
 
     # --- lookup ----------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from appliance.errors import DecodeError
+from appliance.errors import DecodeError, PayloadTooLarge
 
 ENVELOPE_VERSION = 1
 DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024
@@ -102,6 +102,20 @@ def encode(envelope: Envelope) -> bytes:
         return orjson.dumps(envelope)  # orjson serialises (slotted) dataclasses natively
     except TypeError as exc:
         raise TypeError(f"task arguments are not JSON-serialisable: {exc}") from exc
+
+
+def encode_checked(envelope: Envelope, max_bytes: int) -> bytes:
+    """`encode`, refusing payloads above `max_bytes` with a message saying what to do.
+
+    Brokers call this as they store, so each envelope is encoded once."""
+    data = encode(envelope)
+    if len(data) > max_bytes:
+        raise PayloadTooLarge(
+            f"task {envelope.name!r}: encoded payload is {len(data)} bytes, above the "
+            f"{max_bytes}-byte limit; store the data elsewhere (a file, an object store, "
+            "a database row) and pass a reference to it"
+        )
+    return data
 
 
 def dumps_json(value: Any) -> bytes:

@@ -169,6 +169,9 @@ class _Params:
         )
 
     def problem(self, args: Mapping[str, Any]) -> str | None:
+        keys = args.keys()
+        if self.required <= keys and (self.any_keyword or keys <= self.names):
+            return None  # the common case, without building any set
         missing = self.required - args.keys()
         if missing:
             return f"missing required argument(s) {', '.join(sorted(missing))}"

@@ -45,7 +45,7 @@ from appliance.broker.protocol import (
 from appliance.broker.redis_records import dead_entry, dead_record, message_info, stream_info, text
 from appliance.broker.redis_wake import RedisWake
 from appliance.config import Settings
-from appliance.envelope import decode, encode
+from appliance.envelope import DEFAULT_MAX_PAYLOAD_BYTES, decode, encode, encode_checked
 from appliance.errors import DecodeError
 from appliance.redis_conn import OutageLog, connect, durability_warnings, guarded, redact
 from appliance.states import SettleKind
@@ -68,7 +68,15 @@ class _Receipt:
 class RedisBroker:
     """`Broker` on Redis Streams. One instance per process (connections never cross fork)."""
 
-    def __init__(self, url: str, client: redis.Redis, *, namespace: str) -> None:
+    def __init__(
+        self,
+        url: str,
+        client: redis.Redis,
+        *,
+        namespace: str,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    ) -> None:
+        self.max_payload_bytes = max_payload_bytes
         self.url = url
         self.client = client
         self.keys = rk.Keys(namespace)
@@ -94,7 +102,12 @@ class RedisBroker:
 
     @classmethod
     def from_url(cls, url: str, settings: Settings) -> RedisBroker:
-        return cls(url, connect(url), namespace=settings.namespace)
+        return cls(
+            url,
+            connect(url),
+            namespace=settings.namespace,
+            max_payload_bytes=settings.max_payload_bytes,
+        )
 
     def _guard(self, what: str) -> Any:
         return guarded(self._outage, what)
@@ -130,7 +143,8 @@ class RedisBroker:
         for envelope in envelopes:
             due = envelope.not_before is not None and envelope.not_before > now
             args += [
-                envelope.queue, rk.band_of(envelope.priority), envelope.id, encode(envelope),
+                envelope.queue, rk.band_of(envelope.priority), envelope.id,
+                encode_checked(envelope, self.max_payload_bytes),
                 repr(envelope.not_before) if due else "", os.urandom(6).hex() if due else "",
             ]  # fmt: skip
         with self._guard("enqueue"):
