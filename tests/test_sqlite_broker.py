@@ -393,3 +393,12 @@ def test_idle_checkpoint_truncates_the_wal(tmp_path: Path) -> None:
         assert wal.stat().st_size == 0
     finally:
         broker.close()
+
+
+def test_synchronous_normal_is_reported_as_a_durability_warning(tmp_path: Path) -> None:
+    broker = SqliteBroker.from_url(f"sqlite:///{tmp_path / 'n.db'}?synchronous=NORMAL", Settings())
+    try:
+        [warning] = broker.durability_warnings()
+        assert "power loss" in warning
+    finally:
+        broker.close()

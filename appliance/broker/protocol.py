@@ -236,6 +236,12 @@ class Broker(Protocol):
         """Consume pending wake-ups after `wake_fd` turned readable."""
         ...
 
+    def durability_warnings(self) -> list[str]:
+        """Why an enqueue that returned could still be lost with this store's settings
+        (Redis without AOF or with an evicting policy, SQLite synchronous=NORMAL); the
+        worker logs them at start. Empty when the store keeps what it acknowledged."""
+        ...
+
     def idle(self) -> None:
         """Upkeep for a consumer with nothing to do. SQLite checkpoints the WAL into the
         database and truncates it, so it cannot grow without bound under steady load;

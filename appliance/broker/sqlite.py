@@ -517,6 +517,14 @@ class SqliteBroker:
         count: int = self._db.write(lambda conn: conn.execute(_DLQ_PURGE, (queue,)).rowcount)
         return count
 
+    def durability_warnings(self) -> list[str]:
+        if self._db.target.synchronous == "FULL":
+            return []
+        return [
+            f"{self.path}: synchronous={self._db.target.synchronous}: survives a process "
+            "crash, but the last commits can be lost on power loss (FULL keeps them)"
+        ]
+
     def idle(self) -> None:
         # TRUNCATE waits for nothing: if a reader holds an old snapshot it checkpoints
         # what it can and the next idle turn finishes the job.

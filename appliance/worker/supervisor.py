@@ -150,7 +150,7 @@ class Supervisor:
                 pause = min(pause * 2, 10.0)
         if recovered:
             log.warning("returned %d abandoned deliveries to their queues", recovered)
-        for warning in getattr(self.broker, "durability_warnings", list)():
+        for warning in self.broker.durability_warnings():
             log.warning("broker durability: %s", warning)
         if self.wake_fd is not None:
             self.selector.register(self.wake_fd, selectors.EVENT_READ, "wake")

@@ -458,3 +458,8 @@ def test_wake_fd_turns_readable_after_an_enqueue_elsewhere(store_url: str, broke
         assert readable(fd, 5)
     finally:
         producer.close()
+
+
+def test_durability_warnings_is_a_list_of_text(broker: Broker) -> None:
+    # The test stores keep what they acknowledge (SQLite FULL, Redis AOF always).
+    assert broker.durability_warnings() == []
