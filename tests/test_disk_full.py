@@ -1,0 +1,73 @@
+"""A real full disk under a running supervisor (a tiny tmpfs; needs root, as CI is):
+settles fail, children keep running, nothing is lost, work resumes when space returns."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance import Stem
+from tests.apps import ledger_app
+from tests.conftest import wait_until
+from tests.process import WorkerProcess
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(path: Path) -> None:
+    """Write until the filesystem refuses: ENOSPC."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"\0" * 4096)
+    finally:
+        os.close(fd)
+
+
+def test_a_full_disk_under_the_supervisor_loses_nothing(small_disk: Path, tmp_path: Path) -> None:
+    url = f"sqlite:///{small_disk / 'stem.db'}"
+    stem = Stem(broker=url)
+    stem.registry.update(ledger_app.stem.registry)
+    handles = stem.enqueue_many([("t.slow", {"seconds": 0.05}) for _ in range(60)])
+    worker = WorkerProcess(tmp_path, url).start()
+    try:
+        assert wait_until(lambda: len(worker.ledger_lines("start")) >= 2, timeout=10)
+        fill(small_disk / "filler")
+        with pytest.raises(OSError) as full:
+            (small_disk / "more").write_bytes(b"\0" * 65536)
+        assert full.value.errno == errno.ENOSPC
+        assert wait_until(lambda: "store failed" in worker.read_log(), timeout=15), (
+            worker.read_log()
+        )
+        assert worker.proc is not None and worker.proc.poll() is None  # still serving
+        (small_disk / "filler").unlink()
+        (small_disk / "more").unlink(missing_ok=True)
+        for handle in handles:
+            handle.result(timeout=30)
+        assert "store reachable again" in worker.read_log()
+    finally:
+        worker.stop()
+        stem.close()
+    done = worker.completions()
+    assert set(done) == {h.id for h in handles}  # nothing lost
+    with sqlite3.connect(small_disk / "stem.db") as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
