@@ -85,7 +85,7 @@ class RedisBroker:
         self._enqueue = scripts.register(client, scripts.ENQUEUE)
         self._claim = scripts.register(client, scripts.CLAIM)
         self._settle = scripts.register(client, scripts.SETTLE)
-        self._extend = scripts.register(client, scripts.EXTEND, helpers=False)
+        self._extend = scripts.register(client, scripts.EXTEND)
         self._stats = scripts.register(client, scripts.STATS, helpers=False)
         self._replay = scripts.register(client, scripts.REPLAY)
         self._purge = scripts.register(client, scripts.PURGE, helpers=False)

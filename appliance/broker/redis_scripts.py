@@ -11,6 +11,14 @@ from appliance.broker import redis_keys as rk
 
 # Shared helpers of the writing scripts (after the key prelude).
 LUA_HELPERS = """
+-- A consumer's lease only grows: the supervisor renews each task at a third of its own
+-- visibility timeout, so judging its entries by a shorter lease written by a later
+-- claim would take a live task away from it (and run it twice).
+local function raise_lease(consumer, lease)
+  local held = tonumber(redis.call('HGET', k_consumers, consumer) or '0')
+  if lease > held then redis.call('HSET', k_consumers, consumer, lease) end
+end
+
 -- `origin` names a message across the copies a release or retry makes (field 'o'; a
 -- fresh entry is its own origin), so a late ACK or DEAD still finds the message.
 local function add_ready(q, band, task, payload, base, origin)
@@ -144,7 +152,7 @@ for band = BANDS - 1, 0, -1 do
     end
   end
 end
-if #out > 0 then redis.call('HSET', k_consumers, consumer, lease) end
+if #out > 0 then raise_lease(consumer, tonumber(lease)) end
 return out
 """
 
@@ -261,7 +269,7 @@ for i = 4, #ARGV, 5 do
     n = n + 1
   end
 end
-if consumer then redis.call('HSET', k_consumers, consumer, ARGV[3]) end
+if consumer then raise_lease(consumer, tonumber(ARGV[3])) end
 return n
 """
 

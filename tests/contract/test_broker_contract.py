@@ -463,3 +463,21 @@ def test_wake_fd_turns_readable_after_an_enqueue_elsewhere(store_url: str, broke
 def test_durability_warnings_is_a_list_of_text(broker: Broker) -> None:
     # The test stores keep what they acknowledge (SQLite FULL, Redis AOF always).
     assert broker.durability_warnings() == []
+
+
+def test_a_later_short_claim_does_not_shorten_an_extended_lease(
+    broker: Broker, other: Consumer, me: Consumer
+) -> None:
+    # Regression: Redis kept one lease per consumer and let the latest claim overwrite it,
+    # so a long task renewed at a third of its visibility timeout was taken away (and
+    # run twice) once a quick task was claimed with a shorter lease.
+    broker.enqueue([envelope(), envelope()])
+    [long_task] = broker.claim(["default"], 1, consumer=other, lease=SHORT_LEASE)
+    broker.extend([long_task], 5.0)
+    [quick] = broker.claim(["default"], 1, consumer=other, lease=SHORT_LEASE)
+    broker.settle([Settlement.ack(quick)])
+    time.sleep(3 * SHORT_LEASE)
+    broker.recover(me)
+    assert broker.claim(["default"], 1, consumer=me, lease=LEASE) == []
+    stats = broker.queue_stats()
+    assert [(s.ready, s.in_flight) for s in stats] == [(0, 1)]
