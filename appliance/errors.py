@@ -132,6 +132,14 @@ class Retry(StemError):
     """Raised by `TaskContext.retry()`: schedule the next attempt, optionally after `countdown`."""
 
     def __init__(self, countdown: float | None = None, exc: BaseException | None = None) -> None:
+        # Checked here, inside the task: a bad value must fail this attempt, not the
+        # supervisor that later schedules the retry.
+        if countdown is not None and (
+            isinstance(countdown, bool) or not isinstance(countdown, int | float)
+        ):
+            raise TypeError(f"retry countdown must be a number of seconds, got {countdown!r}")
+        if countdown is not None and not 0 <= countdown < float("inf"):
+            raise ValueError(f"retry countdown must be >= 0 and finite, got {countdown!r}")
         super().__init__(f"retry requested (countdown={countdown})")
         self.countdown = countdown
         self.exc = exc

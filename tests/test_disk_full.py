@@ -8,9 +8,11 @@ import errno
 import os
 import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from appliance import Stem
@@ -71,3 +73,33 @@ def test_a_full_disk_under_the_supervisor_loses_nothing(small_disk: Path, tmp_pa
     assert set(done) == {h.id for h in handles}  # nothing lost
     with sqlite3.connect(small_disk / "stem.db") as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_lease_renewals_during_a_full_disk_back_off_instead_of_spinning(
+    small_disk: Path, tmp_path: Path
+) -> None:
+    # Regression: a failing lease renewal was retried on every loop turn without back-off,
+    # and the back-off counter overflowed a float within a second: the supervisor died.
+    url = f"sqlite:///{small_disk / 'stem.db'}"
+    stem = Stem(broker=url)
+    stem.registry.update(ledger_app.stem.registry)
+    handles = [stem.enqueue("t.renewed", {"seconds": 4.0}) for _ in range(2)]
+    worker = WorkerProcess(tmp_path, url).start()
+    try:
+        assert wait_until(lambda: len(worker.ledger_lines("start")) == 2, timeout=10)
+        fill(small_disk / "filler")
+        assert wait_until(lambda: "store failed" in worker.read_log(), timeout=10)
+        supervisor = psutil.Process(worker.pid)
+        before = supervisor.cpu_times()
+        time.sleep(2.0)
+        after = supervisor.cpu_times()
+        busy = (after.user + after.system) - (before.user + before.system)
+        assert busy < 0.5, f"the supervisor spun: {busy:.2f} s of CPU in 2 s"
+        assert worker.proc is not None and worker.proc.poll() is None
+        (small_disk / "filler").unlink()
+        for handle in handles:
+            handle.result(timeout=30)
+    finally:
+        worker.stop()
+        stem.close()
+    assert set(worker.completions()) == {h.id for h in handles}

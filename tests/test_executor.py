@@ -153,3 +153,14 @@ def test_progress_is_reported_in_outcome(stem: Stem) -> None:
         ctx.progress(90, {"step": 2})
 
     assert run(stem, "t.progress")["progress"] == 90.0
+
+
+def test_a_retry_countdown_that_is_not_a_number_fails_the_attempt(stem: Stem) -> None:
+    # Regression: a string countdown reached the supervisor's retry decision and killed it.
+    @stem.task("t.badretry")
+    def bad(ctx: TaskContext) -> None:
+        ctx.retry(countdown="5")  # type: ignore[arg-type]
+
+    out = run(stem, "t.badretry")
+    assert out["ok"] is False and not out.get("retry")
+    assert out["error"]["type"] == "TypeError" and "countdown" in out["error"]["message"]

@@ -153,3 +153,24 @@ def test_after_child_death_by_cause(sqlite_url: str) -> None:
     assert crashed.settlement.kind is SettleKind.RELEASE and crashed.settlement.count_delivery
     assert crashed.result is not None and crashed.result.error is not None
     assert crashed.result.error.message == "child signal SIGSEGV"
+
+
+def test_a_retry_strategy_that_raises_dead_letters_the_task_not_the_worker(
+    sqlite_url: str,
+) -> None:
+    class Broken:
+        def delay(self, attempt: int) -> float:
+            raise ZeroDivisionError("oops")
+
+    stem = Stem(broker=sqlite_url)
+
+    @stem.task("b", retry_strategy=Broken())
+    def b(ctx: TaskContext) -> None: ...
+
+    failed = outcomes.from_outcome(
+        _delivery(), Envelope(id="1", name="b"), stem.get_task("b"),
+        {"ok": False, "error": {"type": "E", "message": "m"}}, worker="w", default_ttl=60,
+    )  # fmt: skip
+    assert failed.settlement.dead is not None
+    assert failed.settlement.dead.reason is DeadLetterReason.PERMANENT
+    assert "retry strategy failed" in failed.settlement.dead.message

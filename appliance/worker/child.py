@@ -118,7 +118,7 @@ def _serve(setup: ChildSetup) -> None:
             seq, payload = split_dispatch(frame)
             outcome = _handle(setup, executor, runtime, seq, payload)
             outcome["seq"] = seq
-            write_all(setup.write_fd, message_frame(outcome))
+            write_all(setup.write_fd, _frame(outcome))
             if _should_recycle(setup, slot):
                 slot.state = SlotState.EXITING
                 return
@@ -160,6 +160,20 @@ def _handle(
         slot.tasks_done += 1
     outcome["kind"] = "done"
     return outcome
+
+
+def _frame(outcome: dict[str, Any]) -> bytes:
+    """The outcome as a frame; if something in it will not encode, a failure that says so,
+    never a dead child (which would hand the task back uncounted, again and again)."""
+    try:
+        return message_frame(outcome)
+    except (TypeError, ValueError) as exc:
+        return message_frame({
+            "kind": "done", "seq": outcome.get("seq"), "ok": False,
+            "started": outcome.get("started"), "finished": outcome.get("finished"),
+            "error": {"type": "TypeError", "traceback": "",
+                      "message": f"the task's outcome could not be reported: {exc}"},
+        })  # fmt: skip
 
 
 def _should_recycle(setup: ChildSetup, slot: Slot) -> bool:

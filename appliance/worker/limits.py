@@ -19,6 +19,8 @@ class KillReason:
 
 # Killed by a cold shutdown: the task goes back uncounted (it did nothing wrong).
 COLD_SHUTDOWN = KillReason("WorkerLostError", "cold shutdown", counts_as_task_failure=False)
+# Killed for a limit another task broke (it finished as the kill landed): uncounted too.
+BYSTANDER = KillReason("WorkerLostError", "killed for another task", counts_as_task_failure=False)
 
 
 def check_slot(slot: Slot, now: float, heartbeat_timeout: float) -> KillReason | None:
@@ -52,7 +54,7 @@ def respawn_delay(early_deaths: int) -> float:
     """Back-off for a crash loop: children dying before finishing any task."""
     if early_deaths <= 1:
         return 0.0
-    return min(30.0, 0.25 * 2.0 ** (early_deaths - 2))
+    return min(30.0, 0.25 * 2.0 ** min(early_deaths - 2, 8))  # capped: no float overflow
 
 
 def describe_exit(code: int) -> str:

@@ -15,10 +15,10 @@ from appliance.backend.protocol import ErrorInfo, TaskResult
 from appliance.broker.protocol import DeadLetterInfo, Delivery, Settlement
 from appliance.envelope import Envelope, decode
 from appliance.errors import DecodeError
-from appliance.retry import decide
+from appliance.retry import Decision, decide
 from appliance.states import DeadLetterReason, SettleKind, TaskState
 from appliance.tasks import Task
-from appliance.worker.limits import COLD_SHUTDOWN, KillReason
+from appliance.worker.limits import BYSTANDER, COLD_SHUTDOWN, KillReason
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,15 +54,22 @@ def from_outcome(
     """Settle one finished attempt according to the task's retry policy."""
     now = time.time()
     ok = bool(outcome.get("ok"))
-    decision = decide(
-        failed=not ok,
-        permanent=bool(outcome.get("permanent")),
-        attempt=envelope.attempt,
-        max_retries=envelope.max_retries,
-        strategy=task.options.strategy,
-        now=now,
-        countdown=outcome.get("countdown"),
-    )
+    try:
+        decision = decide(
+            failed=not ok,
+            permanent=bool(outcome.get("permanent")),
+            attempt=envelope.attempt,
+            max_retries=envelope.max_retries,
+            strategy=task.options.strategy,
+            now=now,
+            countdown=outcome.get("countdown"),
+        )
+    except Exception as exc:  # a user RetryStrategy raised: this task ends, not the worker
+        decision = Decision(SettleKind.DEAD, reason=DeadLetterReason.PERMANENT)
+        outcome = outcome | {"error": {
+            "type": type(exc).__name__, "traceback": "",
+            "message": f"the retry strategy failed: {exc}",
+        }}  # fmt: skip
     common: dict[str, Any] = {
         "task_id": envelope.id, "name": envelope.name, "queue": envelope.queue,
         "attempt": envelope.attempt, "worker": worker, "started_at": outcome.get("started"),
@@ -196,11 +203,12 @@ def after_child_death(
 ) -> Settled:
     """What happens to a delivery its child held when the child died.
 
-    Not running yet, or stopped by a cold shutdown: back uncounted. Killed for a limit
+    Not running yet, stopped by a cold shutdown, or killed for another task's limit:
+    back uncounted. Killed for a limit
     the task broke (time, memory): a failure under its retry policy. Otherwise the child
     was lost under it (a crash, a signal, silence): back at once, counted (poison pills).
     """
-    if not running or kill is COLD_SHUTDOWN:
+    if not running or kill is COLD_SHUTDOWN or kill is BYSTANDER:
         return released(delivery)
     if kill is not None and kill.counts_as_task_failure:
         error = {"type": kill.error_type, "message": kill.message}

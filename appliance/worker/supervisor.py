@@ -33,6 +33,7 @@ from appliance.worker.child import ChildSetup, child_main
 from appliance.worker.heartbeat import HeartbeatTable
 from appliance.worker.ipc import dispatch_frame, make_pipe
 from appliance.worker.limits import (
+    BYSTANDER,
     COLD_SHUTDOWN,
     KillReason,
     check_memory,
@@ -45,6 +46,7 @@ from appliance.worker.systemd import Notifier
 
 log = logging.getLogger("stem.worker")
 
+FINAL_SETTLE_S = 10.0  # at exit, keep retrying a failing store this long
 CLAIM_LEASE_S = 30.0  # the lease taken at claim; renewed to each task's own timeout
 POLL_S = 1.0  # claim at least this often without a wake-up (lost wake-ups, outbox)
 SCAN_S = 0.05  # heartbeat-table scan while a task with a deadline runs
@@ -167,18 +169,33 @@ class Supervisor:
     def _close(self) -> None:
         """Kill what is left, settle what is known, release shared memory and stores."""
         for child in list(self.children.values()):
+            child.kill = child.kill or COLD_SHUTDOWN  # their tasks go back uncounted
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child.pid, signal.SIGKILL)
         while self.children:
             self._reap(block=True)
         self.accepting = False
-        self._store_round(time.monotonic(), final=True)
+        self._settle_before_exit()
         with contextlib.suppress(BrokerError):
             self.backend.remove_worker(self.consumer.name)
         signal.set_wakeup_fd(-1)
         self.table.close()
         self.broker.close()
         self.backend.close()
+
+    def _settle_before_exit(self) -> None:
+        """Settle what is left, retrying through a short store outage: a result or an
+        ack dropped here would make a finished task run again."""
+        deadline = time.monotonic() + FINAL_SETTLE_S
+        self._store_round(time.monotonic(), final=True)
+        while self.pending and time.monotonic() < deadline:
+            time.sleep(max(0.05, min(0.5, self.store_retry_at - time.monotonic())))
+            self._store_round(time.monotonic(), final=True)
+        if self.pending:
+            log.error(
+                "exiting with %d deliveries unsettled: their leases expire and they run again",
+                len(self.pending),
+            )
 
     # --- the loop ----------------------------------------------------------------------
 
@@ -220,7 +237,10 @@ class Supervisor:
         if self.draining_until is not None:
             deadlines.append(self.draining_until)
         for child in self.children.values():
-            deadlines.extend(d.renew_at for d in child.outstanding.values())
+            if child.kill is None:  # a killed child's leases are not renewed: no spinning
+                deadlines.extend(
+                    max(d.renew_at, self.store_retry_at) for d in child.outstanding.values()
+                )
         return max(0.0, min(deadlines) - now)
 
     # --- signals and shutdown ------------------------------------------------------------
@@ -282,7 +302,15 @@ class Supervisor:
         to_r, to_w = make_pipe()
         from_r, from_w = make_pipe()
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:  # EAGAIN at a process limit (systemd TasksMax=): retry later
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            for fd in (to_r, to_w, from_r, from_w):
+                os.close(fd)
+            log.error("cannot fork a child for pool %s: %s", pool.settings.name, exc)
+            pool.respawn_at[index] = time.monotonic() + 5.0
+            return
         if pid == 0:  # the child: drop everything of the supervisor's it must not touch
             signal.set_wakeup_fd(-1)
             for fd in (to_w, from_r, self.signal_r, self.signal_w, *self.by_fd):
@@ -359,8 +387,13 @@ class Supervisor:
         return None
 
     def _recover_dispatch(self, child: Child, dispatch: Dispatch, running: bool, code: int) -> None:
+        kill = child.kill
+        if kill is not None and kill.counts_as_task_failure and dispatch.seq != child.killed_seq:
+            # The task the kill was meant for finished just before it landed: this one
+            # had just started and broke no limit.
+            kill = BYSTANDER
         self._settle(outcomes.after_child_death(
-            dispatch.delivery, dispatch.envelope, dispatch.task, child.kill,
+            dispatch.delivery, dispatch.envelope, dispatch.task, kill,
             running=running, exit_text=f"child {describe_exit(code)}",
             worker=self.worker_name, default_ttl=self.settings.result_ttl,
         ))  # fmt: skip
@@ -416,9 +449,9 @@ class Supervisor:
         if kind == "skipped":
             settled = outcomes.released(dispatch.delivery)
         else:
-            started, finished = message.get("started"), message.get("finished")
-            if isinstance(started, float) and isinstance(finished, float):
-                child.pool.record_runtime(finished - started)
+            runtime = message.get("runtime")
+            if isinstance(runtime, float):
+                child.pool.record_runtime(max(0.0, runtime))
             settled = outcomes.from_outcome(
                 dispatch.delivery, dispatch.envelope, dispatch.task, message,
                 worker=self.worker_name, default_ttl=self.settings.result_ttl,
@@ -436,10 +469,10 @@ class Supervisor:
             if slot.state == SlotState.RUNNING and (slot.hard_deadline or _memory_limited(child)):
                 busy = True  # a limit to watch closely
             if child.kill is None:
-                timeout = child.pool.settings.heartbeat_timeout
-                reason = check_slot(slot, now, timeout)
+                seq = slot.seq  # read first: the verdict below is about this task
+                reason = check_slot(slot, now, child.pool.settings.heartbeat_timeout)
                 if reason is not None:
-                    self._kill(child, reason, slot.seq)
+                    self._kill(child, reason, seq)
         if now >= self._timers["memory"]:
             self._timers["memory"] = now + MEMORY_SCAN_S
             self._scan_memory()
@@ -448,7 +481,8 @@ class Supervisor:
     def _scan_memory(self) -> None:
         for child in list(self.children.values()):
             slot = self.table.slots[child.index]
-            dispatch = child.outstanding.get(slot.seq)
+            seq = slot.seq
+            dispatch = child.outstanding.get(seq)
             if child.kill is not None or dispatch is None or slot.state != SlotState.RUNNING:
                 continue
             limit = dispatch.task.options.max_memory
@@ -459,7 +493,7 @@ class Supervisor:
             except Exception:  # psutil: the child is gone; the reaper handles it
                 continue
             if reason is not None:
-                self._kill(child, reason, slot.seq)
+                self._kill(child, reason, seq)
 
     def _kill(self, child: Child, reason: KillReason, seq: int) -> None:
         log.warning("killing child %d: %s", child.pid, reason.message)
@@ -479,7 +513,9 @@ class Supervisor:
         wants_claim = self.accepting and any(self._wants_claim(p, now) for p in self.pools)
         if not self.pending and not wants_claim:
             return []
-        batch, claimed = self.pending, []
+        batch: list[outcomes.Settled] = self.pending
+        claimed: list[tuple[Pool, Delivery]] = []
+        claim_error: BrokerError | None = None
         try:
             with self.broker.batch():
                 if batch:
@@ -488,12 +524,14 @@ class Supervisor:
                         self.backend.store(results)
                     self.broker.settle([s.settlement for s in batch])
                 if wants_claim:
-                    claimed = self._claim(now)
+                    claimed, claim_error = self._claim(now)
         except BrokerError as exc:
             self._store_failed(exc)
             return []
         self.pending = self.pending[len(batch) :]
-        if self.store_failures:
+        if claim_error is not None:
+            self._store_failed(claim_error)  # what was claimed before it still runs
+        elif self.store_failures:
             log.warning("store reachable again; settled %d deliveries", len(batch))
             self.store_failures = 0
         return claimed
@@ -501,23 +539,29 @@ class Supervisor:
     def _wants_claim(self, pool: Pool, now: float) -> bool:
         return bool(pool.free_capacity()) and (pool.maybe_ready or now >= pool.next_poll)
 
-    def _claim(self, now: float) -> list[tuple[Pool, Delivery]]:
+    def _claim(self, now: float) -> tuple[list[tuple[Pool, Delivery]], BrokerError | None]:
+        """Claim for each pool with room. A failure stops the round but keeps what the
+        pools before it claimed: dropping those would strand them until their lease ends."""
         claimed: list[tuple[Pool, Delivery]] = []
         for pool in self.pools:
             if not self._wants_claim(pool, now):
                 continue
             free = pool.free_capacity()
-            deliveries = self.broker.claim(
-                pool.queues, free, consumer=self.consumer, lease=CLAIM_LEASE_S
-            )
+            try:
+                deliveries = self.broker.claim(
+                    pool.queues, free, consumer=self.consumer, lease=CLAIM_LEASE_S
+                )
+            except BrokerError as exc:
+                return claimed, exc
+            claimed.extend((pool, delivery) for delivery in deliveries)
             pool.maybe_ready = len(deliveries) == free
             if not pool.maybe_ready:
                 pool.next_poll = now + POLL_S
-                due = self.broker.next_due(pool.queues)
-                if due is not None:
-                    pool.next_poll = min(pool.next_poll, now + max(0.0, due - time.time()))
-            claimed.extend((pool, delivery) for delivery in deliveries)
-        return claimed
+                with contextlib.suppress(BrokerError):  # only a hint for when to look again
+                    due = self.broker.next_due(pool.queues)
+                    if due is not None:
+                        pool.next_poll = min(pool.next_poll, now + max(0.0, due - time.time()))
+        return claimed, None
 
     def _dispatch(self, pool: Pool, delivery: Delivery, now: float) -> None:
         verdict = outcomes.triage(
@@ -559,20 +603,26 @@ class Supervisor:
         if not self.store_failures:
             log.error("store failed (%s); running tasks go on, settling is retried", exc)
         self.store_failures += 1
-        self.store_retry_at = time.monotonic() + min(5.0, 0.05 * 2**self.store_failures)
+        # The exponent is capped: an outage of hours must not overflow the float.
+        self.store_retry_at = time.monotonic() + min(5.0, 0.05 * 2.0 ** min(self.store_failures, 7))
 
     def _renew(self, now: float) -> None:
+        """Extend the leases of held deliveries: every third of the task's visibility
+        timeout, and at once when the task asked for more (`ctx.extend_lease`)."""
+        if now < self.store_retry_at:
+            return  # the store is failing: the back-off decides when to try again
         due: dict[float, list[Dispatch]] = {}
         for child in self.children.values():
             if child.kill is not None:
                 continue
             slot = self.table.slots[child.index]
             for dispatch in child.outstanding.values():
-                wanted = dispatch.renew_at <= now
+                lease = dispatch.task.options.visibility_timeout
                 if slot.seq == dispatch.seq and slot.lease_request > dispatch.lease_end:
-                    wanted = True
-                if wanted:
-                    due.setdefault(dispatch.task.options.visibility_timeout, []).append(dispatch)
+                    lease = max(lease, slot.lease_request - now)  # what the task asked for
+                elif dispatch.renew_at > now:
+                    continue
+                due.setdefault(lease, []).append(dispatch)
         for lease, dispatches in due.items():
             try:
                 self.broker.extend([d.delivery for d in dispatches], lease)
@@ -580,7 +630,7 @@ class Supervisor:
                 self._store_failed(exc)
                 return
             for dispatch in dispatches:
-                dispatch.renew_at = now + lease / 3
+                dispatch.renew_at = now + min(lease, dispatch.task.options.visibility_timeout) / 3
                 dispatch.lease_end = now + lease
 
     def _housekeeping(self, now: float) -> None:

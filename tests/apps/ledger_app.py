@@ -81,3 +81,11 @@ def long_task(ctx: TaskContext, seconds: float = 3.0) -> None:
         ctx.heartbeat()
         time.sleep(0.1)
     record(ctx)
+
+
+@stem.task("t.renewed", visibility_timeout=1)
+def renewed(ctx: TaskContext, seconds: float = 3.0) -> None:
+    """Its lease is renewed three times a second: renewals hit the store while it fails."""
+    record(ctx, "start")
+    time.sleep(seconds)
+    record(ctx)
