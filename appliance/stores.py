@@ -45,14 +45,20 @@ def open_backend(url: str, settings: Settings) -> ResultBackend:
     return RedisBackend.from_url(url, settings)
 
 
-def open_stores(settings: Settings) -> tuple[Broker, ResultBackend]:
+def open_stores(
+    settings: Settings, *, sqlite_busy_wait: float | None = None
+) -> tuple[Broker, ResultBackend]:
     """Broker and backend; on one store they share a connection, so that
     `Broker.batch()` writes results and settlements together: one SQLite transaction,
-    or one Redis round trip."""
+    or one Redis round trip. `sqlite_busy_wait` caps how long one call waits for other
+    SQLite writers before it raises `BrokerBusy` (the supervisor must not stall)."""
     broker = open_broker(settings.broker_url, settings)
+    from appliance.broker.sqlite import SqliteBroker
+
+    if isinstance(broker, SqliteBroker) and sqlite_busy_wait is not None:
+        broker.database.busy_deadline = sqlite_busy_wait
     if scheme_of(settings.backend_url) == "sqlite" and settings.backend_url == settings.broker_url:
         from appliance.backend.sqlite import SqliteBackend
-        from appliance.broker.sqlite import SqliteBroker
 
         if isinstance(broker, SqliteBroker):
             return broker, SqliteBackend(broker.database.share(), settings.backend_url)

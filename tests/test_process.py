@@ -240,3 +240,37 @@ def test_the_supervisor_publishes_its_heartbeat_record_and_removes_it_on_exit(
     assert stem.enqueue("t.record", {"n": 1}).result(timeout=10) == 1
     worker.stop()
     assert stem.backend.list_workers() == []
+
+
+def test_time_limits_hold_while_a_producer_holds_the_sqlite_write_lock(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    # The supervisor waits at most 0.25 s for other writers, then backs off and retries:
+    # a long write lock elsewhere (a 100k-row batch enqueue) must not stall its loop.
+    import sqlite3
+
+    stem = Stem(broker=sqlite_url)
+    stem.registry.update(ledger_app.stem.registry)
+    worker = WorkerProcess(tmp_path, sqlite_url).start()
+    handle = stem.enqueue("t.hang")
+    assert wait_until(lambda: len(worker.ledger_lines("start")) == 1, timeout=10)
+    started = float(worker.ledger_lines("start")[0][4])
+    holder = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # every writer now waits for this one
+    try:
+        assert wait_until(lambda: len(worker.children()) == 2 and _replaced(worker), timeout=5)
+        killed_at = time.time()
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    try:
+        assert killed_at - started < 1.0 + 1.5  # the 1 s hard limit, the loop not stalled
+        assert wait_until(lambda: handle.state() is TaskState.DEAD, timeout=10)
+    finally:
+        worker.stop()
+        stem.close()
+
+
+def _replaced(worker: WorkerProcess) -> bool:
+    starts = worker.ledger_lines("start")
+    return bool(starts) and int(starts[0][3]) not in {p.pid for p in worker.children()}

@@ -25,7 +25,7 @@ from appliance.app import Stem
 from appliance.backend.protocol import ResultBackend, WorkerHeartbeat
 from appliance.broker.protocol import Broker, Consumer, Delivery
 from appliance.config import PoolSettings
-from appliance.errors import BrokerError, BrokerUnavailable, StemError
+from appliance.errors import BrokerBusy, BrokerError, BrokerUnavailable, StemError
 from appliance.states import ExitCode, SlotState
 from appliance.stores import open_stores
 from appliance.worker import outcomes
@@ -46,6 +46,10 @@ from appliance.worker.systemd import Notifier
 
 log = logging.getLogger("stem.worker")
 
+# Wait at most this long for other SQLite writers (a producer's 100k-row batch holds the
+# lock for seconds): past it the round fails, backs off and is retried, while the loop
+# keeps enforcing time limits and heartbeats.
+STORE_BUSY_WAIT_S = 0.25
 FINAL_SETTLE_S = 10.0  # at exit, keep retrying a failing store this long
 CLAIM_LEASE_S = 30.0  # the lease taken at claim; renewed to each task's own timeout
 POLL_S = 1.0  # claim at least this often without a wake-up (lost wake-ups, outbox)
@@ -134,7 +138,7 @@ class Supervisor:
         False if a stop signal arrived meanwhile."""
         self.broker: Broker
         self.backend: ResultBackend
-        self.broker, self.backend = open_stores(self.settings)
+        self.broker, self.backend = open_stores(self.settings, sqlite_busy_wait=STORE_BUSY_WAIT_S)
         self.consumer = Consumer.this_process()
         self.worker_name = f"{self.consumer.host}:{self.consumer.pid}"
         queues = sorted({q for pool in self.pools for q in pool.queues})
@@ -144,7 +148,7 @@ class Supervisor:
                 recovered = self.broker.recover(self.consumer)
                 self.wake_fd = self.broker.wake_fd(queues)
                 break
-            except BrokerUnavailable as exc:
+            except (BrokerUnavailable, BrokerBusy) as exc:
                 log.warning("broker unavailable (%s); retrying in %.1fs", exc, pause)
                 self.notifier.send(f"STATUS=waiting for broker: {exc}")
                 if self._stop_requested_within(pause):
