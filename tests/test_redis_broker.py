@@ -395,3 +395,17 @@ def test_backend_results_expire_with_their_ttl(redis_url: str, raw: redis.Redis)
         assert backend.get("keep") is None
     finally:
         backend.close()
+
+
+def test_recover_forgets_the_leases_of_consumers_that_are_gone(
+    broker: RedisBroker, raw: redis.Redis
+) -> None:
+    me = Consumer.this_process()
+    ghost = subprocess.Popen(["true"])
+    ghost.wait()
+    dead = Consumer(me.host, ghost.pid, time.time() - 5)  # a pid that no longer runs
+    broker.enqueue(envelopes(1))
+    assert len(broker.claim(["default"], 1, consumer=dead, lease=30)) == 1
+    assert raw.hexists(broker.keys.consumers, dead.name)
+    assert broker.recover(me) == 1  # its message comes back at once...
+    assert not raw.hexists(broker.keys.consumers, dead.name)  # ...and its lease is forgotten

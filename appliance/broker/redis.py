@@ -294,6 +294,11 @@ class RedisBroker:
             for queue, band, key in self._streams():
                 for info in self._group_consumers(key):
                     released += self._recover_consumer(queue, band, key, info, consumer, leases)
+            # Forget the leases of consumers on this host that are gone, or the hash would
+            # gain an entry per supervisor lifetime.
+            gone = [n for n in leases if n != consumer.name and consumer_gone(n, consumer)]
+            if gone:
+                self.client.hdel(self.keys.consumers, *gone)
             return released
 
     def _streams(self) -> Iterator[tuple[str, int, str]]:
