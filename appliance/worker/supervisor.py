@@ -18,8 +18,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import orjson
-
 from appliance import __version__
 from appliance.app import Stem
 from appliance.backend.protocol import ResultBackend, WorkerHeartbeat
@@ -31,7 +29,7 @@ from appliance.stores import open_stores
 from appliance.worker import outcomes
 from appliance.worker.child import ChildSetup, child_main
 from appliance.worker.heartbeat import HeartbeatTable
-from appliance.worker.ipc import dispatch_frame, make_pipe
+from appliance.worker.ipc import dispatch_frame
 from appliance.worker.limits import (
     BYSTANDER,
     COLD_SHUTDOWN,
@@ -41,6 +39,7 @@ from appliance.worker.limits import (
     describe_exit,
     respawn_delay,
 )
+from appliance.worker.pipes import ChildPipes
 from appliance.worker.pool import Child, Dispatch, Pool
 from appliance.worker.systemd import Notifier
 
@@ -77,7 +76,6 @@ class Supervisor:
             first += settings.concurrency
         self.slot_count = first
         self.children: dict[int, Child] = {}  # pid -> child
-        self.by_fd: dict[int, Child] = {}
         self.pending: list[outcomes.Settled] = []
         self._touched: set[Child] = set()  # children with dispatches not yet written
         self.seq = 0
@@ -126,6 +124,7 @@ class Supervisor:
 
     def _install_signals(self) -> None:
         self.selector = selectors.DefaultSelector()
+        self.pipes = ChildPipes(self.selector)
         self.signal_r, self.signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self.signal_w)
         for signum in HANDLED_SIGNALS:
@@ -214,7 +213,7 @@ class Supervisor:
             elif mask & selectors.EVENT_READ:
                 self._read_child(key.data)
             else:
-                self._write_child(key.data)
+                self.pipes.flush([key.data])
         now = time.monotonic()
         self._reap(block=False)
         self._scan(now)
@@ -222,7 +221,7 @@ class Supervisor:
             self._spawn_missing(now)
         for pool, delivery in self._store_round(now):
             self._dispatch(pool, delivery, now)
-        self._flush_outboxes(self._touched)
+        self.pipes.flush(self._touched)
         self._touched.clear()
         self._renew(now)
         self._housekeeping(now)
@@ -292,7 +291,7 @@ class Supervisor:
             self._cold_shutdown("grace period over")
         for child in list(self.children.values()):
             if not child.outstanding and child.to_fd >= 0:
-                self._close_pipe_to(child)  # EOF: the child exits on its own
+                self.pipes.close_to(child)  # EOF: the child exits on its own
 
     # --- children ------------------------------------------------------------------------
 
@@ -303,50 +302,27 @@ class Supervisor:
                 self._spawn(pool, index)
 
     def _spawn(self, pool: Pool, index: int) -> None:
-        to_r, to_w = make_pipe()
-        from_r, from_w = make_pipe()
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        slot, header = self.table.slots[index], self.table.header
+
+        def run_child(read_fd: int, write_fd: int) -> None:
+            setup = ChildSetup(self.stem, pool.settings, slot, header, read_fd, write_fd,
+                               self.consumer.pid)  # fmt: skip
+            child_main(setup)
+
         try:
-            pid = os.fork()
+            pid, to_fd, from_fd = self.pipes.fork(
+                (self.signal_r, self.signal_w), HANDLED_SIGNALS, run_child
+            )
         except OSError as exc:  # EAGAIN at a process limit (systemd TasksMax=): retry later
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-            for fd in (to_r, to_w, from_r, from_w):
-                os.close(fd)
             log.error("cannot fork a child for pool %s: %s", pool.settings.name, exc)
             pool.respawn_at[index] = time.monotonic() + 5.0
             return
-        if pid == 0:  # the child: drop everything of the supervisor's it must not touch
-            signal.set_wakeup_fd(-1)
-            for fd in (to_w, from_r, self.signal_r, self.signal_w, *self.by_fd):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            with contextlib.suppress(Exception):
-                self.selector.close()
-            setup = ChildSetup(self.stem, pool.settings, self.table.slots[index],
-                               self.table.header, to_r, from_w, self.consumer.pid)  # fmt: skip
-            child_main(setup)
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        os.close(to_r)
-        os.close(from_w)
-        os.set_blocking(to_w, False)
-        os.set_blocking(from_r, False)
         self.table.reset(index, pid)
-        child = Child(pool, index, pid, to_w, from_r, time.monotonic())
+        child = Child(pool, index, pid, to_fd, from_fd, time.monotonic())
         pool.children[index] = child
         self.children[pid] = child
-        self.by_fd[from_r] = child
-        self.by_fd[to_w] = child
-        self.selector.register(from_r, selectors.EVENT_READ, child)
+        self.pipes.watch(child)
         log.debug("child %d spawned in pool %s slot %d", pid, pool.settings.name, index)
-
-    def _close_pipe_to(self, child: Child) -> None:
-        if child.to_fd < 0:
-            return
-        if child.outbox:
-            self.selector.unregister(child.to_fd)
-        self.by_fd.pop(child.to_fd, None)
-        os.close(child.to_fd)
-        child.to_fd = -1
 
     def _reap(self, *, block: bool) -> None:
         while self.children:
@@ -364,10 +340,8 @@ class Supervisor:
 
     def _on_child_exit(self, child: Child, code: int) -> None:
         self._read_child(child, until_eof=True)  # outcomes it wrote before dying count
-        self.selector.unregister(child.from_fd)
-        self.by_fd.pop(child.from_fd, None)
-        os.close(child.from_fd)
-        self._close_pipe_to(child)
+        self.pipes.close_from(child)
+        self.pipes.close_to(child)
         pool = child.pool
         del pool.children[child.index]
         running = self._running_dispatch(child)
@@ -403,45 +377,8 @@ class Supervisor:
         ))  # fmt: skip
 
     def _read_child(self, child: Child, *, until_eof: bool = False) -> None:
-        while True:
-            try:
-                data = os.read(child.from_fd, 1 << 18)
-            except BlockingIOError:
-                return
-            if not data:
-                return
-            for frame in child.reader.feed(data):
-                self._on_message(child, orjson.loads(frame))
-            if not until_eof and len(data) < (1 << 18):
-                return
-
-    def _write_child(self, child: Child) -> None:
-        if child.to_fd < 0:
-            return
-        try:
-            written = os.write(child.to_fd, child.outbox)
-        except BlockingIOError:
-            return
-        except BrokenPipeError:
-            written = len(child.outbox)  # it died: its dispatches are recovered on reap
-        del child.outbox[:written]
-        if not child.outbox:
-            self.selector.unregister(child.to_fd)
-
-    def _flush_outboxes(self, children: set[Child]) -> None:
-        """One write per child per turn for everything dispatched to it."""
-        for child in children:
-            if child.to_fd < 0 or not child.outbox:
-                continue
-            try:
-                written = os.write(child.to_fd, child.outbox)
-            except BlockingIOError:
-                written = 0
-            except BrokenPipeError:
-                written = len(child.outbox)  # it died: its dispatches are recovered on reap
-            del child.outbox[:written]
-            if child.outbox:
-                self.selector.register(child.to_fd, selectors.EVENT_WRITE, child)
+        for message in self.pipes.read(child, until_eof=until_eof):
+            self._on_message(child, message)
 
     def _on_message(self, child: Child, message: dict[str, Any]) -> None:
         kind = message.get("kind")

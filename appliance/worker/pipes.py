@@ -1,0 +1,119 @@
+"""The supervisor's side of its children's pipes: forking with clean file descriptors,
+framed reads, and non-blocking buffered writes, all on the supervisor's selector."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import signal
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import orjson
+
+from appliance.worker.ipc import make_pipe
+from appliance.worker.pool import Child
+
+READ_CHUNK = 1 << 18
+
+
+class ChildPipes:
+    """Owns every pipe fd of every child and their registration on the selector."""
+
+    def __init__(self, selector: selectors.BaseSelector) -> None:
+        self.selector = selector
+        self.fds: set[int] = set()
+
+    def fork(
+        self,
+        keep_out: Sequence[int],
+        blocked_signals: Iterable[int],
+        run_child: Callable[[int, int], None],
+    ) -> tuple[int, int, int]:
+        """Fork a child with signals blocked across the fork. In the child, every fd of
+        the supervisor's (`keep_out`, other children's pipes, the selector) is closed,
+        then `run_child(read_fd, write_fd)` runs and must never return. In the parent:
+        (pid, fd to write dispatches to, fd to read outcomes from). Raises `OSError`
+        (EAGAIN at a process limit) with nothing leaked."""
+        to_r, to_w = make_pipe()
+        from_r, from_w = make_pipe()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, blocked_signals)
+        try:
+            pid = os.fork()
+        except OSError:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            for fd in (to_r, to_w, from_r, from_w):
+                os.close(fd)
+            raise
+        if pid == 0:
+            signal.set_wakeup_fd(-1)
+            for fd in (to_w, from_r, *keep_out, *self.fds):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            with contextlib.suppress(Exception):
+                self.selector.close()
+            run_child(to_r, from_w)
+            os._exit(70)  # run_child never returns; this is the guard if it does
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        os.close(to_r)
+        os.close(from_w)
+        os.set_blocking(to_w, False)
+        os.set_blocking(from_r, False)
+        self.fds.update((to_w, from_r))
+        return pid, to_w, from_r
+
+    def watch(self, child: Child) -> None:
+        self.selector.register(child.from_fd, selectors.EVENT_READ, child)
+
+    def read(self, child: Child, *, until_eof: bool = False) -> list[dict[str, Any]]:
+        """The messages that arrived; all of them up to EOF for a child that exited."""
+        messages: list[dict[str, Any]] = []
+        while True:
+            try:
+                data = os.read(child.from_fd, READ_CHUNK)
+            except BlockingIOError:
+                return messages
+            if not data:
+                return messages
+            messages += [orjson.loads(frame) for frame in child.reader.feed(data)]
+            if not until_eof and len(data) < READ_CHUNK:
+                return messages
+
+    def flush(self, children: Iterable[Child]) -> None:
+        """Write what each child's outbox holds; wait for writability if the pipe is full."""
+        for child in children:
+            if child.to_fd < 0:
+                continue  # closed: what it still held is recovered when it is reaped
+            had_backlog = child.to_fd in self.selector.get_map()
+            self._write(child)
+            if child.outbox and not had_backlog:
+                self.selector.register(child.to_fd, selectors.EVENT_WRITE, child)
+            elif not child.outbox and had_backlog:
+                self.selector.unregister(child.to_fd)
+
+    def _write(self, child: Child) -> None:
+        if not child.outbox:
+            return
+        try:
+            written = os.write(child.to_fd, child.outbox)
+        except BlockingIOError:
+            written = 0
+        except BrokenPipeError:
+            written = len(child.outbox)  # it died: its dispatches are recovered on reap
+        del child.outbox[:written]
+
+    def close_to(self, child: Child) -> None:
+        """Close the dispatch pipe: the child reads EOF and leaves once it is idle."""
+        if child.to_fd < 0:
+            return
+        if child.to_fd in self.selector.get_map():
+            self.selector.unregister(child.to_fd)
+        self.fds.discard(child.to_fd)
+        os.close(child.to_fd)
+        child.to_fd = -1
+
+    def close_from(self, child: Child) -> None:
+        self.selector.unregister(child.from_fd)
+        self.fds.discard(child.from_fd)
+        os.close(child.from_fd)
