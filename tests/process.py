@@ -27,7 +27,7 @@ class WorkerProcess:
         broker_url: str,
         *,
         app: str = "tests.apps.ledger_app:stem",
-        concurrency: int = 2,
+        concurrency: int | None = 2,  # None: from the config
         extra: list[str] | None = None,
         env: dict[str, str] | None = None,
     ) -> None:
@@ -43,8 +43,7 @@ class WorkerProcess:
             "run",
             "--app",
             app,
-            "--concurrency",
-            str(concurrency),
+            *(["--concurrency", str(concurrency)] if concurrency is not None else []),
             *(extra or []),
         ]
         self.env = dict(

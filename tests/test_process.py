@@ -274,3 +274,26 @@ def test_time_limits_hold_while_a_producer_holds_the_sqlite_write_lock(
 def _replaced(worker: WorkerProcess) -> bool:
     starts = worker.ledger_lines("start")
     return bool(starts) and int(starts[0][3]) not in {p.pid for p in worker.children()}
+
+
+def test_a_config_with_two_pools_serves_each_pools_queues(tmp_path: Path, sqlite_url: str) -> None:
+    config = tmp_path / "stem.toml"
+    config.write_text(
+        '[[pools]]\nname = "fast"\nqueues = ["default"]\nconcurrency = 2\n\n'
+        '[[pools]]\nname = "io"\nqueues = ["io"]\nconcurrency = 1\n'
+    )
+    stem = Stem(broker=sqlite_url)
+    stem.registry.update(ledger_app.stem.registry)
+    worker = WorkerProcess(
+        tmp_path, sqlite_url, concurrency=None, env={"STEM_CONFIG": str(config)}
+    ).start()
+    try:
+        assert wait_until(lambda: len(worker.children()) == 3, timeout=10)
+        fast = [stem.enqueue("t.pid", queue="default") for _ in range(6)]
+        io = [stem.enqueue("t.pid", queue="io") for _ in range(3)]
+        fast_pids = {h.result(timeout=10) for h in fast}
+        io_pids = {h.result(timeout=10) for h in io}
+    finally:
+        worker.stop()
+        stem.close()
+    assert len(io_pids) == 1 and not io_pids & fast_pids  # the io pool's one child
