@@ -212,12 +212,11 @@ def produce(
     task_seconds: float = 0.0,
 ) -> None:  # fmt: skip
     """Enqueue `c.work` tasks with known ids until killed (or `limit`/`seconds` reached)."""
-    from appliance import Stem
     from appliance.app import EnqueueRequest
     from tests.apps import chaos_app
+    from tests.process import app_on
 
-    app = Stem(broker=url)
-    app.registry.update(chaos_app.stem.registry)
+    app = app_on(url, chaos_app.stem)
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     sent = 0
     deadline = time.monotonic() + seconds if seconds else None

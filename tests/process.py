@@ -15,6 +15,8 @@ from pathlib import Path
 
 import psutil
 
+from appliance import Stem
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -138,3 +140,11 @@ class WorkerProcess:
     def completions(self) -> Counter[str]:
         """How many times each task id ran to its end."""
         return Counter(parts[1] for parts in self.ledger_lines("done"))
+
+
+def app_on(url: str, source: Stem) -> Stem:
+    """A `Stem` on `url` with the task definitions of the test app `source`, so a test
+    can enqueue typed tasks into the store a worker subprocess serves."""
+    app = Stem(broker=url)
+    app.registry.update(source.registry)
+    return app

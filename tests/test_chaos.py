@@ -48,7 +48,7 @@ from tests.chaos import (
     sqlite_path,
 )
 from tests.conftest import wait_until
-from tests.process import ROOT, WorkerProcess
+from tests.process import ROOT, WorkerProcess, app_on
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.process
@@ -59,8 +59,7 @@ Spawn = Callable[..., WorkerProcess]
 
 @pytest.fixture
 def stem(store_url: str) -> Iterator[Stem]:
-    app = Stem(broker=store_url)
-    app.registry.update(chaos_app.stem.registry)  # the same task definitions, this store
+    app = app_on(store_url, chaos_app.stem)
     yield app
     app.close()
 
@@ -324,8 +323,7 @@ def test_memory_hog_is_killed_near_its_limit(stem: Stem, spawn: Spawn, tmp_path:
 def test_disk_full_refuses_enqueue_keeps_what_is_stored_and_resumes(
     tmp_path: Path, sqlite_url: str
 ) -> None:
-    stem = Stem(broker=sqlite_url)
-    stem.registry.update(chaos_app.stem.registry)
+    stem = app_on(sqlite_url, chaos_app.stem)
     worker = WorkerProcess(tmp_path, sqlite_url, app=APP, concurrency=2)
     try:
         held = stem.enqueue_many([("c.work", {"n": i, "seconds": 0.3}) for i in range(6)])
@@ -448,8 +446,7 @@ def test_a_forward_wall_clock_jump_does_not_expire_a_live_owners_lease(stem: Ste
 def test_thundering_herd_four_supervisors_on_one_sqlite_file(
     tmp_path: Path, sqlite_url: str, n: int
 ) -> None:
-    stem = Stem(broker=sqlite_url)
-    stem.registry.update(chaos_app.stem.registry)
+    stem = app_on(sqlite_url, chaos_app.stem)
     accepted: set[str] = set()
     for start in range(0, n, 5000):
         handles = stem.enqueue_many([("c.work", {"n": i}) for i in range(start, start + 5000)])

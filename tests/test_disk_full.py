@@ -16,10 +16,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from appliance import Stem
 from tests.apps import ledger_app
 from tests.conftest import wait_until
-from tests.process import WorkerProcess
+from tests.process import WorkerProcess, app_on
 
 
 def _can_mount_tmpfs() -> bool:
@@ -65,8 +64,7 @@ def fill(path: Path) -> None:
 
 def test_a_full_disk_under_the_supervisor_loses_nothing(small_disk: Path, tmp_path: Path) -> None:
     url = f"sqlite:///{small_disk / 'stem.db'}"
-    stem = Stem(broker=url)
-    stem.registry.update(ledger_app.stem.registry)
+    stem = app_on(url, ledger_app.stem)
     handles = stem.enqueue_many([("t.slow", {"seconds": 0.05}) for _ in range(60)])
     worker = WorkerProcess(tmp_path, url).start()
     try:
@@ -99,8 +97,7 @@ def test_lease_renewals_during_a_full_disk_back_off_instead_of_spinning(
     # Regression: a failing lease renewal was retried on every loop turn without back-off,
     # and the back-off counter overflowed a float within a second: the supervisor died.
     url = f"sqlite:///{small_disk / 'stem.db'}"
-    stem = Stem(broker=url)
-    stem.registry.update(ledger_app.stem.registry)
+    stem = app_on(url, ledger_app.stem)
     handles = [stem.enqueue("t.renewed", {"seconds": 4.0}) for _ in range(2)]
     worker = WorkerProcess(tmp_path, url).start()
     try:

@@ -13,15 +13,14 @@ from appliance import Stem, TaskState
 from appliance.states import DeadLetterReason
 from tests.apps import ledger_app
 from tests.conftest import wait_until
-from tests.process import WorkerProcess
+from tests.process import WorkerProcess, app_on
 
 pytestmark = pytest.mark.process
 
 
 @pytest.fixture
 def stem(store_url: str) -> Iterator[Stem]:
-    app = Stem(broker=store_url)
-    app.registry.update(ledger_app.stem.registry)  # the same task definitions, this store
+    app = app_on(store_url, ledger_app.stem)
     yield app
     app.close()
 
@@ -249,8 +248,7 @@ def test_time_limits_hold_while_a_producer_holds_the_sqlite_write_lock(
     # a long write lock elsewhere (a 100k-row batch enqueue) must not stall its loop.
     import sqlite3
 
-    stem = Stem(broker=sqlite_url)
-    stem.registry.update(ledger_app.stem.registry)
+    stem = app_on(sqlite_url, ledger_app.stem)
     worker = WorkerProcess(tmp_path, sqlite_url).start()
     handle = stem.enqueue("t.hang")
     assert wait_until(lambda: len(worker.ledger_lines("start")) == 1, timeout=10)
@@ -282,8 +280,7 @@ def test_a_config_with_two_pools_serves_each_pools_queues(tmp_path: Path, sqlite
         '[[pools]]\nname = "fast"\nqueues = ["default"]\nconcurrency = 2\n\n'
         '[[pools]]\nname = "io"\nqueues = ["io"]\nconcurrency = 1\n'
     )
-    stem = Stem(broker=sqlite_url)
-    stem.registry.update(ledger_app.stem.registry)
+    stem = app_on(sqlite_url, ledger_app.stem)
     worker = WorkerProcess(
         tmp_path, sqlite_url, concurrency=None, env={"STEM_CONFIG": str(config)}
     ).start()

@@ -5,10 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from appliance import Stem
 from tests.apps import ledger_app
 from tests.conftest import wait_until
-from tests.process import WorkerProcess
+from tests.process import WorkerProcess, app_on
 from tests.redis_server import RedisServer
 
 
@@ -20,8 +19,7 @@ def test_worker_waits_for_a_redis_that_is_down_at_start(tmp_path: Path) -> None:
         assert worker.proc is not None and worker.proc.poll() is None  # waiting, not crashed
         server.start()
         worker.wait_ready(timeout=30)
-        stem = Stem(broker=server.url)
-        stem.registry.update(ledger_app.stem.registry)
+        stem = app_on(server.url, ledger_app.stem)
         assert stem.enqueue("t.record", {"n": 7}).result(timeout=10) == 7
     finally:
         worker.stop()
@@ -43,8 +41,7 @@ def test_worker_warns_when_redis_could_lose_acknowledged_tasks(tmp_path: Path) -
 def test_redis_killed_mid_run_loses_nothing(
     tmp_path: Path, redis_server: RedisServer, redis_url: str
 ) -> None:
-    stem = Stem(broker=redis_url)
-    stem.registry.update(ledger_app.stem.registry)
+    stem = app_on(redis_url, ledger_app.stem)
     handles = stem.enqueue_many([("t.record", {"n": i}) for i in range(5000)])
     worker = WorkerProcess(tmp_path, redis_url).start()
     try:
