@@ -28,10 +28,10 @@ import time_machine
 
 from appliance import Stem, TaskState
 from appliance.broker.protocol import Consumer
-from appliance.broker.redis_keys import Keys
 from appliance.config import Settings
 from appliance.errors import BrokerFull, PayloadTooLarge
 from appliance.states import DeadLetterReason, SlotState
+from appliance.stores.redis.keys import Keys
 from appliance.worker.heartbeat import HeartbeatTable
 from appliance.worker.limits import check_slot
 from tests.apps import chaos_app

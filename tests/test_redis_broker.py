@@ -18,15 +18,15 @@ import pytest
 import redis
 
 from appliance.backend.protocol import TaskResult
-from appliance.backend.redis import RedisBackend
-from appliance.broker import redis_keys as rk
 from appliance.broker.protocol import Consumer, Settlement
-from appliance.broker.redis import RedisBroker
 from appliance.config import Settings
 from appliance.envelope import Envelope
 from appliance.errors import BrokerUnavailable, ConfigError
-from appliance.redis_conn import client_options, durability_warnings
 from appliance.states import TaskState
+from appliance.stores.redis import keys as rk
+from appliance.stores.redis.backend import RedisBackend
+from appliance.stores.redis.broker import RedisBroker
+from appliance.stores.redis.conn import client_options, durability_warnings
 from tests.conftest import wait_until
 from tests.redis_server import RedisServer, free_port
 

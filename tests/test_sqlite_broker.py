@@ -16,15 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from appliance.backend.sqlite import SqliteBackend
-from appliance.broker import sqlite_schema
 from appliance.broker.protocol import Consumer, DeadLetterInfo, Settlement
-from appliance.broker.sqlite import CLAIM_SQL, SqliteBroker
 from appliance.config import Settings
 from appliance.envelope import Envelope, decode, new_task_id
 from appliance.errors import BrokerBusy, BrokerFull, ConfigError
-from appliance.sqlite_db import filesystem_type, parse_url
 from appliance.states import DeadLetterReason
+from appliance.stores.sqlite import schema as sqlite_schema
+from appliance.stores.sqlite.backend import SqliteBackend
+from appliance.stores.sqlite.broker import CLAIM_SQL, SqliteBroker
+from appliance.stores.sqlite.db import filesystem_type, parse_url
 
 
 @pytest.fixture
@@ -135,7 +135,7 @@ def test_disk_full_during_settle_keeps_the_batch_whole(broker: SqliteBroker) -> 
 HAMMER = """
 import sys, time
 from appliance.broker.protocol import Consumer, Settlement
-from appliance.broker.sqlite import SqliteBroker
+from appliance.stores.sqlite.broker import SqliteBroker
 from appliance.config import Settings
 from appliance.envelope import Envelope, new_task_id
 

@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 
 from appliance.backend.protocol import ResultBackend, TaskResult, WorkerHeartbeat
-from appliance.backend.sqlite import SqliteBackend
-from appliance.broker import sqlite_schema
 from appliance.config import Settings
 from appliance.envelope import new_task_id
-from appliance.sqlite_db import connect, parse_url
 from appliance.states import TaskState
 from appliance.stores import open_backend
+from appliance.stores.sqlite import schema as sqlite_schema
+from appliance.stores.sqlite.backend import SqliteBackend
+from appliance.stores.sqlite.db import connect, parse_url
 from tests.conftest import wait_until
 
 SHORT = 0.2  # seconds: a TTL that a test waits out

@@ -27,20 +27,20 @@ def scheme_of(url: str) -> str:
 def open_broker(url: str, settings: Settings) -> Broker:
     """A broker for `url`; adapters import lazily so SQLite users never load redis."""
     if scheme_of(url) == "sqlite":
-        from appliance.broker.sqlite import SqliteBroker
+        from appliance.stores.sqlite.broker import SqliteBroker
 
         return SqliteBroker.from_url(url, settings)
-    from appliance.broker.redis import RedisBroker
+    from appliance.stores.redis.broker import RedisBroker
 
     return RedisBroker.from_url(url, settings)
 
 
 def open_backend(url: str, settings: Settings) -> ResultBackend:
     if scheme_of(url) == "sqlite":
-        from appliance.backend.sqlite import SqliteBackend
+        from appliance.stores.sqlite.backend import SqliteBackend
 
         return SqliteBackend.from_url(url, settings)
-    from appliance.backend.redis import RedisBackend
+    from appliance.stores.redis.backend import RedisBackend
 
     return RedisBackend.from_url(url, settings)
 
@@ -53,18 +53,18 @@ def open_stores(
     or one Redis round trip. `sqlite_busy_wait` caps how long one call waits for other
     SQLite writers before it raises `BrokerBusy` (the supervisor must not stall)."""
     broker = open_broker(settings.broker_url, settings)
-    from appliance.broker.sqlite import SqliteBroker
+    from appliance.stores.sqlite.broker import SqliteBroker
 
     if isinstance(broker, SqliteBroker) and sqlite_busy_wait is not None:
         broker.database.busy_deadline = sqlite_busy_wait
     if scheme_of(settings.backend_url) == "sqlite" and settings.backend_url == settings.broker_url:
-        from appliance.backend.sqlite import SqliteBackend
+        from appliance.stores.sqlite.backend import SqliteBackend
 
         if isinstance(broker, SqliteBroker):
             return broker, SqliteBackend(broker.database.share(), settings.backend_url)
     if scheme_of(settings.backend_url) != "sqlite" and settings.backend_url == settings.broker_url:
-        from appliance.backend.redis import RedisBackend
-        from appliance.broker.redis import RedisBroker
+        from appliance.stores.redis.backend import RedisBackend
+        from appliance.stores.redis.broker import RedisBroker
 
         if isinstance(broker, RedisBroker):
             return broker, RedisBackend.sharing(broker, namespace=settings.namespace)

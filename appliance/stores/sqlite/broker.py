@@ -28,7 +28,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from appliance.broker import sqlite_schema
 from appliance.broker.protocol import (
     Consumer,
     DeadLetterEntry,
@@ -38,7 +37,6 @@ from appliance.broker.protocol import (
     Settlement,
     consumer_gone,
 )
-from appliance.broker.sqlite_wake import SqliteWaker
 from appliance.config import Settings
 from appliance.envelope import (
     DEFAULT_MAX_PAYLOAD_BYTES,
@@ -49,11 +47,13 @@ from appliance.envelope import (
     peek_id,
 )
 from appliance.errors import BrokerError, DecodeError
-from appliance.sqlite_db import MOUNTINFO, Database, translate
 from appliance.states import SettleKind
+from appliance.stores.sqlite import schema as sqlite_schema
+from appliance.stores.sqlite.db import MOUNTINFO, Database, translate
+from appliance.stores.sqlite.wake import SqliteWaker
 
 # The row a claim, settle or observation touches is always found through an index
-# (see sqlite_schema); `test_sqlite_broker.py` checks the claim plan.
+# (see schema.py); `test_sqlite_broker.py` checks the claim plan.
 _INSERT = (
     "INSERT INTO messages (task_id, name, queue, priority, state, not_before, attempt, "
     "enqueued_at, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"

@@ -1,5 +1,5 @@
 """The Lua scripts of the Redis broker, one per write, each run atomically in one round
-trip. Every script starts with the key prelude of `redis_keys.LUA_KEYS`; the writing
+trip. Every script starts with the key prelude of `keys.LUA_KEYS`; the writing
 ones also get the shared helpers below."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import redis
 from redis.commands.core import Script
 
-from appliance.broker import redis_keys as rk
+from appliance.stores.redis import keys as rk
 
 # Shared helpers of the writing scripts (after the key prelude).
 LUA_HELPERS = """

@@ -1,5 +1,5 @@
 """`SqliteBackend`: task results in the `results` table, the primitives in the tables of
-migration 0002 (see broker/sqlite_schema.py).
+migration 0002 (see schema.py).
 
 By default it shares the broker's database file (and migration set). JSON values are
 orjson bytes; an error is three columns (type, message, traceback), NULL when none.
@@ -32,11 +32,11 @@ from appliance.backend.protocol import (
     encode_heartbeat,
     encode_result,
 )
-from appliance.broker import sqlite_schema
 from appliance.config import Settings
 from appliance.envelope import dumps_json
-from appliance.sqlite_db import MOUNTINFO, Database
 from appliance.states import TaskState
+from appliance.stores.sqlite import schema as sqlite_schema
+from appliance.stores.sqlite.db import MOUNTINFO, Database
 
 _COLUMNS = (
     "task_id", "state", "name", "queue", "value", "error_type", "error_message",

@@ -1,6 +1,6 @@
 """The Redis broker: Streams + one consumer group per stream, leases as PEL idle time.
 
-Shape (keys in `redis_keys.py`):
+Shape (keys in `keys.py`):
 - One stream per queue and priority band; claims read band 9 first. Delayed messages
   (countdown, ETA, retries) wait in a per-queue sorted set and are moved to their stream
   by the claim script itself, so they are claimable as soon as they are due.
@@ -31,8 +31,6 @@ import orjson
 import redis
 from redis.commands.core import Script
 
-from appliance.broker import redis_keys as rk
-from appliance.broker import redis_scripts as scripts
 from appliance.broker.protocol import (
     Consumer,
     DeadLetterEntry,
@@ -42,13 +40,15 @@ from appliance.broker.protocol import (
     Settlement,
     consumer_gone,
 )
-from appliance.broker.redis_records import dead_entry, dead_record, message_info, stream_info, text
-from appliance.broker.redis_wake import RedisWake
 from appliance.config import Settings
 from appliance.envelope import DEFAULT_MAX_PAYLOAD_BYTES, decode, encode, encode_checked
 from appliance.errors import DecodeError
-from appliance.redis_conn import OutageLog, connect, durability_warnings, guarded, redact
 from appliance.states import SettleKind
+from appliance.stores.redis import keys as rk
+from appliance.stores.redis import scripts
+from appliance.stores.redis.conn import OutageLog, connect, durability_warnings, guarded, redact
+from appliance.stores.redis.records import dead_entry, dead_record, message_info, stream_info, text
+from appliance.stores.redis.wake import RedisWake
 
 # The op codes of the settle script.
 _KIND = {SettleKind.ACK: "a", SettleKind.DEAD: "d", SettleKind.RETRY: "r", SettleKind.RELEASE: "l"}
@@ -124,7 +124,7 @@ class RedisBroker:
             self._loaded = True
 
     def durability_warnings(self) -> list[str]:
-        """Startup check: why acknowledged enqueues could be lost (see `redis_conn`)."""
+        """Startup check: why acknowledged enqueues could be lost (see `conn`)."""
         with self._guard("checking persistence settings"):
             return durability_warnings(self.client)
 

@@ -50,8 +50,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from appliance.sqlite_db import MOUNTINFO, connect, parse_url
-from appliance.sqlite_db import Database as SqliteDatabase
+from appliance.stores.sqlite.db import MOUNTINFO, connect, parse_url
+from appliance.stores.sqlite.db import Database as SqliteDatabase
 
 if TYPE_CHECKING:
     from sqlite_utils.migrations import Migrations

@@ -1,5 +1,5 @@
 """The Redis result backend: one JSON string per task id, expiring with the result, and
-the primitives on native Redis TTLs (keys in `broker/redis_keys.py`).
+the primitives on native Redis TTLs (keys in `keys.py`).
 
 Redis removes expired keys itself (PEXPIREAT via SET ... PXAT), so `get` never sees an
 expired result. Each primitive is one atomic command or Lua script. Revokes and the
@@ -28,9 +28,9 @@ from appliance.backend.protocol import (
     encode_heartbeat,
     encode_result,
 )
-from appliance.broker.redis_keys import Keys
 from appliance.config import Settings
-from appliance.redis_conn import OutageLog, connect, guarded, redact
+from appliance.stores.redis.conn import OutageLog, connect, guarded, redact
+from appliance.stores.redis.keys import Keys
 
 # Milliseconds since the epoch on the server's clock (a double: exact until year 287396).
 _NOW = """
