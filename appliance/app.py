@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from appliance.config import Settings, load_settings
 from appliance.context import current_task
-from appliance.envelope import Envelope, new_task_id
+from appliance.envelope import Envelope, EnvelopeCodec, new_task_id
 from appliance.errors import NotRegistered
 from appliance.states import TaskState
-from appliance.stores import open_backend, open_broker
+from appliance.stores import Stores, open_stores
 from appliance.tasks import Task, TaskHandle, TaskHandler, TaskOptions
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ class EnqueueRequest:
 
 
 class _PerProcess:
-    """A store opened lazily, and again in a forked child: connections never cross fork().
+    """Stores opened lazily, and again in a forked child: connections never cross fork().
 
     The inherited object is dropped without being closed; closing an SQLite connection
     opened by the parent can corrupt the database ("How To Corrupt", section 2.6).
@@ -94,29 +94,38 @@ class Stem:
             overrides["result_backend_url"] = result_backend
         self.settings = replace(base, **overrides)
         self.registry: dict[str, Task] = {}
-        self._broker = _PerProcess(lambda: open_broker(self.settings.broker_url, self.settings))
-        self._backend = _PerProcess(lambda: open_backend(self.settings.backend_url, self.settings))
+        self.codec = EnvelopeCodec(self.settings.max_payload_bytes)
+        self._stores = _PerProcess(lambda: open_stores(self.settings, self.codec))
 
     def configure(self, settings: Settings) -> None:
         """Replace the settings (the CLI applies flags and env this way); reopens stores."""
         self.close()
         self.settings = settings
+        self.codec = EnvelopeCodec(settings.max_payload_bytes)
 
     # --- stores ----------------------------------------------------------------------
 
     @property
+    def stores(self) -> Stores:
+        """This process's broker, backend and unit of work, opened on first use."""
+        stores: Stores = self._stores.get()
+        return stores
+
+    @property
     def broker(self) -> Broker:
-        broker: Broker = self._broker.get()
-        return broker
+        return self.stores.broker
 
     @property
     def backend(self) -> ResultBackend:
-        backend: ResultBackend = self._backend.get()
-        return backend
+        return self.stores.backend
+
+    def open_stores(self, *, busy_wait: float | None = None) -> Stores:
+        """A separate set of stores for a long-running owner (the supervisor), which
+        closes it itself; `busy_wait` caps each SQLite wait for other writers."""
+        return open_stores(self.settings, self.codec, busy_wait=busy_wait)
 
     def close(self) -> None:
-        self._broker.close()
-        self._backend.close()
+        self._stores.close()
 
     # --- registration ----------------------------------------------------------------
 
@@ -208,8 +217,8 @@ class Stem:
             parent_id=parent.id if parent else None,
             root_id=(parent.root_id or parent.id) if parent else None,
         )
-        # Encoding (JSON check, size limit: `encode_checked`) happens once, in the broker,
-        # before anything of the batch is stored.
+        # Encoding (JSON check, size limit: `EnvelopeCodec.encode`) happens once, in the
+        # broker, before anything of the batch is stored.
         return envelope
 
     # --- lookup ----------------------------------------------------------------------

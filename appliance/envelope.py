@@ -93,7 +93,7 @@ _TYPES: dict[str, frozenset[type]] = {
 }
 
 
-def encode(envelope: Envelope) -> bytes:
+def _encode(envelope: Envelope) -> bytes:
     """Serialise an envelope. Raises `TypeError` for arguments that are not plain JSON."""
     # orjson writes NaN/inf as null without a word: refuse them where users put values.
     _reject_non_finite(envelope.args)
@@ -104,18 +104,45 @@ def encode(envelope: Envelope) -> bytes:
         raise TypeError(f"task arguments are not JSON-serialisable: {exc}") from exc
 
 
-def encode_checked(envelope: Envelope, max_bytes: int) -> bytes:
-    """`encode`, refusing payloads above `max_bytes` with a message saying what to do.
+class EnvelopeCodec:
+    """The one way an `Envelope` becomes bytes and back, owned by a `Stem` and handed to
+    its stores: every payload a broker stores went through `encode` or `reencode`, and
+    every payload a worker runs went through `decode`. The size limit lives here, and
+    signing (when configured) will too."""
 
-    Brokers call this as they store, so each envelope is encoded once."""
-    data = encode(envelope)
-    if len(data) > max_bytes:
-        raise PayloadTooLarge(
-            f"task {envelope.name!r}: encoded payload is {len(data)} bytes, above the "
-            f"{max_bytes}-byte limit; store the data elsewhere (a file, an object store, "
-            "a database row) and pass a reference to it"
-        )
-    return data
+    def __init__(self, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> None:
+        self.max_payload_bytes = max_payload_bytes
+
+    def encode(self, envelope: Envelope) -> bytes:
+        """A new message from a producer: JSON-checked (non-JSON values and NaN are a
+        `TypeError`/`ValueError`), refused above the size limit with a message saying
+        what to do (`PayloadTooLarge`)."""
+        data = _encode(envelope)
+        if len(data) > self.max_payload_bytes:
+            raise PayloadTooLarge(
+                f"task {envelope.name!r}: encoded payload is {len(data)} bytes, above the "
+                f"{self.max_payload_bytes}-byte limit; store the data elsewhere (a file, an "
+                "object store, a database row) and pass a reference to it"
+            )
+        return data
+
+    def reencode(self, envelope: Envelope) -> bytes:
+        """The next attempt of a message that passed `encode` once (a retry, a replay):
+        its values came out of `decode`, so they are JSON already, and the size limit
+        is not applied again (a settle must never fail on it)."""
+        return orjson.dumps(envelope)
+
+    def decode(self, data: bytes) -> Envelope:
+        """The envelope a worker may run, or `DecodeError` saying what is wrong."""
+        return decode(data)
+
+    def peek(self, data: bytes) -> Envelope | None:
+        """The envelope for display (observation, DLQ records), or None if it does not
+        decode; never raises."""
+        try:
+            return decode(data)
+        except DecodeError:
+            return None
 
 
 def dumps_json(value: Any) -> bytes:

@@ -12,6 +12,7 @@ import pytest
 
 from appliance.config import Settings
 from tests.redis_server import RedisServer
+from tests.stores import close_opened
 
 STORES = ["sqlite", "redis"]
 
@@ -27,6 +28,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _close_test_stores() -> Iterator[None]:
+    yield
+    close_opened()
 
 
 @pytest.fixture(scope="session")

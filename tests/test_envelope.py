@@ -9,8 +9,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from appliance.envelope import ENVELOPE_VERSION, Envelope, decode, encode, peek_id
-from appliance.errors import DecodeError
+from appliance.envelope import ENVELOPE_VERSION, Envelope, EnvelopeCodec, peek_id
+from appliance.errors import DecodeError, PayloadTooLarge
+
+CODEC = EnvelopeCodec()
+encode, decode = CODEC.encode, CODEC.decode
 
 
 def test_round_trip_keeps_every_field() -> None:
@@ -63,3 +66,20 @@ def test_peek_id_survives_a_wrong_shape() -> None:
 def test_arbitrary_bytes_never_raise_anything_but_decode_error(data: bytes) -> None:
     with contextlib.suppress(DecodeError):
         decode(data)
+
+
+def test_the_codec_refuses_a_payload_over_its_limit_and_says_what_to_do() -> None:
+    small = EnvelopeCodec(max_payload_bytes=200)
+    with pytest.raises(PayloadTooLarge, match="pass a reference"):
+        small.encode(Envelope(id="1", name="x", args={"blob": "x" * 500}))
+
+
+def test_reencode_is_for_envelopes_that_passed_once_and_skips_the_limit() -> None:
+    small = EnvelopeCodec(max_payload_bytes=200)
+    big = Envelope(id="1", name="x", args={"blob": "x" * 500}, attempt=1)
+    assert small.decode(small.reencode(big)) == big  # a retry must never fail its settle
+
+
+def test_peek_never_raises() -> None:
+    assert CODEC.peek(b"{nope") is None
+    assert CODEC.peek(CODEC.encode(Envelope(id="1", name="x"))) == Envelope(id="1", name="x")

@@ -24,11 +24,11 @@ from appliance.envelope import Envelope
 from appliance.errors import BrokerUnavailable, ConfigError
 from appliance.states import TaskState
 from appliance.stores.redis import keys as rk
-from appliance.stores.redis.backend import RedisBackend
 from appliance.stores.redis.broker import RedisBroker
 from appliance.stores.redis.conn import client_options, durability_warnings
 from tests.conftest import wait_until
 from tests.redis_server import RedisServer, free_port
+from tests.stores import open_test_stores
 
 A = Consumer("host-a", 1001, 1.0)
 B = Consumer("host-b", 1002, 2.0)
@@ -44,7 +44,7 @@ def envelopes(n: int, queue: str = "default", **fields: object) -> list[Envelope
 
 @pytest.fixture
 def broker(redis_url: str) -> Iterator[RedisBroker]:
-    b = RedisBroker.from_url(redis_url, Settings())
+    b = open_test_stores(redis_url, Settings()).broker
     yield b
     b.close()
 
@@ -65,8 +65,8 @@ def pending(raw: redis.Redis, queue: str = "default", band: int = 0) -> list[dic
 
 
 def test_namespaces_on_one_server_do_not_see_each_other(redis_url: str, raw: redis.Redis) -> None:
-    blue = RedisBroker.from_url(redis_url, Settings(namespace="blue"))
-    green = RedisBroker.from_url(redis_url, Settings(namespace="green"))
+    blue = open_test_stores(redis_url, Settings(namespace="blue")).broker
+    green = open_test_stores(redis_url, Settings(namespace="green")).broker
     try:
         blue.enqueue(envelopes(3))
         assert green.claim(["default"], 10, consumer=A, lease=30) == []
@@ -191,8 +191,8 @@ def test_delayed_messages_are_promoted_by_the_claim_script_when_due(
 
 
 def test_wake_fd_turns_readable_on_enqueue_from_another_broker(redis_url: str) -> None:
-    sleeper = RedisBroker.from_url(redis_url, Settings())
-    producer = RedisBroker.from_url(redis_url, Settings())
+    sleeper = open_test_stores(redis_url, Settings()).broker
+    producer = open_test_stores(redis_url, Settings()).broker
     try:
         fd = sleeper.wake_fd(["default"])
         assert fd is not None
@@ -265,7 +265,7 @@ def test_durability_warnings_name_appendonly_off(tmp_path: Path, raw: redis.Redi
     server = RedisServer(tmp_path / "no-aof", appendonly=False)
     server.start()
     try:
-        broker = RedisBroker.from_url(server.url, Settings())
+        broker = open_test_stores(server.url, Settings()).broker
         try:
             warnings = broker.durability_warnings()
         finally:
@@ -284,7 +284,7 @@ def test_durability_check_tolerates_config_denied_and_user_from_url(
     )  # fmt: skip
     try:
         url = f"redis://stemuser:s3cr%3At%40@127.0.0.1:{redis_server.port}/0"
-        broker = RedisBroker.from_url(url, Settings())
+        broker = open_test_stores(url, Settings()).broker
         try:
             (warning,) = broker.durability_warnings()
             assert "could not check" in warning
@@ -292,7 +292,7 @@ def test_durability_check_tolerates_config_denied_and_user_from_url(
             assert len(broker.claim(["default"], 5, consumer=A, lease=30)) == 2
         finally:
             broker.close()
-        wrong = RedisBroker.from_url(url.replace("s3cr", "nope"), Settings())
+        wrong = open_test_stores(url.replace("s3cr", "nope"), Settings()).broker
         with pytest.raises(BrokerUnavailable):
             wrong.enqueue(envelopes(1))
         wrong.close()
@@ -344,8 +344,8 @@ def test_rediss_with_ca_and_client_certificate_from_the_url(tls_server: tuple[in
         f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={d / 'cert.pem'}"
         f"&ssl_certfile={d / 'cert.pem'}&ssl_keyfile={d / 'key.pem'}&ssl_cert_reqs=required"
     )
-    broker = RedisBroker.from_url(url, Settings())
-    backend = RedisBackend.from_url(url, Settings())
+    stores = open_test_stores(url, Settings())
+    broker, backend = stores.broker, stores.backend
     try:
         broker.enqueue(envelopes(1))
         (delivery,) = broker.claim(["default"], 1, consumer=A, lease=30)
@@ -356,7 +356,7 @@ def test_rediss_with_ca_and_client_certificate_from_the_url(tls_server: tuple[in
     finally:
         broker.close()
         backend.close()
-    plain = RedisBroker.from_url(f"redis://127.0.0.1:{port}/0", Settings())
+    plain = open_test_stores(f"redis://127.0.0.1:{port}/0", Settings()).broker
     with pytest.raises(BrokerUnavailable):
         plain.enqueue(envelopes(1))
     plain.close()
@@ -378,7 +378,7 @@ def test_url_options_are_checked() -> None:
 
 
 def test_backend_results_expire_with_their_ttl(redis_url: str, raw: redis.Redis) -> None:
-    backend = RedisBackend.from_url(redis_url, Settings())
+    backend = open_test_stores(redis_url, Settings()).backend
     try:
         now = time.time()
         backend.store([

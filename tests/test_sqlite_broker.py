@@ -22,14 +22,14 @@ from appliance.envelope import Envelope, decode, new_task_id
 from appliance.errors import BrokerBusy, BrokerFull, ConfigError
 from appliance.states import DeadLetterReason
 from appliance.stores.sqlite import schema as sqlite_schema
-from appliance.stores.sqlite.backend import SqliteBackend
 from appliance.stores.sqlite.broker import CLAIM_SQL, SqliteBroker
 from appliance.stores.sqlite.db import filesystem_type, parse_url
+from tests.stores import open_test_stores
 
 
 @pytest.fixture
 def broker(sqlite_url: str) -> Iterator[SqliteBroker]:
-    opened = SqliteBroker.from_url(sqlite_url, Settings())
+    opened = open_test_stores(sqlite_url, Settings()).broker
     yield opened
     opened.close()
 
@@ -135,11 +135,11 @@ def test_disk_full_during_settle_keeps_the_batch_whole(broker: SqliteBroker) -> 
 HAMMER = """
 import sys, time
 from appliance.broker.protocol import Consumer, Settlement
-from appliance.stores.sqlite.broker import SqliteBroker
 from appliance.config import Settings
-from appliance.envelope import Envelope, new_task_id
+from appliance.envelope import Envelope, EnvelopeCodec, new_task_id
+from appliance.stores import open_stores
 
-broker = SqliteBroker.from_url(sys.argv[1], Settings())
+broker = open_stores(Settings(broker_url=sys.argv[1]), EnvelopeCodec()).broker
 me = Consumer.this_process()
 deadline, claimed = time.monotonic() + float(sys.argv[2]), 0
 while time.monotonic() < deadline:
@@ -192,9 +192,7 @@ def test_network_filesystems_are_refused(tmp_path: Path, fstype: str) -> None:
     mountinfo = fake_mountinfo(tmp_path, state, fstype)
 
     with pytest.raises(ConfigError, match=rf"on a {fstype} filesystem"):
-        SqliteBroker.from_url(f"sqlite:///{state}/stem.db", Settings(), mountinfo=mountinfo)
-    with pytest.raises(ConfigError, match=fstype):
-        SqliteBackend.from_url(f"sqlite:///{state}/stem.db", Settings(), mountinfo=mountinfo)
+        sqlite_schema.open_current(f"sqlite:///{state}/stem.db", "FULL", mountinfo=mountinfo)
     assert not (state / "stem.db").exists()
 
 
@@ -202,15 +200,14 @@ def test_local_filesystem_is_accepted_and_the_longest_mount_wins(tmp_path: Path)
     mountinfo = fake_mountinfo(tmp_path, tmp_path / "nfs", "nfs4")
     assert filesystem_type(tmp_path / "nfs" / "deeper", mountinfo) == "nfs4"
     assert filesystem_type(tmp_path / "nfsx", mountinfo) == "ext4"
-    broker = SqliteBroker.from_url(
-        f"sqlite:///{tmp_path}/ok/stem.db", Settings(), mountinfo=mountinfo
-    )
-    broker.close()
+    sqlite_schema.open_current(
+        f"sqlite:///{tmp_path}/ok/stem.db", "FULL", mountinfo=mountinfo
+    ).close()
 
 
 def test_files_are_owner_only(tmp_path: Path) -> None:
     path = tmp_path / "new" / "stem.db"
-    broker = SqliteBroker.from_url(f"sqlite:///{path}", Settings())
+    broker = open_test_stores(f"sqlite:///{path}", Settings()).broker
     broker.enqueue([envelope()])
     broker.wake_fd(["default"])
     try:
@@ -237,7 +234,7 @@ def test_urls_relative_absolute_and_synchronous(
             parse_url(bad)
 
     for url, level in (("sqlite:///full.db", 2), ("sqlite:///normal.db?synchronous=NORMAL", 1)):
-        broker = SqliteBroker.from_url(url, Settings())
+        broker = open_test_stores(url, Settings()).broker
         conn = broker._db.conn
         assert conn.execute("PRAGMA synchronous").fetchone()[0] == level
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -245,8 +242,8 @@ def test_urls_relative_absolute_and_synchronous(
 
 
 def test_broker_and_backend_share_one_file_and_migrate_once(sqlite_url: str) -> None:
-    brokers = [SqliteBroker.from_url(sqlite_url, Settings()) for _ in range(2)]
-    backend = SqliteBackend.from_url(sqlite_url, Settings())
+    brokers = [open_test_stores(sqlite_url, Settings()).broker for _ in range(2)]
+    backend = open_test_stores(sqlite_url, Settings()).backend
     with sqlite3.connect(parse_url(sqlite_url).path) as conn:
         applied = conn.execute("SELECT name FROM _sqlite_migrations").fetchall()
     assert applied == [(name,) for name, _ in sqlite_schema.STEPS]  # each exactly once
@@ -346,8 +343,8 @@ def test_a_writer_holding_the_lock_too_long_gives_broker_busy(broker: SqliteBrok
 
 def test_wake_socket_works_where_the_path_exceeds_sun_path(tmp_path: Path) -> None:
     deep = tmp_path / ("d" * 60) / ("e" * 60)
-    listener = SqliteBroker.from_url(f"sqlite:///{deep}/stem.db", Settings())
-    producer = SqliteBroker.from_url(f"sqlite:///{deep}/stem.db", Settings())
+    listener = open_test_stores(f"sqlite:///{deep}/stem.db", Settings()).broker
+    producer = open_test_stores(f"sqlite:///{deep}/stem.db", Settings()).broker
     try:
         fd = listener.wake_fd(["default"])
         assert fd is not None
@@ -368,7 +365,7 @@ def test_binding_removes_sockets_of_dead_processes(sqlite_url: str) -> None:
     stale = wake_dir / f"{int(gone.stdout)}-1.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(str(stale))
-    broker = SqliteBroker.from_url(sqlite_url, Settings())
+    broker = open_test_stores(sqlite_url, Settings()).broker
     try:
         broker.wake_fd(["default"])
         assert not stale.exists()
@@ -379,12 +376,8 @@ def test_binding_removes_sockets_of_dead_processes(sqlite_url: str) -> None:
 
 
 def test_idle_checkpoint_truncates_the_wal(tmp_path: Path) -> None:
-    from appliance.config import Settings
-    from appliance.envelope import Envelope
-    from appliance.stores import open_broker
-
     url = f"sqlite:///{tmp_path / 'idle.db'}"
-    broker = open_broker(url, Settings())
+    broker = open_test_stores(url, Settings()).broker
     try:
         broker.enqueue([Envelope(id=f"t{i}", name="x") for i in range(2000)])
         wal = tmp_path / "idle.db-wal"
@@ -396,7 +389,9 @@ def test_idle_checkpoint_truncates_the_wal(tmp_path: Path) -> None:
 
 
 def test_synchronous_normal_is_reported_as_a_durability_warning(tmp_path: Path) -> None:
-    broker = SqliteBroker.from_url(f"sqlite:///{tmp_path / 'n.db'}?synchronous=NORMAL", Settings())
+    broker = open_test_stores(
+        f"sqlite:///{tmp_path / 'n.db'}?synchronous=NORMAL", Settings()
+    ).broker
     try:
         [warning] = broker.durability_warnings()
         assert "power loss" in warning

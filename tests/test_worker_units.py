@@ -100,16 +100,15 @@ def test_worker_lost_releases_then_poison_pills(sqlite_url: str) -> None:
 def test_triage_sorts_out_what_must_not_run(sqlite_url: str) -> None:
     import time
 
-    from appliance.envelope import encode
-
     stem = Stem(broker=sqlite_url)
+    encode = stem.codec.encode
 
     @stem.task("z", max_deliveries=2)
     def z(ctx: TaskContext) -> None: ...
 
     def verdict(payload: bytes, deliveries: int = 1) -> object:
         delivery = Delivery("r", "default", payload, deliveries, 0.0)
-        return outcomes.triage(delivery, stem.registry, default_ttl=60)
+        return outcomes.triage(delivery, stem.registry, stem.codec, default_ttl=60)
 
     def reason(found: object) -> object:
         assert isinstance(found, outcomes.Settled) and found.settlement.dead is not None

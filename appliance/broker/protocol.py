@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -205,13 +204,6 @@ class Broker(Protocol):
         that was lost (expired and re-claimed by another consumer) changes nothing
         except that ACK and DEAD still remove the message (the task did finish).
         """
-        ...
-
-    def batch(self) -> AbstractContextManager[None]:
-        """A unit of work: the calls made inside (on this broker, and on a result
-        backend opened on the same store by `appliance.stores.open_stores`) commit
-        together, all or none. SQLite: one transaction, one fsync. Stores without
-        multi-call transactions run each call on its own (Redis: each is atomic)."""
         ...
 
     def extend(self, deliveries: Sequence[Delivery], lease: float) -> None:

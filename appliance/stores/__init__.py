@@ -1,7 +1,17 @@
-"""Open a broker or result backend from its URL (the one place that maps schemes)."""
+"""The stores: one opener that turns the settings into a broker, a result backend and
+their shared unit of work (`Stores`), and the one place that maps URL schemes.
+
+Each store is one package (`stores/sqlite/`, `stores/redis/`) with its connection,
+layout, scripts, wake-ups, broker and backend; its `open_store` returns a `Stores` whose
+broker and backend share one connection, so that `Stores.unit_of_work()` can make what
+both write commit together. Adapters import lazily: SQLite users never load redis.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -11,6 +21,7 @@ if TYPE_CHECKING:
     from appliance.backend.protocol import ResultBackend
     from appliance.broker.protocol import Broker
     from appliance.config import Settings
+    from appliance.envelope import EnvelopeCodec
 
 SCHEMES = ("sqlite", "redis", "rediss")
 
@@ -24,48 +35,73 @@ def scheme_of(url: str) -> str:
     return scheme
 
 
-def open_broker(url: str, settings: Settings) -> Broker:
-    """A broker for `url`; adapters import lazily so SQLite users never load redis."""
-    if scheme_of(url) == "sqlite":
-        from appliance.stores.sqlite.broker import SqliteBroker
-
-        return SqliteBroker.from_url(url, settings)
-    from appliance.stores.redis.broker import RedisBroker
-
-    return RedisBroker.from_url(url, settings)
+UnitOfWork = Callable[[], contextlib.AbstractContextManager[None]]
 
 
-def open_backend(url: str, settings: Settings) -> ResultBackend:
-    if scheme_of(url) == "sqlite":
-        from appliance.stores.sqlite.backend import SqliteBackend
+@dataclass
+class Stores:
+    """A broker, a result backend, and their unit of work.
 
-        return SqliteBackend.from_url(url, settings)
-    from appliance.stores.redis.backend import RedisBackend
+    `unit_of_work()` is a context manager: what the broker and the backend write inside
+    it commits together, all or none, when the block ends; an exception inside the
+    block commits nothing. SQLite: one `BEGIN IMMEDIATE` transaction (one fsync). Redis:
+    one MULTI/EXEC transaction sent in one round trip (Redis has no rollback, so each
+    script checks before it writes; a claim inside the unit sends what the unit holds so
+    far together with itself, because its reply is needed at once). Broker and backend
+    on different stores: each store's unit, the backend's committed first, so a crash
+    between the two re-runs a task but never acks one without its result.
+    """
 
-    return RedisBackend.from_url(url, settings)
+    broker: Broker
+    backend: ResultBackend
+    unit_of_work: UnitOfWork
+    closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    def close(self) -> None:
+        """Release everything opened for these stores (each adapter's own resources, then
+        the shared connections); safe to call twice."""
+        closers, self.closers = self.closers, []
+        for close in closers:
+            close()
 
 
 def open_stores(
-    settings: Settings, *, sqlite_busy_wait: float | None = None
-) -> tuple[Broker, ResultBackend]:
-    """Broker and backend; on one store they share a connection, so that
-    `Broker.batch()` writes results and settlements together: one SQLite transaction,
-    or one Redis round trip. `sqlite_busy_wait` caps how long one call waits for other
-    SQLite writers before it raises `BrokerBusy` (the supervisor must not stall)."""
-    broker = open_broker(settings.broker_url, settings)
-    from appliance.stores.sqlite.broker import SqliteBroker
+    settings: Settings, codec: EnvelopeCodec, *, busy_wait: float | None = None
+) -> Stores:
+    """The broker of `settings.broker_url` and the backend of `settings.backend_url`; on
+    one store they share a connection and one unit of work.
 
-    if isinstance(broker, SqliteBroker) and sqlite_busy_wait is not None:
-        broker.database.busy_deadline = sqlite_busy_wait
-    if scheme_of(settings.backend_url) == "sqlite" and settings.backend_url == settings.broker_url:
-        from appliance.stores.sqlite.backend import SqliteBackend
+    `busy_wait` caps how long one SQLite call waits for other writers before it raises
+    `BrokerBusy` (the supervisor must not stall behind a producer's big batch).
+    """
+    broker_store = _open_one(settings.broker_url, settings, codec, busy_wait)
+    if settings.backend_url == settings.broker_url:
+        return broker_store
+    try:
+        backend_store = _open_one(settings.backend_url, settings, codec, busy_wait)
+    except BaseException:
+        broker_store.close()
+        raise
 
-        if isinstance(broker, SqliteBroker):
-            return broker, SqliteBackend(broker.database.share(), settings.backend_url)
-    if scheme_of(settings.backend_url) != "sqlite" and settings.backend_url == settings.broker_url:
-        from appliance.stores.redis.backend import RedisBackend
-        from appliance.stores.redis.broker import RedisBroker
+    @contextlib.contextmanager
+    def both() -> Iterator[None]:
+        # Entered broker first, so the backend's unit commits first (see `Stores`).
+        with broker_store.unit_of_work(), backend_store.unit_of_work():
+            yield
 
-        if isinstance(broker, RedisBroker):
-            return broker, RedisBackend.sharing(broker, namespace=settings.namespace)
-    return broker, open_backend(settings.backend_url, settings)
+    return Stores(
+        broker_store.broker, backend_store.backend, both,
+        [broker_store.close, backend_store.close],
+    )  # fmt: skip
+
+
+def _open_one(
+    url: str, settings: Settings, codec: EnvelopeCodec, busy_wait: float | None
+) -> Stores:
+    if scheme_of(url) == "sqlite":
+        from appliance.stores import sqlite
+
+        return sqlite.open_store(url, settings, codec, busy_wait=busy_wait)
+    from appliance.stores import redis
+
+    return redis.open_store(url, settings, codec)

@@ -13,7 +13,7 @@ from typing import Any
 
 from appliance.backend.protocol import ErrorInfo, TaskResult
 from appliance.broker.protocol import DeadLetterInfo, Delivery, Settlement
-from appliance.envelope import Envelope, decode
+from appliance.envelope import Envelope, EnvelopeCodec
 from appliance.errors import DecodeError
 from appliance.retry import Decision, decide
 from appliance.states import DeadLetterReason, SettleKind, TaskState
@@ -159,12 +159,12 @@ def worker_lost(
 
 
 def triage(
-    delivery: Delivery, registry: Mapping[str, Task], *, default_ttl: float
+    delivery: Delivery, registry: Mapping[str, Task], codec: EnvelopeCodec, *, default_ttl: float
 ) -> Settled | tuple[Envelope, Task]:
     """Before running: a verdict for deliveries that must not run (undecodable, unknown
     task, poison pill, expired), else the envelope and task to run."""
     try:
-        envelope = decode(delivery.payload)
+        envelope = codec.decode(delivery.payload)
     except DecodeError as exc:
         return dead_before_run(delivery, None, DeadLetterReason.UNDECODABLE, "DecodeError",
                                str(exc), default_ttl=default_ttl)  # fmt: skip

@@ -25,7 +25,6 @@ from appliance.broker.protocol import Broker, Consumer, Delivery
 from appliance.config import PoolSettings
 from appliance.errors import BrokerBusy, BrokerError, BrokerUnavailable, StemError
 from appliance.states import ExitCode, SlotState
-from appliance.stores import open_stores
 from appliance.worker import outcomes
 from appliance.worker.child import ChildSetup, child_main
 from appliance.worker.heartbeat import HeartbeatTable
@@ -137,7 +136,8 @@ class Supervisor:
         False if a stop signal arrived meanwhile."""
         self.broker: Broker
         self.backend: ResultBackend
-        self.broker, self.backend = open_stores(self.settings, sqlite_busy_wait=STORE_BUSY_WAIT_S)
+        self.stores = self.stem.open_stores(busy_wait=STORE_BUSY_WAIT_S)
+        self.broker, self.backend = self.stores.broker, self.stores.backend
         self.consumer = Consumer.this_process()
         self.worker_name = f"{self.consumer.host}:{self.consumer.pid}"
         queues = sorted({q for pool in self.pools for q in pool.queues})
@@ -183,8 +183,7 @@ class Supervisor:
             self.backend.remove_worker(self.consumer.name)
         signal.set_wakeup_fd(-1)
         self.table.close()
-        self.broker.close()
-        self.backend.close()
+        self.stores.close()
 
     def _settle_before_exit(self) -> None:
         """Settle what is left, retrying through a short store outage: a result or an
@@ -458,7 +457,7 @@ class Supervisor:
         claimed: list[tuple[Pool, Delivery]] = []
         claim_error: BrokerError | None = None
         try:
-            with self.broker.batch():
+            with self.stores.unit_of_work():
                 if batch:
                     results = [s.result for s in batch if s.result is not None]
                     if results:
@@ -506,7 +505,7 @@ class Supervisor:
 
     def _dispatch(self, pool: Pool, delivery: Delivery, now: float) -> None:
         verdict = outcomes.triage(
-            delivery, self.stem.registry, default_ttl=self.settings.result_ttl
+            delivery, self.stem.registry, self.stem.codec, default_ttl=self.settings.result_ttl
         )
         if isinstance(verdict, outcomes.Settled):
             self._settle(verdict)

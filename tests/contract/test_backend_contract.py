@@ -13,13 +13,13 @@ from appliance.backend.protocol import ErrorInfo, ResultBackend, TaskResult
 from appliance.config import Settings
 from appliance.envelope import new_task_id
 from appliance.states import TaskState
-from appliance.stores import open_backend
 from tests.conftest import wait_until
+from tests.stores import open_test_stores
 
 
 @pytest.fixture
 def backend(store_url: str) -> Iterator[ResultBackend]:
-    opened = open_backend(store_url, Settings())
+    opened = open_test_stores(store_url, Settings()).backend
     yield opened
     opened.close()
 
@@ -109,8 +109,9 @@ def test_a_result_stored_by_another_process_is_visible(
         "from appliance.backend.protocol import TaskResult\n"
         "from appliance.config import Settings\n"
         "from appliance.states import TaskState\n"
-        "from appliance.stores import open_backend\n"
-        "backend = open_backend(sys.argv[1], Settings())\n"
+        "from appliance.envelope import EnvelopeCodec\n"
+        "from appliance.stores import open_stores\n"
+        "backend = open_stores(Settings(broker_url=sys.argv[1]), EnvelopeCodec()).backend\n"
         "backend.store([TaskResult(sys.argv[2], TaskState.SUCCESS, value={'from': 'child'})])\n"
         "backend.close()\n"
     )

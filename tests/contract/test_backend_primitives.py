@@ -19,11 +19,11 @@ from appliance.backend.protocol import ResultBackend, TaskResult, WorkerHeartbea
 from appliance.config import Settings
 from appliance.envelope import new_task_id
 from appliance.states import TaskState
-from appliance.stores import open_backend
 from appliance.stores.sqlite import schema as sqlite_schema
 from appliance.stores.sqlite.backend import SqliteBackend
 from appliance.stores.sqlite.db import connect, parse_url
 from tests.conftest import wait_until
+from tests.stores import open_test_stores
 
 SHORT = 0.2  # seconds: a TTL that a test waits out
 LONG = 60.0  # seconds: a TTL that outlives any test
@@ -32,7 +32,7 @@ RACERS = 6
 
 @pytest.fixture
 def backend(store_url: str) -> Iterator[ResultBackend]:
-    opened = open_backend(store_url, Settings())
+    opened = open_test_stores(store_url, Settings()).backend
     yield opened
     opened.close()
 
@@ -46,11 +46,12 @@ _RACER = """
 import json, sys, time
 from pathlib import Path
 from appliance.config import Settings
-from appliance.stores import open_backend
+from appliance.envelope import EnvelopeCodec
+from appliance.stores import open_stores
 from appliance.backend.protocol import TaskResult
 from appliance.states import TaskState
 url, gate, ready, n = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
-backend = open_backend(url, Settings())
+backend = open_stores(Settings(broker_url=url), EnvelopeCodec()).backend
 backend.get_key("warm-up")
 ready.touch()
 deadline = time.monotonic() + 60
@@ -321,8 +322,9 @@ def test_revokes_are_honoured_by_a_process_started_later(
     code = (
         "import json, sys\n"
         "from appliance.config import Settings\n"
-        "from appliance.stores import open_backend\n"
-        "backend = open_backend(sys.argv[1], Settings())\n"
+        "from appliance.envelope import EnvelopeCodec\n"
+        "from appliance.stores import open_stores\n"
+        "backend = open_stores(Settings(broker_url=sys.argv[1]), EnvelopeCodec()).backend\n"
         "print(json.dumps(sorted(backend.list_revoked())))\n"
         "backend.close()\n"
     )
@@ -421,9 +423,9 @@ def test_sqlite_database_from_before_the_primitives_is_migrated(
 ) -> None:
     with monkeypatch.context() as patch:
         patch.setattr(sqlite_schema, "STEPS", sqlite_schema.STEPS[:1])
-        SqliteBackend.from_url(sqlite_url, Settings()).close()  # a database at 0001
+        open_test_stores(sqlite_url, Settings()).backend.close()  # a database at 0001
 
-    backend = SqliteBackend.from_url(sqlite_url, Settings())
+    backend = open_test_stores(sqlite_url, Settings()).backend
     try:
         assert backend.put_if_absent("k", b"v", LONG)
         assert backend.incr("n") == 1

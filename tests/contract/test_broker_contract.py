@@ -1,6 +1,6 @@
 """The `Broker` contract (appliance/broker/protocol.py), once per store.
 
-Only the protocol is used, through `open_broker`, so the same tests hold every adapter
+Only the protocol is used, through `open_stores`, so the same tests hold every adapter
 to the same semantics. Waits are bounded (`wait_until`), never bare sleeps for a result.
 """
 
@@ -20,8 +20,8 @@ from appliance.broker.protocol import Broker, Consumer, DeadLetterInfo, Delivery
 from appliance.config import Settings
 from appliance.envelope import Envelope, decode, new_task_id
 from appliance.states import DeadLetterReason
-from appliance.stores import open_broker
 from tests.conftest import wait_until
+from tests.stores import open_test_stores, overwrite_dead_letter_payload
 
 LEASE = 30.0
 SHORT_LEASE = 0.3
@@ -29,7 +29,7 @@ SHORT_LEASE = 0.3
 
 @pytest.fixture
 def broker(store_url: str) -> Iterator[Broker]:
-    opened = open_broker(store_url, Settings())
+    opened = open_test_stores(store_url, Settings()).broker
     yield opened
     opened.close()
 
@@ -418,6 +418,22 @@ def test_dlq_replay_oldest_first_as_fresh_first_attempts(broker: Broker, me: Con
     assert all(d.deliveries == 1 for d in replayed)
 
 
+def test_an_undecodable_dead_letter_is_replayed_verbatim_with_its_priority(
+    broker: Broker, me: Consumer
+) -> None:
+    # Regression: SQLite kept the recorded priority while Redis dropped it to band 0.
+    urgent = envelope(priority=7)
+    dead_letter_all(broker, me, [urgent])
+    (entry,) = broker.dlq_list()
+    overwrite_dead_letter_payload(broker, entry.id, b"{not an envelope")
+    broker.enqueue([envelope(priority=5)])
+
+    assert broker.dlq_replay() == [urgent.id]  # the id its DLQ record kept
+    first = claim_one(broker, me)
+    assert first.payload == b"{not an envelope"  # verbatim, and still ahead of priority 5
+    assert broker.dlq_count() == 0
+
+
 def test_dlq_replay_per_queue_and_purge_per_queue(broker: Broker, me: Consumer) -> None:
     envs = [envelope("a"), envelope("b"), envelope("a"), envelope("b")]
     dead_letter_all(broker, me, envs)
@@ -448,7 +464,7 @@ def test_wake_fd_turns_readable_after_an_enqueue_elsewhere(store_url: str, broke
     broker.clear_wake()
     assert not readable(fd, 0)
 
-    producer = open_broker(store_url, Settings())
+    producer = open_test_stores(store_url, Settings()).broker
     try:
         producer.enqueue([envelope()])
         assert readable(fd, 5)

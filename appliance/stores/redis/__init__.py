@@ -1,0 +1,31 @@
+"""The Redis store: broker (Streams + consumer groups) and result backend on one server.
+
+`open_store` creates one client and one `RedisSession` for both adapters, so their
+writes inside one unit of work go out as one MULTI/EXEC transaction in one round trip.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from appliance.stores import Stores
+from appliance.stores.redis.backend import RedisBackend
+from appliance.stores.redis.broker import RedisBroker
+from appliance.stores.redis.conn import connect
+from appliance.stores.redis.keys import Keys
+from appliance.stores.redis.session import RedisSession
+
+if TYPE_CHECKING:
+    from appliance.config import Settings
+    from appliance.envelope import EnvelopeCodec
+
+
+def open_store(url: str, settings: Settings, codec: EnvelopeCodec) -> Stores:
+    """Broker and backend on the server of `url` (lazy: nothing is sent yet)."""
+    session = RedisSession(url, connect(url))
+    keys = Keys(settings.namespace)
+    broker = RedisBroker(url, session, keys, codec)
+    backend = RedisBackend(url, session, keys)
+    return Stores(
+        broker, backend, session.unit_of_work, [broker.close, backend.close, session.close]
+    )

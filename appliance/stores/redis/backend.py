@@ -15,7 +15,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import redis
 from redis.commands.core import Script
 
 from appliance.backend.protocol import (
@@ -28,9 +27,8 @@ from appliance.backend.protocol import (
     encode_heartbeat,
     encode_result,
 )
-from appliance.config import Settings
-from appliance.stores.redis.conn import OutageLog, connect, guarded, redact
 from appliance.stores.redis.keys import Keys
+from appliance.stores.redis.session import RedisSession
 
 # Milliseconds since the epoch on the server's clock (a double: exact until year 287396).
 _NOW = """
@@ -115,27 +113,16 @@ def _ms(ttl: float) -> int:
 
 
 class RedisBackend:
-    """`ResultBackend` on Redis strings under `<namespace>:result:<task id>`."""
+    """`ResultBackend` on Redis, on the `RedisSession` it shares with the broker
+    (`appliance.stores.redis.open_store`): inside the session's unit of work its result
+    writes ride in the same transaction as the broker's settles."""
 
-    def __init__(self, url: str, client: redis.Redis, *, namespace: str) -> None:
+    def __init__(self, url: str, session: RedisSession, keys: Keys) -> None:
         self.url = url
-        self.client = client
-        self.keys = Keys(namespace)
-        self._outage = OutageLog(redact(url))
-        self._scripts = _Scripts(client)
-        self._batches: Any = None  # a RedisBroker on the same server whose batches we join
-
-    @classmethod
-    def sharing(cls, broker: Any, *, namespace: str) -> RedisBackend:
-        """A backend on the broker's server and client that joins `broker.batch()`: its
-        result writes ride in the same round trip as the settles."""
-        backend = cls(broker.url, broker.client, namespace=namespace)
-        backend._batches = broker
-        return backend
-
-    @classmethod
-    def from_url(cls, url: str, settings: Settings) -> RedisBackend:
-        return cls(url, connect(url), namespace=settings.namespace)
+        self.session = session
+        self.client = session.client
+        self.keys = keys
+        self._scripts = _Scripts(session)
 
     def store(self, results: Sequence[TaskResult]) -> None:
         if not results:
@@ -143,9 +130,8 @@ class RedisBackend:
         now = time.time()
         # Encode everything first: a value that is not JSON fails before anything is sent.
         encoded = [(r, encode_result(r)) for r in results]
-        joined = self._batches.batch_pipeline if self._batches is not None else None
-        # MULTI/EXEC: all or none; inside a broker batch, plain SETs in its pipeline (each
-        # is idempotent, and a failed batch is written again whole).
+        joined = self.session.pipe
+        # MULTI/EXEC: all or none; inside a unit of work, in the unit's transaction.
         pipe = joined if joined is not None else self.client.pipeline(transaction=True)
         for result, data in encoded:
             key = self.keys.result(result.task_id)
@@ -157,18 +143,18 @@ class RedisBackend:
                 pipe.set(key, data, pxat=int(result.expires_at * 1000))
         if joined is not None:
             return
-        with guarded(self._outage, "storing results"):
+        with self.session.guard("storing results"):
             pipe.execute()
 
     def get(self, task_id: str) -> TaskResult | None:
-        with guarded(self._outage, "reading a result"):
+        with self.session.guard("reading a result"):
             raw: Any = self.client.get(self.keys.result(task_id))
         return None if raw is None else decode_result(raw)
 
     def get_many(self, task_ids: Sequence[str]) -> dict[str, TaskResult]:
         if not task_ids:
             return {}
-        with guarded(self._outage, "reading results"):
+        with self.session.guard("reading results"):
             raws: Any = self.client.mget([self.keys.result(t) for t in task_ids])
         return {
             t: decode_result(raw) for t, raw in zip(task_ids, raws, strict=True) if raw is not None
@@ -176,7 +162,7 @@ class RedisBackend:
 
     def forget(self, task_ids: Sequence[str]) -> None:
         if task_ids:
-            with guarded(self._outage, "forgetting results"):
+            with self.session.guard("forgetting results"):
                 self.client.delete(*[self.keys.result(t) for t in task_ids])
 
     def purge_expired(self) -> int:
@@ -188,18 +174,18 @@ class RedisBackend:
     # -- keys with a TTL ---------------------------------------------------------------
 
     def put_if_absent(self, key: str, value: bytes | str, ttl: float) -> bool:
-        with guarded(self._outage, "putting a key"):
+        with self.session.guard("putting a key"):
             stored: Any = self.client.set(self.keys.kv(key), as_bytes(value), nx=True, px=_ms(ttl))
         return bool(stored)
 
     def get_key(self, key: str) -> bytes | None:
-        with guarded(self._outage, "reading a key"):
+        with self.session.guard("reading a key"):
             raw: Any = self.client.get(self.keys.kv(key))
         return None if raw is None else bytes(raw)
 
     def delete_key(self, key: str, value: bytes | str | None = None) -> bool:
         if value is None:
-            with guarded(self._outage, "deleting a key"):
+            with self.session.guard("deleting a key"):
                 deleted: Any = self.client.delete(self.keys.kv(key))
             return bool(deleted)
         args = [as_bytes(value)]
@@ -235,7 +221,7 @@ class RedisBackend:
         return count
 
     def group_results(self, group_id: str) -> list[TaskResult]:
-        with guarded(self._outage, "reading group results"):
+        with self.session.guard("reading group results"):
             fields: Any = self.client.hgetall(self.keys.group(group_id))
         members = sorted((int(f), raw) for f, raw in fields.items() if f != b"size")
         return [decode_result(raw) for _, raw in members]
@@ -252,7 +238,7 @@ class RedisBackend:
         return self._run(self._scripts.is_revoked, keys, [task_id], "reading revokes") == 1
 
     def list_revoked(self) -> set[str]:
-        with guarded(self._outage, "listing revokes"):
+        with self.session.guard("listing revokes"):
             ids: Any = self._scripts.list_revoked(keys=[self.keys.revoked])
         return {raw.decode() for raw in ids}
 
@@ -265,7 +251,7 @@ class RedisBackend:
 
     def list_workers(self) -> list[WorkerHeartbeat]:
         # The index may still name a worker whose key just expired: MGET skips it.
-        with guarded(self._outage, "listing workers"):
+        with self.session.guard("listing workers"):
             ids: Any = self.client.zrange(self.keys.workers, 0, -1)
             raws: Any = self.client.mget([self.keys.worker(i.decode()) for i in ids]) if ids else []
         found = [decode_heartbeat(raw) for raw in raws if raw is not None]
@@ -275,30 +261,30 @@ class RedisBackend:
         pipe = self.client.pipeline(transaction=True)
         pipe.delete(self.keys.worker(worker_id))
         pipe.zrem(self.keys.workers, worker_id)
-        with guarded(self._outage, "removing a worker"):
+        with self.session.guard("removing a worker"):
             pipe.execute()
 
     def close(self) -> None:
-        self.client.close()
+        """Nothing of its own to release: the client is the `Stores`' to close."""
 
     def _run(self, script: Script, keys: list[str], args: list[Any], what: str) -> int:
         """Run a script whose reply is an integer, mapping Redis errors."""
-        with guarded(self._outage, what):
+        with self.session.guard(what):
             reply: Any = script(keys=keys, args=args)
         return int(reply)
 
 
 class _Scripts:
-    """The Lua scripts, registered once per client (redis-py reloads one after NOSCRIPT)."""
+    """The backend's Lua scripts, registered with the store's session."""
 
-    def __init__(self, client: redis.Redis) -> None:
-        self.delete_if = client.register_script(_DELETE_IF)
-        self.refresh_if = client.register_script(_REFRESH_IF)
-        self.incr = client.register_script(_INCR)
-        self.group_init = client.register_script(_GROUP_INIT)
-        self.group_add = client.register_script(_GROUP_ADD)
-        self.revoke = client.register_script(_REVOKE)
-        self.is_revoked = client.register_script(_IS_REVOKED)
-        self.list_revoked = client.register_script(_LIST_REVOKED)
-        self.put_worker = client.register_script(_PUT_WORKER)
-        self.trim = client.register_script(_TRIM)
+    def __init__(self, session: RedisSession) -> None:
+        self.delete_if = session.script(_DELETE_IF)
+        self.refresh_if = session.script(_REFRESH_IF)
+        self.incr = session.script(_INCR)
+        self.group_init = session.script(_GROUP_INIT)
+        self.group_add = session.script(_GROUP_ADD)
+        self.revoke = session.script(_REVOKE)
+        self.is_revoked = session.script(_IS_REVOKED)
+        self.list_revoked = session.script(_LIST_REVOKED)
+        self.put_worker = session.script(_PUT_WORKER)
+        self.trim = session.script(_TRIM)

@@ -20,16 +20,13 @@ Shape (keys in `keys.py`):
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager
 from typing import Any
 
 import orjson
 import redis
-from redis.commands.core import Script
 
 from appliance.broker.protocol import (
     Consumer,
@@ -40,14 +37,14 @@ from appliance.broker.protocol import (
     Settlement,
     consumer_gone,
 )
-from appliance.config import Settings
-from appliance.envelope import DEFAULT_MAX_PAYLOAD_BYTES, decode, encode, encode_checked
-from appliance.errors import DecodeError
+from appliance.envelope import EnvelopeCodec
 from appliance.states import SettleKind
+from appliance.stores.common import QueueRotation, replay_of
 from appliance.stores.redis import keys as rk
 from appliance.stores.redis import scripts
-from appliance.stores.redis.conn import OutageLog, connect, durability_warnings, guarded, redact
+from appliance.stores.redis.conn import connect, durability_warnings
 from appliance.stores.redis.records import dead_entry, dead_record, message_info, stream_info, text
+from appliance.stores.redis.session import RedisSession
 from appliance.stores.redis.wake import RedisWake
 
 # The op codes of the settle script.
@@ -66,62 +63,32 @@ class _Receipt:
 
 
 class RedisBroker:
-    """`Broker` on Redis Streams. One instance per process (connections never cross fork)."""
+    """`Broker` on Redis Streams, on the `RedisSession` it shares with the result backend
+    (`appliance.stores.redis.open_store`). One per process."""
 
     def __init__(
-        self,
-        url: str,
-        client: redis.Redis,
-        *,
-        namespace: str,
-        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        self, url: str, session: RedisSession, keys: rk.Keys, codec: EnvelopeCodec
     ) -> None:
-        self.max_payload_bytes = max_payload_bytes
+        self.codec = codec
         self.url = url
-        self.client = client
-        self.keys = rk.Keys(namespace)
+        self.session = session
+        self.client = session.client
+        self.keys = keys
         self._head: list[Any] = [self.keys.prefix, rk.GROUP]
-        self._outage = OutageLog(redact(url))
-        self._enqueue = scripts.register(client, scripts.ENQUEUE)
-        self._claim = scripts.register(client, scripts.CLAIM)
-        self._settle = scripts.register(client, scripts.SETTLE)
-        self._extend = scripts.register(client, scripts.EXTEND)
-        self._stats = scripts.register(client, scripts.STATS, helpers=False)
-        self._replay = scripts.register(client, scripts.REPLAY)
-        self._purge = scripts.register(client, scripts.PURGE, helpers=False)
-        self._scripts = [self._enqueue, self._claim, self._settle, self._extend, self._stats,
-                         self._replay, self._purge]  # fmt: skip
-        self._loaded = False
+        self._enqueue = session.script(scripts.source(scripts.ENQUEUE))
+        self._claim = session.script(scripts.source(scripts.CLAIM))
+        self._settle = session.script(scripts.source(scripts.SETTLE))
+        self._extend = session.script(scripts.source(scripts.EXTEND))
+        self._stats = session.script(scripts.source(scripts.STATS, helpers=False))
+        self._replay = session.script(scripts.source(scripts.REPLAY))
+        self._purge = session.script(scripts.source(scripts.PURGE, helpers=False))
         self._next_sweep = 0.0
-        self._rotation = 0
+        self._rotation = QueueRotation()
         self._wake: RedisWake | None = None
         self._dlq_last_us = 0
-        # Inside batch(): writes queue here and go out with the next claim, or at the end
-        # of the batch, in one round trip (the supervisor's settle-and-claim round).
-        self._pipe: Any = None
-
-    @classmethod
-    def from_url(cls, url: str, settings: Settings) -> RedisBroker:
-        return cls(
-            url,
-            connect(url),
-            namespace=settings.namespace,
-            max_payload_bytes=settings.max_payload_bytes,
-        )
 
     def _guard(self, what: str) -> Any:
-        return guarded(self._outage, what)
-
-    def _load_scripts(self) -> None:
-        """Load every script once, in one round trip, before the first big call: otherwise
-        EVALSHA of a 20k-message enqueue is sent twice (NOSCRIPT, then again). After a
-        server restart redis-py's NOSCRIPT fallback reloads them one by one."""
-        if not self._loaded:
-            pipe = self.client.pipeline(transaction=False)
-            for script in self._scripts:
-                pipe.script_load(script.script)
-            pipe.execute()
-            self._loaded = True
+        return self.session.guard(what)
 
     def durability_warnings(self) -> list[str]:
         """Startup check: why acknowledged enqueues could be lost (see `conn`)."""
@@ -144,11 +111,11 @@ class RedisBroker:
             due = envelope.not_before is not None and envelope.not_before > now
             args += [
                 envelope.queue, rk.band_of(envelope.priority), envelope.id,
-                encode_checked(envelope, self.max_payload_bytes),
+                self.codec.encode(envelope),
                 repr(envelope.not_before) if due else "", os.urandom(6).hex() if due else "",
             ]  # fmt: skip
         with self._guard("enqueue"):
-            self._load_scripts()
+            self.session.load_scripts()
             self._enqueue(args=args)
 
     def claim(
@@ -161,15 +128,12 @@ class RedisBroker:
         sweep = now >= self._next_sweep
         if sweep:
             self._next_sweep = now + min(1.0, lease / 4)
-        # Rotate the first queue between calls so a busy queue cannot starve the others.
-        start = self._rotation % len(queues)
-        self._rotation += 1
-        queues = [*queues[start:], *queues[:start]]
+        queues = self._rotation.order(queues)
         name = consumer.name
         args = [*self._head, repr(now), name, limit, int(lease * 1000), int(sweep), repr(lease)]
         with self._guard("claim"):
-            if self._pipe is not None and self._pipe.command_stack:
-                rows = self._flush_batch(then=(self._claim, [*args, *queues]))
+            if self.session.pipe is not None and self.session.pipe.command_stack:
+                rows = self.session.flush(then=(self._claim, [*args, *queues]))
             else:
                 rows = self._claim(args=[*args, *queues])
         if self._wake is not None:
@@ -189,8 +153,8 @@ class RedisBroker:
         args = list(self._head)
         for settlement in settlements:
             args += self._settle_args(settlement)
-        if self._pipe is not None:
-            self._queue(self._settle, args)
+        if self.session.pipe is not None:
+            self.session.queue(self._settle, args)
             return
         with self._guard("settle"):
             self._settle(args=args)
@@ -210,7 +174,7 @@ class RedisBroker:
         due = env.not_before is not None and env.not_before > time.time()
         return [
             *head, r.consumer, r.count, env.queue, rk.band_of(env.priority), env.id,
-            encode(env), repr(env.not_before) if due else "",
+            self.codec.reencode(env), repr(env.not_before) if due else "",
         ]  # fmt: skip
 
     def _dead_args(self, s: Settlement) -> list[Any]:
@@ -219,55 +183,8 @@ class RedisBroker:
         # ties in dead_at still list newest first; the random tail keeps processes apart.
         self._dlq_last_us = max(int(dead_at * 1_000_000), self._dlq_last_us + 1)
         dlq_id = f"{self._dlq_last_us:017d}-{os.urandom(3).hex()}"
-        record = dead_record(s, dead_at)
+        record = dead_record(self.codec, s, dead_at)
         return [dlq_id, repr(dead_at), orjson.dumps(record), s.delivery.payload]
-
-    def batch(self) -> AbstractContextManager[None]:
-        """Pipelining, not a transaction: each script stays atomic on its own, and a
-        batch that fails part-way is retried whole by the supervisor, which is safe
-        because result writes and settles are idempotent (a repeated settle of a lease
-        already settled changes nothing)."""
-        return self._batch_scope()
-
-    @contextlib.contextmanager
-    def _batch_scope(self) -> Iterator[None]:
-        if self._pipe is not None:  # reentrant
-            yield
-            return
-        with self._guard("loading scripts"):
-            self._load_scripts()
-        self._pipe = self.client.pipeline(transaction=False)
-        try:
-            yield
-            if self._pipe.command_stack:
-                with self._guard("settle"):
-                    self._flush_batch()
-        finally:
-            self._pipe = None
-
-    @property
-    def batch_pipeline(self) -> Any:
-        """The pipeline of the open batch, for a result backend on the same server."""
-        return self._pipe
-
-    def _queue(self, script: Script, args: list[Any]) -> None:
-        # EVALSHA rather than the Script object: a pipeline holding Script objects asks
-        # SCRIPT EXISTS on every execute, a second round trip. The scripts were loaded
-        # when the batch opened; after a server restart NOSCRIPT fails the batch, the
-        # supervisor retries it, and the reload below makes the retry work.
-        self._pipe.evalsha(script.sha, 0, *args)
-
-    def _flush_batch(self, then: tuple[Script, list[Any]] | None = None) -> Any:
-        """Send what the batch queued (plus `then`), one round trip; `then`'s reply."""
-        if then is not None:
-            self._queue(*then)
-        pipe, self._pipe = self._pipe, self.client.pipeline(transaction=False)
-        try:
-            replies = pipe.execute()
-        except redis.exceptions.NoScriptError:
-            self._loaded = False
-            raise
-        return replies[-1] if then is not None else None
 
     def idle(self) -> None:
         # Acknowledged entries are deleted when settled; Redis needs no idle upkeep.
@@ -450,7 +367,7 @@ class RedisBroker:
         held = {text(p["message_id"]): p for p in pending}
         now = time.time()
         return [
-            stream_info(queue, text(entry_id), fields, held, leases, now)
+            stream_info(self.codec, queue, text(entry_id), fields, held, leases, now)
             for entry_id, fields in entries
         ]
 
@@ -460,7 +377,7 @@ class RedisBroker:
             return []
         payloads: Any = self.client.hmget(self.keys.delayed_payload(queue), [m for m, _ in members])
         return [
-            message_info(queue, payload, "delayed", base=0, not_before=float(score))
+            message_info(self.codec, queue, payload, "delayed", base=0, not_before=float(score))
             for (_, score), payload in zip(members, payloads, strict=True)
             if payload is not None
         ]
@@ -485,7 +402,7 @@ class RedisBroker:
         score, payload = pipe.execute()
         if score is None or payload is None:
             return None
-        return message_info(queue, payload, "delayed", base=0, not_before=float(score))
+        return message_info(self.codec, queue, payload, "delayed", base=0, not_before=float(score))
 
     # --- dead-letter queue --------------------------------------------------------------------
 
@@ -536,12 +453,10 @@ class RedisBroker:
         return replayed
 
     def _replay_one(self, entry: DeadLetterEntry) -> bool:
-        try:
-            envelope = decode(entry.payload).for_replay()
-            payload, queue, band = encode(envelope), envelope.queue, rk.band_of(envelope.priority)
-        except DecodeError:  # reinserted as it was: the worker dead-letters it again, visibly
-            payload, queue, band = entry.payload, entry.queue, 0
-        args = [*self._head, entry.id, entry.queue, queue, band, entry.task_id or "", payload]
+        priority = int(entry.extra.get("priority", 0))
+        replay = replay_of(self.codec, entry.queue, priority, entry.payload, entry.task_id)
+        args = [*self._head, entry.id, entry.queue, replay.queue, rk.band_of(replay.priority),
+                replay.task_id or "", replay.payload]  # fmt: skip
         return bool(self._replay(args=args))
 
     def dlq_purge(self, queue: str | None = None) -> int:
@@ -549,10 +464,10 @@ class RedisBroker:
             return int(self._purge(args=[*self._head, queue or ""]))
 
     def close(self) -> None:
+        """Release the wake-up subscriber (the client is the `Stores`' to close)."""
         if self._wake is not None:
             self._wake.close()
             self._wake = None
-        self.client.close()
 
 
 def _id_order(entry_id: bytes) -> tuple[int, int]:

@@ -8,25 +8,24 @@ from typing import Any
 import orjson
 
 from appliance.broker.protocol import DeadLetterEntry, MessageInfo, Settlement
-from appliance.envelope import decode, peek_id
-from appliance.errors import DecodeError
+from appliance.envelope import EnvelopeCodec, peek_id
 
 
 def text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def dead_record(s: Settlement, dead_at: float) -> dict[str, Any]:
+def dead_record(codec: EnvelopeCodec, s: Settlement, dead_at: float) -> dict[str, Any]:
     info = s.dead
-    try:
-        envelope = decode(s.delivery.payload)
+    envelope = codec.peek(s.delivery.payload)
+    if envelope is not None:
         task_id: str | None = envelope.id
-        name, attempts = envelope.name, envelope.attempt + 1
+        name: str | None = envelope.name
+        attempts, priority = envelope.attempt + 1, envelope.priority
         enqueued_at: float | None = envelope.enqueued_at
-        priority = envelope.priority
-    except DecodeError:
-        task_id, name, attempts, enqueued_at = None, None, 1, None
-        task_id, priority = peek_id(s.delivery.payload), 0
+    else:
+        task_id, name, attempts, enqueued_at = peek_id(s.delivery.payload), None, 1, None
+        priority = 0
     return {
         "task_id": task_id, "name": name, "queue": s.delivery.queue,
         "reason": str(info.reason) if info else "", "error_type": info.error_type if info else "",
@@ -42,32 +41,32 @@ def dead_entry(entry_id: str, record: bytes, payload: bytes) -> DeadLetterEntry:
 
 
 def stream_info(
-    queue: str, entry_id: str, fields: dict[bytes, bytes], held: dict[str, Any],
-    leases: dict[str, float], now: float,
+    codec: EnvelopeCodec, queue: str, entry_id: str, fields: dict[bytes, bytes],
+    held: dict[str, Any], leases: dict[str, float], now: float,
 ) -> MessageInfo:  # fmt: skip
     base = int(fields.get(b"b", b"0"))
     payload = fields.get(b"p", b"")
     pend = held.get(entry_id)
     if pend is None:
-        return message_info(queue, payload, "ready", base=base)
+        return message_info(codec, queue, payload, "ready", base=base)
     owner = text(pend["consumer"])
     idle = pend["time_since_delivered"] / 1000
     lease = leases.get(owner)
     return message_info(
-        queue, payload, "leased", base=base + pend["times_delivered"], owner=owner,
+        codec, queue, payload, "leased", base=base + pend["times_delivered"], owner=owner,
         lease_until=None if lease is None else now - idle + lease,
     )  # fmt: skip
 
 
 def message_info(
-    queue: str, payload: bytes, state: str, *, base: int, not_before: float | None = None,
-    lease_until: float | None = None, owner: str | None = None,
+    codec: EnvelopeCodec, queue: str, payload: bytes, state: str, *, base: int,
+    not_before: float | None = None, lease_until: float | None = None, owner: str | None = None,
 ) -> MessageInfo:  # fmt: skip
-    try:
-        env = decode(payload)
+    env = codec.peek(payload)
+    if env is not None:
         task_id, name, priority, attempt = env.id, env.name, env.priority, env.attempt
         not_before = not_before if not_before is not None else env.not_before
-    except DecodeError:
+    else:
         task_id, name, priority, attempt = peek_id(payload) or "", "", 0, 0
     return MessageInfo(
         task_id=task_id, name=name, queue=queue, priority=priority, attempt=attempt,

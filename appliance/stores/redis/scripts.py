@@ -4,9 +4,6 @@ ones also get the shared helpers below."""
 
 from __future__ import annotations
 
-import redis
-from redis.commands.core import Script
-
 from appliance.stores.redis import keys as rk
 
 # Shared helpers of the writing scripts (after the key prelude).
@@ -329,7 +326,7 @@ return #ids
 """
 
 
-def register(client: redis.Redis, body: str, *, helpers: bool = True) -> Script:
+def source(body: str, *, helpers: bool = True) -> str:
+    """A script's full source: its shebang line, the key prelude, the helpers."""
     shebang, _, rest = body.partition("\n")
-    source = "\n".join([shebang, rk.LUA_KEYS, LUA_HELPERS if helpers else "", rest])
-    return client.register_script(source)
+    return "\n".join([shebang, rk.LUA_KEYS, LUA_HELPERS if helpers else "", rest])

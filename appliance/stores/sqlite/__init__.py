@@ -1,0 +1,33 @@
+"""The SQLite store: broker and result backend in one WAL database file.
+
+`open_store` opens the file once (creating it and applying the schema if needed) and
+hands the one connection to both adapters, so their writes inside one unit of work are
+one `BEGIN IMMEDIATE` transaction: the group commit the supervisor's throughput rests on.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from appliance.stores import Stores
+from appliance.stores.sqlite.backend import SqliteBackend
+from appliance.stores.sqlite.broker import SqliteBroker
+from appliance.stores.sqlite.db import BUSY_DEADLINE
+from appliance.stores.sqlite.schema import open_current
+
+if TYPE_CHECKING:
+    from appliance.config import Settings
+    from appliance.envelope import EnvelopeCodec
+
+
+def open_store(
+    url: str, settings: Settings, codec: EnvelopeCodec, *, busy_wait: float | None = None
+) -> Stores:
+    """Broker and backend on the database of `url`, sharing its connection."""
+    db = open_current(
+        url, settings.sqlite_synchronous,
+        busy_deadline=BUSY_DEADLINE if busy_wait is None else busy_wait,
+    )  # fmt: skip
+    broker = SqliteBroker(db, url, codec)
+    backend = SqliteBackend(db, url)
+    return Stores(broker, backend, db.unit_of_work, [broker.close, backend.close, db.close])

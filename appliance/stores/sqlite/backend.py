@@ -16,7 +16,6 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -32,11 +31,9 @@ from appliance.backend.protocol import (
     encode_heartbeat,
     encode_result,
 )
-from appliance.config import Settings
 from appliance.envelope import dumps_json
 from appliance.states import TaskState
-from appliance.stores.sqlite import schema as sqlite_schema
-from appliance.stores.sqlite.db import MOUNTINFO, Database
+from appliance.stores.sqlite.db import Database
 
 _COLUMNS = (
     "task_id", "state", "name", "queue", "value", "error_type", "error_message",
@@ -165,19 +162,12 @@ def _result(row: Sequence[Any]) -> TaskResult:
 
 
 class SqliteBackend:
-    """The `ResultBackend` port on SQLite. Open one per process (`from_url`)."""
+    """The `ResultBackend` port on SQLite, on a `Database` it shares with the broker
+    (`appliance.stores.sqlite.open_store`). One per process."""
 
     def __init__(self, db: Database, url: str) -> None:
         self.url = url
         self._db = db
-
-    @classmethod
-    def from_url(
-        cls, url: str, settings: Settings, *, mountinfo: Path = MOUNTINFO
-    ) -> SqliteBackend:
-        """Open (creating if needed) the database of `url` and bring its schema up to date."""
-        db = sqlite_schema.open_current(url, settings.sqlite_synchronous, mountinfo=mountinfo)
-        return cls(db, url)
 
     def store(self, results: Sequence[TaskResult]) -> None:
         """Upsert the batch in one transaction (all or none)."""
@@ -347,5 +337,4 @@ class SqliteBackend:
         self._db.write(lambda conn: conn.execute(_REMOVE_WORKER, (worker_id,)))
 
     def close(self) -> None:
-        """Close the connection (a no-op in a forked child: never touch the parent's)."""
-        self._db.close()
+        """Nothing of its own to release: the shared connection is the `Stores`' to close."""

@@ -23,7 +23,6 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -37,19 +36,11 @@ from appliance.broker.protocol import (
     Settlement,
     consumer_gone,
 )
-from appliance.config import Settings
-from appliance.envelope import (
-    DEFAULT_MAX_PAYLOAD_BYTES,
-    Envelope,
-    decode,
-    encode,
-    encode_checked,
-    peek_id,
-)
-from appliance.errors import BrokerError, DecodeError
+from appliance.envelope import Envelope, EnvelopeCodec
+from appliance.errors import BrokerError
 from appliance.states import SettleKind
-from appliance.stores.sqlite import schema as sqlite_schema
-from appliance.stores.sqlite.db import MOUNTINFO, Database, translate
+from appliance.stores.common import QueueRotation, replay_of
+from appliance.stores.sqlite.db import Database, translate
 from appliance.stores.sqlite.wake import SqliteWaker
 
 # The row a claim, settle or observation touches is always found through an index
@@ -132,7 +123,7 @@ _DLQ_LIST_QUEUE = (
 _DLQ_GET = f"SELECT {_DLQ_COLUMNS} FROM dead_letters WHERE id = ?"
 _DLQ_COUNT = "SELECT COUNT(*) FROM dead_letters WHERE (?1 IS NULL OR queue = ?1)"
 _DLQ_OLDEST = (
-    "SELECT id, queue, priority, payload, enqueued_at FROM dead_letters "
+    "SELECT id, queue, priority, payload, enqueued_at, task_id FROM dead_letters "
     "WHERE (?1 IS NULL OR queue = ?1) ORDER BY rowid LIMIT ?2"
 )
 _DLQ_DELETE = "DELETE FROM dead_letters WHERE id = ?"
@@ -166,7 +157,7 @@ class _SettlePlan:
     def frees_messages(self) -> bool:
         return bool(self.retries or self.releases)
 
-    def add(self, settlement: Settlement, now: float) -> None:
+    def add(self, settlement: Settlement, now: float, codec: EnvelopeCodec) -> None:
         message_id, attempt, deliveries, owner = _parse_receipt(settlement.delivery.receipt)
         kind = settlement.kind
         if kind == SettleKind.ACK:
@@ -185,8 +176,8 @@ class _SettlePlan:
             if env is None:
                 raise ValueError("a RETRY settlement needs the next attempt's `envelope`")
             self.retries.append(
-                (encode(env), env.name, env.queue, env.priority, env.attempt, env.not_before,
-                 _state(env, now), message_id, attempt, deliveries, owner)
+                (codec.reencode(env), env.name, env.queue, env.priority, env.attempt,
+                 env.not_before, _state(env, now), message_id, attempt, deliveries, owner)
             )  # fmt: skip
         elif kind == SettleKind.RELEASE:
             uncount = 0 if settlement.count_delivery else 1
@@ -233,53 +224,38 @@ def _message_info(row: Sequence[Any]) -> MessageInfo:
     return replace(info, lease_until=time.time() + info.lease_until - lease_clock())
 
 
-def _message_row(env: Envelope, now: float, max_bytes: int) -> tuple[Any, ...]:
+def _message_row(env: Envelope, now: float, codec: EnvelopeCodec) -> tuple[Any, ...]:
     return (
         env.id, env.name, env.queue, env.priority, _state(env, now), env.not_before,
-        env.attempt, env.enqueued_at or now, encode_checked(env, max_bytes),
+        env.attempt, env.enqueued_at or now, codec.encode(env),
     )  # fmt: skip
 
 
 def _insert_chunked(
-    conn: sqlite3.Connection, envelopes: Sequence[Envelope], now: float, max_bytes: int
+    conn: sqlite3.Connection, envelopes: Sequence[Envelope], now: float, codec: EnvelopeCodec
 ) -> None:
     """Encode and insert a big batch a chunk at a time inside one transaction: holding
     every encoded payload at once (27 MB per 100k) cost more in fresh memory than the
     encoding itself (measured 35k/s whole vs 60k+/s chunked)."""
     for start in range(0, len(envelopes), ENQUEUE_CHUNK):
         chunk = envelopes[start : start + ENQUEUE_CHUNK]
-        conn.executemany(_INSERT, [_message_row(env, now, max_bytes) for env in chunk])
+        conn.executemany(_INSERT, [_message_row(env, now, codec) for env in chunk])
 
 
 class SqliteBroker:
-    """The `Broker` port on SQLite. Open one per process (`from_url`)."""
+    """The `Broker` port on SQLite, on a `Database` it shares with the result backend
+    (`appliance.stores.sqlite.open_store`). One per process."""
 
-    def __init__(
-        self, db: Database, url: str, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
-    ) -> None:
-        self.max_payload_bytes = max_payload_bytes
+    def __init__(self, db: Database, url: str, codec: EnvelopeCodec) -> None:
+        self.codec = codec
         self.url = url
         self._db = db
-        self._rotation = 0
+        self._rotation = QueueRotation()
         self._waker = SqliteWaker(db.path)
-
-    @classmethod
-    def from_url(cls, url: str, settings: Settings, *, mountinfo: Path = MOUNTINFO) -> SqliteBroker:
-        """Open (creating if needed) the database of `url` and bring its schema up to date."""
-        db = sqlite_schema.open_current(url, settings.sqlite_synchronous, mountinfo=mountinfo)
-        return cls(db, url, max_payload_bytes=settings.max_payload_bytes)
 
     @property
     def path(self) -> Path:
         return self._db.path
-
-    @property
-    def database(self) -> Database:
-        """The connection, for a result backend on the same file to share."""
-        return self._db
-
-    def batch(self) -> AbstractContextManager[None]:
-        return self._db.unit_of_work()
 
     # --- enqueue -------------------------------------------------------------------
 
@@ -289,19 +265,13 @@ class SqliteBroker:
             return
         now = time.time()
         if connection is not None:
-            self._enqueue_in(
-                connection, [_message_row(env, now, self.max_payload_bytes) for env in envelopes]
-            )
+            self._enqueue_in(connection, [_message_row(env, now, self.codec) for env in envelopes])
             return  # no wake-up: the caller has not committed yet (1 s poll covers it)
         if len(envelopes) <= ENQUEUE_CHUNK:
-            rows = [
-                _message_row(env, now, self.max_payload_bytes) for env in envelopes
-            ]  # encoded outside the lock
+            rows = [_message_row(env, now, self.codec) for env in envelopes]  # outside the lock
             self._db.write(lambda conn: conn.executemany(_INSERT, rows))
         else:
-            self._db.write(
-                lambda conn: _insert_chunked(conn, envelopes, now, self.max_payload_bytes)
-            )
+            self._db.write(lambda conn: _insert_chunked(conn, envelopes, now, self.codec))
         self._waker.poke()
 
     def _enqueue_in(self, connection: Any, rows: list[tuple[Any, ...]]) -> None:
@@ -336,10 +306,7 @@ class SqliteBroker:
         """Promote due delayed messages, then lease up to `limit`, in one transaction."""
         if limit <= 0 or not queues:
             return []
-        # Rotate the first queue between calls so a busy queue cannot starve the others.
-        start = self._rotation % len(queues)
-        self._rotation += 1
-        order = [*queues[start:], *queues[:start]]
+        order = self._rotation.order(queues)
         owner = consumer.name
 
         lease = min(lease, MAX_LEASE_S)
@@ -369,7 +336,7 @@ class SqliteBroker:
         plan = _SettlePlan()
         now = time.time()
         for settlement in settlements:
-            plan.add(settlement, now)
+            plan.add(settlement, now, self.codec)
         self._db.write(plan.apply)
         if plan.frees_messages:
             self._waker.poke()
@@ -499,12 +466,15 @@ class SqliteBroker:
             now = time.time()
             entries = conn.execute(_DLQ_OLDEST, (queue, -1 if limit is None else limit))
             rows, task_ids, entry_ids = [], [], []
-            for entry_id, entry_queue, priority, payload, enqueued_at in entries.fetchall():
-                row = _replay_row(entry_queue, priority, payload, enqueued_at or now)
-                rows.append(row)
+            for entry_id, entry_queue, priority, payload, enqueued_at, task_id in entries:
+                replay = replay_of(self.codec, entry_queue, priority, payload, task_id)
+                rows.append((
+                    replay.task_id, replay.name, replay.queue, replay.priority, "ready", None,
+                    0, replay.enqueued_at or enqueued_at or now, replay.payload,
+                ))  # fmt: skip
                 entry_ids.append((entry_id,))
-                if row[0] is not None:
-                    task_ids.append(row[0])
+                if replay.task_id is not None:
+                    task_ids.append(replay.task_id)
             conn.executemany(_INSERT, rows)
             conn.executemany(_DLQ_DELETE, entry_ids)
             return task_ids
@@ -532,25 +502,10 @@ class SqliteBroker:
             self._db.autocommit(lambda conn: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
 
     def close(self) -> None:
-        """Release the connection and our wake socket; a no-op in a forked child, which
-        must not touch the parent's connection or remove the parent's socket."""
-        if os.getpid() != self._db.pid:
-            return
-        self._waker.close()
-        self._db.close()
-
-
-def _replay_row(queue: str, priority: int, payload: bytes, enqueued_at: float) -> tuple[Any, ...]:
-    """A fresh first attempt; a payload that does not decode goes back verbatim (the
-    worker dead-letters it again as undecodable, with whatever id it can peek)."""
-    try:
-        env = decode(payload).for_replay()
-    except DecodeError:
-        return (peek_id(payload), "", queue, priority, "ready", None, 0, enqueued_at, payload)
-    return (
-        env.id, env.name, env.queue, env.priority, "ready", None, 0, env.enqueued_at or
-        enqueued_at, encode(env),
-    )  # fmt: skip
+        """Release our wake socket (the shared connection is the `Stores`' to close); a
+        no-op in a forked child, which must not remove the parent's socket."""
+        if os.getpid() == self._db.pid:
+            self._waker.close()
 
 
 def _dead_letter(row: Sequence[Any]) -> DeadLetterEntry:

@@ -145,20 +145,16 @@ def _prepare_files(path: Path, mountinfo: Path) -> None:
 class Database:
     """One connection, owned by the process that opened it, with the write helper."""
 
-    def __init__(self, conn: sqlite3.Connection, target: SqliteTarget) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, target: SqliteTarget, busy_deadline: float = BUSY_DEADLINE
+    ) -> None:
         self.conn = conn
         self.target = target
         self.pid = os.getpid()
-        self.busy_deadline = BUSY_DEADLINE
+        self.busy_deadline = busy_deadline
         # check_same_thread=False plus this lock: a TUI may read from a worker thread.
         self._lock = threading.RLock()
-        self._users = 1  # a broker and a backend on the same file share one connection
         self._unit_depth = 0  # > 0 inside unit_of_work(): writes join its transaction
-
-    def share(self) -> Database:
-        """Another user of this connection; `close()` closes it after the last one."""
-        self._users += 1
-        return self
 
     @contextlib.contextmanager
     def unit_of_work(self) -> Iterator[None]:
@@ -262,10 +258,8 @@ class Database:
             )
 
     def close(self) -> None:
-        """Close the connection, unless it was inherited through fork (never touch it)
-        or another user still shares it."""
-        self._users -= 1
-        if self._users <= 0 and os.getpid() == self.pid:
+        """Close the connection, unless it was inherited through fork (never touch it)."""
+        if os.getpid() == self.pid:
             self.conn.close()
 
 
@@ -287,8 +281,11 @@ def translate(exc: sqlite3.Error, path: Path) -> BrokerError:
     return BrokerError(f"{path}: {exc}")
 
 
-def connect(target: SqliteTarget, *, mountinfo: Path = MOUNTINFO) -> Database:
-    """Open `target`: checked local filesystem, owner-only files, WAL, synchronous."""
+def connect(
+    target: SqliteTarget, *, mountinfo: Path = MOUNTINFO, busy_deadline: float = BUSY_DEADLINE
+) -> Database:
+    """Open `target`: checked local filesystem, owner-only files, WAL, synchronous.
+    `busy_deadline` caps how long one call waits for other writers (`BrokerBusy`)."""
     _prepare_files(target.path, mountinfo)
     try:
         conn = sqlite3.connect(
@@ -296,7 +293,7 @@ def connect(target: SqliteTarget, *, mountinfo: Path = MOUNTINFO) -> Database:
         )
     except sqlite3.Error as exc:
         raise translate(exc, target.path) from exc
-    db = Database(conn, target)
+    db = Database(conn, target, busy_deadline)
 
     def setup(conn: sqlite3.Connection) -> None:
         # Switching a new file to WAL takes a lock, so it can meet SQLITE_BUSY.

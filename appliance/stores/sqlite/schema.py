@@ -50,7 +50,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from appliance.stores.sqlite.db import MOUNTINFO, connect, parse_url
+from appliance.stores.sqlite.db import BUSY_DEADLINE, MOUNTINFO, connect, parse_url
 from appliance.stores.sqlite.db import Database as SqliteDatabase
 
 if TYPE_CHECKING:
@@ -236,10 +236,11 @@ def is_current(conn: sqlite3.Connection) -> bool:
     return {name for name, _ in STEPS} <= {row[0] for row in rows}
 
 
-def open_current(url: str, synchronous: str, *, mountinfo: Path = MOUNTINFO) -> SqliteDatabase:
-    """Open (creating if needed) the database of `url` with its schema up to date: what
-    both the broker and the backend do first."""
-    db = connect(parse_url(url, synchronous), mountinfo=mountinfo)
+def open_current(
+    url: str, synchronous: str, *, mountinfo: Path = MOUNTINFO, busy_deadline: float = BUSY_DEADLINE
+) -> SqliteDatabase:
+    """Open (creating if needed) the database of `url` with its schema up to date."""
+    db = connect(parse_url(url, synchronous), mountinfo=mountinfo, busy_deadline=busy_deadline)
     try:
         ensure(db)
     except BaseException:

@@ -1,0 +1,96 @@
+"""What the Redis broker and backend of one store share: the client, the scripts (loaded
+together), the outage log, and the open unit of work."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import redis
+from redis.commands.core import Script
+
+from appliance.stores.redis.conn import OutageLog, guarded, redact
+
+
+class RedisSession:
+    """One client per store and process (connections never cross fork).
+
+    Inside `unit_of_work()` writes are queued on one MULTI/EXEC pipeline instead of being
+    sent: the whole unit goes out in one round trip and the server applies it as one
+    transaction. Scripts are sent as EVALSHA, so they must be loaded first: `load_scripts`
+    loads every script of the store in one round trip, and a NOSCRIPT (a server that
+    restarted) marks them for loading again before the failed unit is retried.
+    """
+
+    def __init__(self, url: str, client: redis.Redis) -> None:
+        self.url = url
+        self.client = client
+        self.outage = OutageLog(redact(url))
+        self.pipe: Any = None  # the open unit's pipeline
+        self._scripts: list[Script] = []
+        self._loaded = False
+
+    def script(self, source: str) -> Script:
+        """Register a script of this store (loaded by `load_scripts`)."""
+        script = self.client.register_script(source)
+        self._scripts.append(script)
+        self._loaded = False
+        return script
+
+    def guard(self, what: str) -> contextlib.AbstractContextManager[None]:
+        """Map redis-py errors raised inside to the appliance's errors (see `conn`)."""
+        return guarded(self.outage, what)
+
+    def load_scripts(self) -> None:
+        """Load every script in one round trip, before a big call or a unit: otherwise
+        EVALSHA of a 20k-message enqueue is sent twice (NOSCRIPT, then again)."""
+        if not self._loaded:
+            pipe = self.client.pipeline(transaction=False)
+            for script in self._scripts:
+                pipe.script_load(script.script)
+            pipe.execute()
+            self._loaded = True
+
+    def run(self, script: Script, args: Sequence[Any], keys: Sequence[str] = ()) -> Any:
+        """Run a script now (redis-py reloads it after NOSCRIPT)."""
+        return script(keys=list(keys), args=list(args))
+
+    def queue(self, script: Script, args: Sequence[Any]) -> None:
+        """Queue a script on the open unit. EVALSHA rather than the Script object: a
+        pipeline holding Script objects asks SCRIPT EXISTS on every execute."""
+        self.pipe.evalsha(script.sha, 0, *args)
+
+    @contextlib.contextmanager
+    def unit_of_work(self) -> Iterator[None]:
+        """Queue what is written inside; send it as one transaction at the end. Nothing is
+        sent when the block raises. Reentrant."""
+        if self.pipe is not None:
+            yield
+            return
+        with self.guard("loading scripts"):
+            self.load_scripts()
+        self.pipe = self.client.pipeline(transaction=True)
+        try:
+            yield
+            if self.pipe.command_stack:
+                with self.guard("committing a unit of work"):
+                    self.flush()
+        finally:
+            self.pipe = None
+
+    def flush(self, then: tuple[Script, list[Any]] | None = None) -> Any:
+        """Send what the unit holds (plus `then`) in one round trip; `then`'s reply.
+        Later writes of the same unit go in the next flush."""
+        if then is not None:
+            self.queue(*then)
+        pipe, self.pipe = self.pipe, self.client.pipeline(transaction=True)
+        try:
+            replies = pipe.execute()
+        except redis.exceptions.NoScriptError:
+            self._loaded = False
+            raise
+        return replies[-1] if then is not None else None
+
+    def close(self) -> None:
+        self.client.close()
