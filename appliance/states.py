@@ -57,6 +57,27 @@ class SettleKind(enum.StrEnum):
     RELEASE = "release"  # give it back unchanged, claimable now
 
 
+class TaskEvent(enum.StrEnum):
+    """What the supervisor did with a delivery (counted, logged, and what signals and
+    telemetry hang off)."""
+
+    SUCCESS = "success"  # ran and returned: acked with its result
+    RETRY = "retry"  # failed; the next attempt is scheduled
+    DEAD = "dead"  # moved to the dead-letter queue
+    REVOKED = "revoked"  # cancelled without running (revoked, expired)
+    RELEASED = "released"  # given back to its queue (unstarted, or its child was lost)
+
+
+class OutcomeStatus(enum.StrEnum):
+    """How one dispatch ended inside the child (the executor's verdict on user code)."""
+
+    SUCCESS = "success"  # returned a JSON value
+    FAILED = "failed"  # raised: retried under the task's policy
+    REJECTED = "rejected"  # `Reject` or arguments that do not bind: permanent, no retry
+    RETRY = "retry"  # `ctx.retry()`: retried, after its countdown if it gave one
+    SKIPPED = "skipped"  # never started (warm shutdown): back to the queue uncounted
+
+
 class SlotState(enum.IntEnum):
     """State of one child's heartbeat slot in shared memory."""
 

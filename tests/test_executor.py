@@ -12,7 +12,9 @@ import uvloop
 from appliance import Reject, Stem, TaskContext, TaskHandler, TaskOptions
 from appliance.context import _Detached
 from appliance.envelope import Envelope
+from appliance.states import OutcomeStatus
 from appliance.worker.executor import Executor
+from appliance.worker.ipc import Outcome
 
 
 @pytest.fixture
@@ -20,11 +22,9 @@ def stem(sqlite_url: str) -> Stem:
     return Stem(broker=sqlite_url)
 
 
-def run(
-    stem: Stem, name: str, args: dict[str, Any] | None = None, attempt: int = 0
-) -> dict[str, Any]:
+def run(stem: Stem, name: str, args: dict[str, Any] | None = None, attempt: int = 0) -> Outcome:
     envelope = Envelope(id="t1", name=name, args=args or {}, attempt=attempt)
-    return Executor(uvloop.new_event_loop).run(stem.get_task(name), envelope, _Detached())
+    return Executor(uvloop.new_event_loop).run(7, stem.get_task(name), envelope, _Detached())
 
 
 def test_sync_success_returns_value(stem: Stem) -> None:
@@ -33,8 +33,9 @@ def test_sync_success_returns_value(stem: Stem) -> None:
         return a + b
 
     out = run(stem, "t.add", {"a": 2, "b": 3})
-    assert out["ok"] is True and out["value"] == 5
-    assert out["finished"] >= out["started"]
+    assert out.status is OutcomeStatus.SUCCESS and out.value == 5 and out.seq == 7
+    assert out.finished is not None and out.started is not None
+    assert out.finished >= out.started
 
 
 def test_async_task_runs_on_the_child_loop(stem: Stem) -> None:
@@ -43,7 +44,7 @@ def test_async_task_runs_on_the_child_loop(stem: Stem) -> None:
         await asyncio.sleep(0.01)
         return x * 2
 
-    assert run(stem, "t.async", {"x": 21})["value"] == 42
+    assert run(stem, "t.async", {"x": 21}).value == 42
 
 
 def test_exception_is_a_retriable_failure_with_traceback(stem: Stem) -> None:
@@ -52,9 +53,9 @@ def test_exception_is_a_retriable_failure_with_traceback(stem: Stem) -> None:
         raise RuntimeError("kaboom")
 
     out = run(stem, "t.boom")
-    assert out["ok"] is False and not out.get("permanent")
-    assert out["error"]["type"] == "RuntimeError"
-    assert "kaboom" in out["error"]["message"] and "Traceback" in out["error"]["traceback"]
+    assert out.status is OutcomeStatus.FAILED and out.error is not None
+    assert out.error.type == "RuntimeError"
+    assert "kaboom" in out.error.message and "Traceback" in out.error.traceback
 
 
 def test_reject_is_permanent(stem: Stem) -> None:
@@ -63,7 +64,8 @@ def test_reject_is_permanent(stem: Stem) -> None:
         raise Reject("bad order")
 
     out = run(stem, "t.reject")
-    assert out["permanent"] is True and out["error"]["message"] == "bad order"
+    assert out.status is OutcomeStatus.REJECTED
+    assert out.error is not None and out.error.message == "bad order"
 
 
 def test_args_that_do_not_bind_are_permanent(stem: Stem) -> None:
@@ -72,7 +74,8 @@ def test_args_that_do_not_bind_are_permanent(stem: Stem) -> None:
         return None
 
     out = run(stem, "t.sig", {"other": 1})
-    assert out["permanent"] is True and out["error"]["type"] == "TypeError"
+    assert out.status is OutcomeStatus.REJECTED
+    assert out.error is not None and out.error.type == "TypeError"
 
 
 def test_ctx_retry_carries_countdown(stem: Stem) -> None:
@@ -81,7 +84,7 @@ def test_ctx_retry_carries_countdown(stem: Stem) -> None:
         ctx.retry(countdown=7)
 
     out = run(stem, "t.retry")
-    assert out["retry"] is True and out["countdown"] == 7
+    assert out.status is OutcomeStatus.RETRY and out.countdown == 7
 
 
 def test_unserialisable_result_is_recorded_as_failure(stem: Stem) -> None:
@@ -90,7 +93,8 @@ def test_unserialisable_result_is_recorded_as_failure(stem: Stem) -> None:
         return object()
 
     out = run(stem, "t.result")
-    assert out["ok"] is False and "not JSON-serialisable" in out["error"]["message"]
+    assert out.status is OutcomeStatus.FAILED
+    assert out.error is not None and "not JSON-serialisable" in out.error.message
 
 
 def test_exception_that_cannot_be_printed_is_still_a_failure(stem: Stem) -> None:
@@ -103,8 +107,9 @@ def test_exception_that_cannot_be_printed_is_still_a_failure(stem: Stem) -> None
         raise Unprintable()
 
     out = run(stem, "t.unprintable")
-    assert out["ok"] is False and out["error"]["type"] == "Unprintable"
-    assert "unprintable" in out["error"]["message"]
+    assert out.status is OutcomeStatus.FAILED
+    assert out.error is not None and out.error.type == "Unprintable"
+    assert "unprintable" in out.error.message
 
 
 def test_sys_exit_in_a_task_is_a_failure_not_an_exit(stem: Stem) -> None:
@@ -112,7 +117,8 @@ def test_sys_exit_in_a_task_is_a_failure_not_an_exit(stem: Stem) -> None:
     def leave(ctx: TaskContext) -> None:
         raise SystemExit(3)
 
-    assert run(stem, "t.exit")["error"]["type"] == "SystemExit"
+    error = run(stem, "t.exit").error
+    assert error is not None and error.type == "SystemExit"
 
 
 def test_soft_time_limit_raises_inside_sync_task(stem: Stem) -> None:
@@ -123,7 +129,7 @@ def test_soft_time_limit_raises_inside_sync_task(stem: Stem) -> None:
     started = time.monotonic()
     out = run(stem, "t.soft")
     assert time.monotonic() - started < 1.5
-    assert out["error"]["type"] == "SoftTimeLimitExceeded"
+    assert out.error is not None and out.error.type == "SoftTimeLimitExceeded"
 
 
 def test_soft_time_limit_raises_inside_async_task(stem: Stem) -> None:
@@ -131,7 +137,8 @@ def test_soft_time_limit_raises_inside_async_task(stem: Stem) -> None:
     async def slow(ctx: TaskContext) -> None:
         await asyncio.sleep(3)
 
-    assert run(stem, "t.asoft")["error"]["type"] == "SoftTimeLimitExceeded"
+    error = run(stem, "t.asoft").error
+    assert error is not None and error.type == "SoftTimeLimitExceeded"
 
 
 def test_class_based_handler_gets_args_dict(stem: Stem) -> None:
@@ -143,7 +150,7 @@ def test_class_based_handler_gets_args_dict(stem: Stem) -> None:
             return f"{args['orderId']}@{ctx.attempt}"
 
     stem.register(Sync())
-    assert run(stem, "orders.sync", {"orderId": "o-42"}, attempt=1)["value"] == "o-42@1"
+    assert run(stem, "orders.sync", {"orderId": "o-42"}, attempt=1).value == "o-42@1"
 
 
 def test_progress_is_reported_in_outcome(stem: Stem) -> None:
@@ -152,7 +159,7 @@ def test_progress_is_reported_in_outcome(stem: Stem) -> None:
         ctx.progress(40)
         ctx.progress(90, {"step": 2})
 
-    assert run(stem, "t.progress")["progress"] == 90.0
+    assert run(stem, "t.progress").progress == 90.0
 
 
 def test_a_retry_countdown_that_is_not_a_number_fails_the_attempt(stem: Stem) -> None:
@@ -162,5 +169,6 @@ def test_a_retry_countdown_that_is_not_a_number_fails_the_attempt(stem: Stem) ->
         ctx.retry(countdown="5")  # type: ignore[arg-type]
 
     out = run(stem, "t.badretry")
-    assert out["ok"] is False and not out.get("retry")
-    assert out["error"]["type"] == "TypeError" and "countdown" in out["error"]["message"]
+    assert out.status is OutcomeStatus.FAILED  # not RETRY: the countdown itself was bad
+    assert out.error is not None and out.error.type == "TypeError"
+    assert "countdown" in out.error.message

@@ -5,10 +5,26 @@ from __future__ import annotations
 from appliance import Stem, TaskContext
 from appliance.broker.protocol import Delivery
 from appliance.envelope import Envelope
-from appliance.states import DeadLetterReason, SettleKind, SlotState, TaskState
+from appliance.states import (
+    DeadLetterReason,
+    OutcomeStatus,
+    SettleKind,
+    SlotState,
+    TaskEvent,
+    TaskState,
+)
 from appliance.worker import outcomes
 from appliance.worker.heartbeat import Slot
-from appliance.worker.ipc import FrameReader, dispatch_frame, message_frame, split_dispatch
+from appliance.worker.ipc import (
+    ErrorFields,
+    FrameReader,
+    Outcome,
+    Progress,
+    decode_message,
+    dispatch_frame,
+    encode_message,
+    split_dispatch,
+)
 from appliance.worker.limits import check_memory, check_slot, respawn_delay
 
 
@@ -50,12 +66,27 @@ def test_crash_loop_backs_off_and_caps() -> None:
     assert delays[:2] == [0.0, 0.0] and delays == sorted(delays) and delays[-1] == 30.0
 
 
+FAILED = Outcome(7, OutcomeStatus.FAILED, error=ErrorFields("E", "m"))
+
+
 def test_frames_split_across_reads() -> None:
-    stream = dispatch_frame(7, b'{"id":"x"}') + message_frame({"kind": "done", "seq": 7})
+    done = Outcome(7, OutcomeStatus.SUCCESS, value={"n": [1, 2.5]}, started=1.0, runtime=0.5)
+    stream = dispatch_frame(7, b'{"id":"x"}') + encode_message(done)
     reader = FrameReader()
     frames = [f for i in range(len(stream)) for f in reader.feed(stream[i : i + 1])]
     assert split_dispatch(frames[0]) == (7, b'{"id":"x"}')
-    assert frames[1] == b'{"kind":"done","seq":7}'
+    assert decode_message(frames[1]) == done
+
+
+def test_every_child_message_survives_its_codec() -> None:
+    for message in (
+        FAILED,
+        Progress(3, 40.0, {"step": 2}),
+        Outcome(1, OutcomeStatus.SKIPPED),
+        Outcome(2, OutcomeStatus.RETRY, countdown=5.0, error=ErrorFields("R", "")),
+    ):
+        (frame,) = FrameReader().feed(encode_message(message))
+        assert decode_message(frame) == message
 
 
 def _delivery(deliveries: int = 1) -> Delivery:
@@ -69,13 +100,15 @@ def test_outcome_success_acks_and_stores_value(sqlite_url: str) -> None:
     def x(ctx: TaskContext) -> None: ...
 
     env = Envelope(id="1", name="x", max_retries=1)
-    done = outcomes.from_outcome(_delivery(), env, stem.get_task("x"), {"ok": True, "value": 3},
-                                 worker="w", default_ttl=60)  # fmt: skip
+    ok = Outcome(1, OutcomeStatus.SUCCESS, value=3)
+    done = outcomes.from_outcome(_delivery(), env, stem.get_task("x"), ok, worker="w",
+                                 default_ttl=60)  # fmt: skip
+    assert done.event is TaskEvent.SUCCESS
     assert done.settlement.kind is SettleKind.ACK
     assert done.result is not None and done.result.state is TaskState.SUCCESS
-    failed = outcomes.from_outcome(_delivery(), env, stem.get_task("x"),
-                                   {"ok": False, "error": {"type": "E", "message": "m"}},
-                                   worker="w", default_ttl=60)  # fmt: skip
+    failed = outcomes.from_outcome(_delivery(), env, stem.get_task("x"), FAILED, worker="w",
+                                   default_ttl=60)  # fmt: skip
+    assert failed.event is TaskEvent.RETRY
     assert failed.settlement.kind is SettleKind.RETRY
     assert failed.settlement.envelope is not None and failed.settlement.envelope.attempt == 1
 
@@ -122,7 +155,7 @@ def test_triage_sorts_out_what_must_not_run(sqlite_url: str) -> None:
         DeadLetterReason.POISON_PILL
     )
     late = verdict(encode(Envelope(id="1", name="z", expires=time.time() - 1)))
-    assert isinstance(late, outcomes.Settled) and late.event == "revoked"
+    assert isinstance(late, outcomes.Settled) and late.event is TaskEvent.REVOKED
     runnable = verdict(encode(Envelope(id="1", name="z")))
     assert isinstance(runnable, tuple) and runnable[1].name == "z"
 
@@ -168,7 +201,7 @@ def test_a_retry_strategy_that_raises_dead_letters_the_task_not_the_worker(
 
     failed = outcomes.from_outcome(
         _delivery(), Envelope(id="1", name="b"), stem.get_task("b"),
-        {"ok": False, "error": {"type": "E", "message": "m"}}, worker="w", default_ttl=60,
+        FAILED, worker="w", default_ttl=60,
     )  # fmt: skip
     assert failed.settlement.dead is not None
     assert failed.settlement.dead.reason is DeadLetterReason.PERMANENT

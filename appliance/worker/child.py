@@ -19,12 +19,19 @@ from typing import Any
 
 from appliance.app import Stem
 from appliance.config import PoolSettings
-from appliance.envelope import decode
 from appliance.errors import DecodeError, NotRegistered
-from appliance.states import SlotState
-from appliance.worker.executor import Executor
+from appliance.states import OutcomeStatus, SlotState
+from appliance.worker.executor import Executor, error_fields
 from appliance.worker.heartbeat import Header, Slot
-from appliance.worker.ipc import FrameReader, message_frame, split_dispatch, write_all
+from appliance.worker.ipc import (
+    ErrorFields,
+    FrameReader,
+    Outcome,
+    Progress,
+    encode_message,
+    split_dispatch,
+    write_all,
+)
 
 PR_SET_PDEATHSIG = 1
 BEAT_INTERVAL = 0.5
@@ -61,8 +68,7 @@ class _SlotRuntime:
     def report_progress(self, percent: float, data: Any) -> None:
         self.slot.progress = percent
         self.beat()
-        write_all(self.write_fd, message_frame(
-            {"kind": "progress", "seq": self.seq, "percent": percent, "data": data}))  # fmt: skip
+        write_all(self.write_fd, encode_message(Progress(self.seq, percent, data)))
 
 
 def child_main(setup: ChildSetup) -> None:
@@ -117,7 +123,6 @@ def _serve(setup: ChildSetup) -> None:
         for frame in reader.feed(data):
             seq, payload = split_dispatch(frame)
             outcome = _handle(setup, executor, runtime, seq, payload)
-            outcome["seq"] = seq
             write_all(setup.write_fd, _frame(outcome))
             if _should_recycle(setup, slot):
                 slot.state = SlotState.EXITING
@@ -126,20 +131,17 @@ def _serve(setup: ChildSetup) -> None:
 
 def _handle(
     setup: ChildSetup, executor: Executor, runtime: _SlotRuntime, seq: int, payload: bytes
-) -> dict[str, Any]:
+) -> Outcome:
     slot = setup.slot
-    if setup.header.draining:
-        return {"kind": "skipped"}  # warm shutdown: the supervisor gives it back unstarted
+    if setup.header.draining:  # warm shutdown: the supervisor gives it back unstarted
+        return Outcome(seq, OutcomeStatus.SKIPPED)
     try:
-        envelope = decode(payload)
+        # The supervisor decoded (and, with signing, verified) this payload before it
+        # dispatched it; decoding again here only turns the bytes back into the envelope.
+        envelope = setup.stem.codec.decode(payload)
         task = setup.stem.get_task(envelope.name)
     except (DecodeError, NotRegistered) as exc:  # the supervisor checks first; belt and braces
-        return {
-            "kind": "done",
-            "ok": False,
-            "permanent": True,
-            "error": {"type": type(exc).__name__, "message": str(exc), "traceback": ""},
-        }
+        return Outcome(seq, OutcomeStatus.REJECTED, error=error_fields(exc))
     now = time.monotonic()
     options = task.options
     slot.seq = seq
@@ -153,27 +155,24 @@ def _handle(
     slot.state = SlotState.RUNNING
     runtime.seq = seq
     try:
-        outcome = executor.run(task, envelope, runtime)
+        return executor.run(seq, task, envelope, runtime)
     finally:
         slot.state = SlotState.IDLE
         slot.hard_deadline = 0.0
         slot.tasks_done += 1
-    outcome["kind"] = "done"
-    return outcome
 
 
-def _frame(outcome: dict[str, Any]) -> bytes:
+def _frame(outcome: Outcome) -> bytes:
     """The outcome as a frame; if something in it will not encode, a failure that says so,
     never a dead child (which would hand the task back uncounted, again and again)."""
     try:
-        return message_frame(outcome)
+        return encode_message(outcome)
     except (TypeError, ValueError) as exc:
-        return message_frame({
-            "kind": "done", "seq": outcome.get("seq"), "ok": False,
-            "started": outcome.get("started"), "finished": outcome.get("finished"),
-            "error": {"type": "TypeError", "traceback": "",
-                      "message": f"the task's outcome could not be reported: {exc}"},
-        })  # fmt: skip
+        message = f"the task's outcome could not be reported: {exc}"
+        return encode_message(Outcome(
+            outcome.seq, OutcomeStatus.FAILED, error=ErrorFields("TypeError", message),
+            started=outcome.started, finished=outcome.finished,
+        ))  # fmt: skip
 
 
 def _should_recycle(setup: ChildSetup, slot: Slot) -> bool:

@@ -17,7 +17,9 @@ from typing import Any
 from appliance.context import TaskContext, TaskRuntime, current_task
 from appliance.envelope import Envelope, dumps_json
 from appliance.errors import Reject, Retry, SoftTimeLimitExceeded
+from appliance.states import OutcomeStatus
 from appliance.tasks import Task
+from appliance.worker.ipc import ErrorFields, Outcome
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
@@ -30,12 +32,12 @@ def safe_text(value: object) -> str:
         return f"<unprintable {type(value).__name__}: str() raised {type(exc).__name__}>"
 
 
-def error_fields(exc: BaseException) -> dict[str, str]:
+def error_fields(exc: BaseException) -> ErrorFields:
     try:
         trace = "".join(traceback.format_exception(exc))
     except Exception:  # a broken __str__ can break traceback formatting too
         trace = f"{type(exc).__name__} (traceback unavailable)"
-    return {"type": type(exc).__name__, "message": safe_text(exc), "traceback": trace}
+    return ErrorFields(type(exc).__name__, safe_text(exc), trace)
 
 
 class Executor:
@@ -45,8 +47,8 @@ class Executor:
         self._loop_factory = loop_factory
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def run(self, task: Task, envelope: Envelope, runtime: TaskRuntime) -> dict[str, Any]:
-        """Run one attempt; returns the outcome fields (without the dispatch seq)."""
+    def run(self, seq: int, task: Task, envelope: Envelope, runtime: TaskRuntime) -> Outcome:
+        """Run one attempt (dispatch `seq`) and say how it ended."""
         ctx = TaskContext(
             id=envelope.id, name=envelope.name, attempt=envelope.attempt,
             args=envelope.args, meta=envelope.meta, headers=envelope.headers,
@@ -54,27 +56,33 @@ class Executor:
         )  # fmt: skip
         started, clock = time.time(), time.monotonic()
         token = current_task.set(ctx)
+        countdown: float | None = None
+        value: Any = None
+        error: ErrorFields | None = None
         try:
             value = self._call(task, ctx, dict(envelope.args))
-            outcome = self._success(value)
+            status, error = self._check_value(value)
         except Retry as exc:
-            outcome = {"ok": False, "retry": True, "countdown": exc.countdown,
-                       "error": error_fields(exc.exc or exc)}  # fmt: skip
+            status, countdown, error = (
+                OutcomeStatus.RETRY,
+                exc.countdown,
+                error_fields(exc.exc or exc),
+            )
         except Reject as exc:
-            outcome = {"ok": False, "permanent": True, "error": error_fields(exc)}
+            status, error = OutcomeStatus.REJECTED, error_fields(exc)
         except _ArgumentMismatch as exc:
-            outcome = {"ok": False, "permanent": True, "error": error_fields(exc.__cause__ or exc)}
+            status, error = OutcomeStatus.REJECTED, error_fields(exc.__cause__ or exc)
         except BaseException as exc:  # user code may raise anything, sys.exit() included
-            outcome = {"ok": False, "error": error_fields(exc)}
+            status, error = OutcomeStatus.FAILED, error_fields(exc)
         finally:
             current_task.reset(token)
             _cancel_soft_limit()
-        outcome["started"] = started
-        outcome["finished"] = time.time()
-        outcome["runtime"] = time.monotonic() - clock  # wall-clock jumps cannot bend it
-        if ctx.last_progress is not None:
-            outcome["progress"] = ctx.last_progress
-        return outcome
+        return Outcome(
+            seq, status, value=value if status is OutcomeStatus.SUCCESS else None, error=error,
+            countdown=countdown, started=started, finished=time.time(),
+            runtime=time.monotonic() - clock,  # wall-clock jumps cannot bend it
+            progress=ctx.last_progress,
+        )  # fmt: skip
 
     def _call(self, task: Task, ctx: TaskContext, args: dict[str, Any]) -> Any:
         try:
@@ -95,16 +103,13 @@ class Executor:
         return self._loop.run_until_complete(_with_soft_limit(coro, soft))
 
     @staticmethod
-    def _success(value: Any) -> dict[str, Any]:
+    def _check_value(value: Any) -> tuple[OutcomeStatus, ErrorFields | None]:
         try:
             dumps_json(value)
         except (TypeError, ValueError) as exc:
-            return {"ok": False, "error": {
-                "type": "TypeError",
-                "message": f"task returned a value that is not JSON-serialisable: {exc}",
-                "traceback": "",
-            }}  # fmt: skip
-        return {"ok": True, "value": value}
+            message = f"task returned a value that is not JSON-serialisable: {exc}"
+            return OutcomeStatus.FAILED, ErrorFields("TypeError", message)
+        return OutcomeStatus.SUCCESS, None
 
 
 class _ArgumentMismatch(Exception):

@@ -1,8 +1,11 @@
-"""Framing on the pipes between the supervisor and a child.
+"""What the supervisor and a child say to each other over their pipes, and its framing.
 
 Supervisor -> child: a dispatch, `[u32 length][u64 seq][envelope bytes]`, the envelope
-exactly as the broker stored it. Child -> supervisor: `[u32 length][orjson object]`
-(an outcome or a progress report). Pipes carry bytes; frames give them edges.
+exactly as the broker stored it (the child decodes it; nothing is re-encoded).
+Child -> supervisor: `[u32 length][tag byte][orjson body]`, one typed message per frame:
+an `Outcome` (tag `o`) when a dispatch ended, a `Progress` report (tag `p`) while it runs.
+One codec (`encode_message`, `decode_message`) for both directions of typing, so a new
+field is added in one dataclass and nowhere else.
 """
 
 from __future__ import annotations
@@ -11,14 +14,78 @@ import contextlib
 import fcntl
 import os
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
+
+from appliance.states import OutcomeStatus
 
 _LEN = struct.Struct("!I")
 _DISPATCH = struct.Struct("!IQ")
 PIPE_BYTES = 1 << 20  # big pipes: a burst of prefetched dispatches never blocks a write
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorFields:
+    """A failure as data (it crosses a process boundary): type name, message, traceback."""
+
+    type: str
+    message: str
+    traceback: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one dispatch ended. Times: `started`/`finished` wall clock (for results),
+    `runtime` monotonic seconds (for prefetch sizing; immune to clock jumps)."""
+
+    seq: int
+    status: OutcomeStatus
+    value: Any = None  # SUCCESS: the JSON value returned
+    error: ErrorFields | None = None  # every other status but SKIPPED
+    countdown: float | None = None  # RETRY: seconds asked for by `ctx.retry(countdown=)`
+    started: float | None = None
+    finished: float | None = None
+    runtime: float | None = None
+    progress: float | None = None  # the last percent reported
+
+    @property
+    def ok(self) -> bool:
+        return self.status is OutcomeStatus.SUCCESS
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """`ctx.progress()` of the dispatch `seq`, while it runs."""
+
+    seq: int
+    percent: float
+    data: Any = None
+
+
+ChildMessage = Outcome | Progress
+_OUTCOME, _PROGRESS = b"o", b"p"
+
+
+def encode_message(message: ChildMessage) -> bytes:
+    """One child message as a frame. Raises `TypeError` for a value with no JSON form."""
+    tag = _OUTCOME if isinstance(message, Outcome) else _PROGRESS
+    body = tag + orjson.dumps(message)  # orjson serialises (slotted) dataclasses natively
+    return _LEN.pack(len(body)) + body
+
+
+def decode_message(frame: bytes) -> ChildMessage:
+    """The message of one frame body (without its length prefix)."""
+    fields: dict[str, Any] = orjson.loads(frame[1:])
+    if frame[:1] == _PROGRESS:
+        return Progress(**fields)
+    error = fields.pop("error")
+    return Outcome(
+        **fields | {"status": OutcomeStatus(fields["status"]),
+                    "error": ErrorFields(**error) if error else None}
+    )  # fmt: skip
 
 
 def make_pipe() -> tuple[int, int]:
@@ -32,11 +99,6 @@ def make_pipe() -> tuple[int, int]:
 
 def dispatch_frame(seq: int, payload: bytes) -> bytes:
     return _DISPATCH.pack(len(payload) + 8, seq) + payload
-
-
-def message_frame(message: dict[str, Any]) -> bytes:
-    body = orjson.dumps(message)
-    return _LEN.pack(len(body)) + body
 
 
 class FrameReader:

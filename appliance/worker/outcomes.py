@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from appliance.backend.protocol import ErrorInfo, TaskResult
@@ -16,25 +16,25 @@ from appliance.broker.protocol import DeadLetterInfo, Delivery, Settlement
 from appliance.envelope import Envelope, EnvelopeCodec
 from appliance.errors import DecodeError
 from appliance.retry import Decision, decide
-from appliance.states import DeadLetterReason, SettleKind, TaskState
+from appliance.states import DeadLetterReason, OutcomeStatus, SettleKind, TaskEvent, TaskState
 from appliance.tasks import Task
+from appliance.worker.ipc import ErrorFields, Outcome
 from appliance.worker.limits import BYSTANDER, COLD_SHUTDOWN, KillReason
 
 
 @dataclass(frozen=True, slots=True)
 class Settled:
+    """What the stores should record for one delivery, and what it was (the event)."""
+
     settlement: Settlement
     result: TaskResult | None
-    event: str  # "success" | "retry" | "dead" | "revoked" | "released": for logs and counts
+    event: TaskEvent
 
 
-def _error(fields: dict[str, Any] | None) -> ErrorInfo:
-    fields = fields or {}
-    return ErrorInfo(
-        str(fields.get("type", "Error")),
-        str(fields.get("message", "")),
-        str(fields.get("traceback", "")),
-    )
+def _error(fields: ErrorFields | None) -> ErrorInfo:
+    if fields is None:
+        return ErrorInfo("Error", "")
+    return ErrorInfo(fields.type, fields.message, fields.traceback)
 
 
 def _result_ttl(task: Task | None, default_ttl: float, now: float) -> float:
@@ -46,54 +46,50 @@ def from_outcome(
     delivery: Delivery,
     envelope: Envelope,
     task: Task,
-    outcome: dict[str, Any],
+    outcome: Outcome,
     *,
     worker: str,
     default_ttl: float,
 ) -> Settled:
     """Settle one finished attempt according to the task's retry policy."""
     now = time.time()
-    ok = bool(outcome.get("ok"))
     try:
         decision = decide(
-            failed=not ok,
-            permanent=bool(outcome.get("permanent")),
+            failed=not outcome.ok,
+            permanent=outcome.status is OutcomeStatus.REJECTED,
             attempt=envelope.attempt,
             max_retries=envelope.max_retries,
             strategy=task.options.strategy,
             now=now,
-            countdown=outcome.get("countdown"),
+            countdown=outcome.countdown,
         )
     except Exception as exc:  # a user RetryStrategy raised: this task ends, not the worker
         decision = Decision(SettleKind.DEAD, reason=DeadLetterReason.PERMANENT)
-        outcome = outcome | {"error": {
-            "type": type(exc).__name__, "traceback": "",
-            "message": f"the retry strategy failed: {exc}",
-        }}  # fmt: skip
+        broken = ErrorFields(type(exc).__name__, f"the retry strategy failed: {exc}")
+        outcome = replace(outcome, error=broken)
     common: dict[str, Any] = {
         "task_id": envelope.id, "name": envelope.name, "queue": envelope.queue,
-        "attempt": envelope.attempt, "worker": worker, "started_at": outcome.get("started"),
-        "finished_at": outcome.get("finished", now), "progress": outcome.get("progress"),
+        "attempt": envelope.attempt, "worker": worker, "started_at": outcome.started,
+        "finished_at": outcome.finished or now, "progress": outcome.progress,
         "meta": envelope.meta, "expires_at": _result_ttl(task, default_ttl, now),
     }  # fmt: skip
     if decision.kind is SettleKind.ACK:
         result = (
             None
             if task.options.ignore_result
-            else TaskResult(state=TaskState.SUCCESS, value=outcome.get("value"), **common)
+            else TaskResult(state=TaskState.SUCCESS, value=outcome.value, **common)
         )
-        return Settled(Settlement.ack(delivery), result, "success")
-    error = _error(outcome.get("error"))
+        return Settled(Settlement.ack(delivery), result, TaskEvent.SUCCESS)
+    error = _error(outcome.error)
     if decision.kind is SettleKind.RETRY:
         assert decision.not_before is not None
         retry = TaskResult(state=TaskState.RETRY, error=error, **common)
-        return Settled(
-            Settlement.retry(delivery, envelope.next_attempt(decision.not_before)), retry, "retry"
-        )
+        settlement = Settlement.retry(delivery, envelope.next_attempt(decision.not_before))
+        return Settled(settlement, retry, TaskEvent.RETRY)
     reason = decision.reason or DeadLetterReason.EXHAUSTED
     dead = TaskResult(state=TaskState.DEAD, error=error, **common)
     info = DeadLetterInfo(reason, error.type, error.message, error.traceback)
-    return Settled(Settlement.dead_letter(delivery, info), dead, "dead")
+    return Settled(Settlement.dead_letter(delivery, info), dead, TaskEvent.DEAD)
 
 
 def dead_before_run(
@@ -116,7 +112,7 @@ def dead_before_run(
             error=ErrorInfo(error_type, message), finished_at=now, meta=envelope.meta,
             expires_at=now + default_ttl,
         )  # fmt: skip
-    return Settled(Settlement.dead_letter(delivery, info), result, "dead")
+    return Settled(Settlement.dead_letter(delivery, info), result, TaskEvent.DEAD)
 
 
 def expired(delivery: Delivery, envelope: Envelope, *, default_ttl: float) -> Settled:
@@ -128,7 +124,7 @@ def expired(delivery: Delivery, envelope: Envelope, *, default_ttl: float) -> Se
         error=ErrorInfo("TaskRevokedError", "expired before it could run"),
         meta=envelope.meta, expires_at=now + default_ttl,
     )  # fmt: skip
-    return Settled(Settlement.ack(delivery), result, "revoked")
+    return Settled(Settlement.ack(delivery), result, TaskEvent.REVOKED)
 
 
 def worker_lost(
@@ -155,7 +151,7 @@ def worker_lost(
         error=ErrorInfo("WorkerLostError", message), meta=envelope.meta,
         expires_at=now + default_ttl,
     )  # fmt: skip
-    return Settled(Settlement.release(delivery, count_delivery=True), result, "released")
+    return Settled(Settlement.release(delivery, count_delivery=True), result, TaskEvent.RELEASED)
 
 
 def triage(
@@ -187,7 +183,7 @@ def triage(
 
 def released(delivery: Delivery) -> Settled:
     """Give a delivery back unstarted: not counted against the task."""
-    return Settled(Settlement.release(delivery, count_delivery=False), None, "released")
+    return Settled(Settlement.release(delivery, count_delivery=False), None, TaskEvent.RELEASED)
 
 
 def after_child_death(
@@ -211,9 +207,10 @@ def after_child_death(
     if not running or kill is COLD_SHUTDOWN or kill is BYSTANDER:
         return released(delivery)
     if kill is not None and kill.counts_as_task_failure:
-        error = {"type": kill.error_type, "message": kill.message}
-        return from_outcome(delivery, envelope, task,
-                            {"ok": False, "error": error, "finished": time.time()},
-                            worker=worker, default_ttl=default_ttl)  # fmt: skip
+        failed = Outcome(0, OutcomeStatus.FAILED, error=ErrorFields(kill.error_type, kill.message),
+                         finished=time.time())  # fmt: skip
+        return from_outcome(
+            delivery, envelope, task, failed, worker=worker, default_ttl=default_ttl
+        )
     reason = kill.message if kill is not None else exit_text
     return worker_lost(delivery, envelope, task, reason, worker=worker, default_ttl=default_ttl)

@@ -8,11 +8,8 @@ import os
 import selectors
 import signal
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
 
-import orjson
-
-from appliance.worker.ipc import make_pipe
+from appliance.worker.ipc import ChildMessage, decode_message, make_pipe
 from appliance.worker.pool import Child
 
 READ_CHUNK = 1 << 18
@@ -66,9 +63,9 @@ class ChildPipes:
     def watch(self, child: Child) -> None:
         self.selector.register(child.from_fd, selectors.EVENT_READ, child)
 
-    def read(self, child: Child, *, until_eof: bool = False) -> list[dict[str, Any]]:
+    def read(self, child: Child, *, until_eof: bool = False) -> list[ChildMessage]:
         """The messages that arrived; all of them up to EOF for a child that exited."""
-        messages: list[dict[str, Any]] = []
+        messages: list[ChildMessage] = []
         while True:
             try:
                 data = os.read(child.from_fd, READ_CHUNK)
@@ -76,7 +73,7 @@ class ChildPipes:
                 return messages
             if not data:
                 return messages
-            messages += [orjson.loads(frame) for frame in child.reader.feed(data)]
+            messages += [decode_message(frame) for frame in child.reader.feed(data)]
             if not until_eof and len(data) < READ_CHUNK:
                 return messages
 

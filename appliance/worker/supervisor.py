@@ -15,8 +15,8 @@ import os
 import selectors
 import signal
 import time
+from collections import Counter
 from collections.abc import Sequence
-from typing import Any
 
 from appliance import __version__
 from appliance.app import Stem
@@ -24,11 +24,11 @@ from appliance.backend.protocol import ResultBackend, WorkerHeartbeat
 from appliance.broker.protocol import Broker, Consumer, Delivery
 from appliance.config import PoolSettings
 from appliance.errors import BrokerBusy, BrokerError, BrokerUnavailable, StemError
-from appliance.states import ExitCode, SlotState
+from appliance.states import ExitCode, OutcomeStatus, SlotState, TaskEvent
 from appliance.worker import outcomes
 from appliance.worker.child import ChildSetup, child_main
 from appliance.worker.heartbeat import HeartbeatTable
-from appliance.worker.ipc import dispatch_frame
+from appliance.worker.ipc import ChildMessage, Progress, dispatch_frame
 from appliance.worker.limits import (
     BYSTANDER,
     COLD_SHUTDOWN,
@@ -84,7 +84,7 @@ class Supervisor:
         self.notifier = Notifier()
         self.store_retry_at = 0.0
         self.store_failures = 0
-        self.counts = {"success": 0, "retry": 0, "dead": 0, "revoked": 0, "released": 0}
+        self.counts: Counter[TaskEvent] = Counter()
         self._timers = {
             "scan": 0.0,
             "memory": 0.0,
@@ -379,19 +379,18 @@ class Supervisor:
         for message in self.pipes.read(child, until_eof=until_eof):
             self._on_message(child, message)
 
-    def _on_message(self, child: Child, message: dict[str, Any]) -> None:
-        kind = message.get("kind")
-        dispatch = child.outstanding.get(message.get("seq", -1))
-        if dispatch is None or kind == "progress":
+    def _on_message(self, child: Child, message: ChildMessage) -> None:
+        if isinstance(message, Progress):
             return  # progress is kept in the slot; the final percent comes with the outcome
-        del child.outstanding[dispatch.seq]
+        dispatch = child.outstanding.pop(message.seq, None)
+        if dispatch is None:
+            return
         child.finished += 1
-        if kind == "skipped":
+        if message.status is OutcomeStatus.SKIPPED:
             settled = outcomes.released(dispatch.delivery)
         else:
-            runtime = message.get("runtime")
-            if isinstance(runtime, float):
-                child.pool.record_runtime(max(0.0, runtime))
+            if message.runtime is not None:
+                child.pool.record_runtime(max(0.0, message.runtime))
             settled = outcomes.from_outcome(
                 dispatch.delivery, dispatch.envelope, dispatch.task, message,
                 worker=self.worker_name, default_ttl=self.settings.result_ttl,
@@ -528,7 +527,11 @@ class Supervisor:
     def _settle(self, settled: outcomes.Settled) -> None:
         self.pending.append(settled)
         self.counts[settled.event] += 1
-        if settled.event in ("retry", "dead") and settled.result and settled.result.error:
+        if (
+            settled.event in (TaskEvent.RETRY, TaskEvent.DEAD)
+            and settled.result
+            and settled.result.error
+        ):
             error = settled.result.error
             log.info(
                 "task %s %s: %s: %s",
@@ -610,8 +613,9 @@ class Supervisor:
             queues=tuple(sorted({q for p in self.pools for q in p.queues})),
             concurrency=self.slot_count,
             in_flight=sum(len(c.outstanding) for c in self.children.values()),
-            processed=sum(self.counts[k] for k in ("success", "dead", "revoked")),
-            failed=self.counts["dead"], started_at=self.consumer.started,
+            processed=sum(self.counts[e] for e in (TaskEvent.SUCCESS, TaskEvent.DEAD,
+                                                   TaskEvent.REVOKED)),
+            failed=self.counts[TaskEvent.DEAD], started_at=self.consumer.started,
             version=__version__, sent_at=time.time(),
         )  # fmt: skip
         try:
