@@ -60,8 +60,9 @@ class ChildPipes:
         self.fds.update((to_w, from_r))
         return pid, to_w, from_r
 
-    def watch(self, child: Child) -> None:
-        self.selector.register(child.from_fd, selectors.EVENT_READ, child)
+    def watch(self, child: Child, on_ready: Callable[[int], None]) -> None:
+        """Call `on_ready(mask)` from the loop when the child's outcome pipe is readable."""
+        self.selector.register(child.from_fd, selectors.EVENT_READ, on_ready)
 
     def read(self, child: Child, *, until_eof: bool = False) -> list[ChildMessage]:
         """The messages that arrived; all of them up to EOF for a child that exited."""
@@ -85,7 +86,9 @@ class ChildPipes:
             had_backlog = child.to_fd in self.selector.get_map()
             self._write(child)
             if child.outbox and not had_backlog:
-                self.selector.register(child.to_fd, selectors.EVENT_WRITE, child)
+                self.selector.register(
+                    child.to_fd, selectors.EVENT_WRITE, lambda mask, c=child: self.flush([c])
+                )
             elif not child.outbox and had_backlog:
                 self.selector.unregister(child.to_fd)
 

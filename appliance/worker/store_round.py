@@ -1,0 +1,177 @@
+"""The supervisor's conversation with its stores: settle what finished and claim what free
+children need, as one unit of work per loop turn; renew leases; back off while the
+store fails.
+
+One unit of work per turn is the group commit the throughput rests on: on SQLite the
+results, the settlements and the next claims are one `BEGIN IMMEDIATE` transaction (one
+fsync for everything that finished since the last turn); on Redis one round trip.
+Results are written before the settlements, so a crash re-runs a task but never acks
+one without its result. A failing store never stops the loop: the round is retried
+after a capped exponential back-off while children keep running and limits are enforced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+from appliance.broker.protocol import Consumer, Delivery
+from appliance.errors import BrokerError
+from appliance.states import TaskEvent
+from appliance.stores import Stores
+from appliance.worker.outcomes import Settled
+from appliance.worker.pool import Dispatch, Pool
+
+log = logging.getLogger("stem.worker")
+
+T = TypeVar("T")
+
+CLAIM_LEASE_S = 30.0  # the lease taken at claim; renewed to each task's own timeout
+POLL_S = 1.0  # claim at least this often without a wake-up (lost wake-ups, outbox)
+FINAL_SETTLE_S = 10.0  # at exit, keep retrying a failing store this long
+BACKOFF_BASE_S, BACKOFF_CAP_S = 0.05, 5.0
+
+
+class StoreRound:
+    """Pending settlements, the per-turn round, lease renewals and the store back-off."""
+
+    def __init__(self, stores: Stores, consumer: Consumer, pools: Sequence[Pool]) -> None:
+        self.stores = stores
+        self.consumer = consumer
+        self.pools = pools
+        self.pending: list[Settled] = []
+        self.counts: Counter[TaskEvent] = Counter()
+        self.retry_at = 0.0  # monotonic: no store call before this while failing
+        self.failures = 0
+
+    # --- settling --------------------------------------------------------------------
+
+    def settle(self, settled: Settled) -> None:
+        """Queue a settlement (and its result) for the next round."""
+        self.pending.append(settled)
+        self.counts[settled.event] += 1
+        result = settled.result
+        if settled.event in (TaskEvent.RETRY, TaskEvent.DEAD) and result and result.error:
+            log.info(
+                "task %s %s: %s: %s", result.task_id, settled.event, result.error.type,
+                result.error.message, extra={"task_id": result.task_id},
+            )  # fmt: skip
+
+    def run(
+        self, now: float, *, accepting: bool, final: bool = False
+    ) -> list[tuple[Pool, Delivery]]:
+        """Settle what finished and claim for pools with room, as one unit of work.
+        Claimed deliveries are returned only after the commit (dispatch them then)."""
+        if not final and time.monotonic() < self.retry_at:
+            return []
+        wants_claim = accepting and any(self.wants_claim(p, now) for p in self.pools)
+        if not self.pending and not wants_claim:
+            return []
+        batch = self.pending
+        claimed: list[tuple[Pool, Delivery]] = []
+        claim_error: BrokerError | None = None
+        try:
+            with self.stores.unit_of_work():
+                if batch:
+                    results = [s.result for s in batch if s.result is not None]
+                    if results:
+                        self.stores.backend.store(results)
+                    self.stores.broker.settle([s.settlement for s in batch])
+                if wants_claim:
+                    claimed, claim_error = self._claim(now)
+        except BrokerError as exc:
+            self.failed(exc)
+            return []
+        self.pending = self.pending[len(batch) :]
+        if claim_error is not None:
+            self.failed(claim_error)  # what was claimed before it still runs
+        elif self.failures:
+            log.warning("store reachable again; settled %d deliveries", len(batch))
+            self.failures = 0
+        return claimed
+
+    def wants_claim(self, pool: Pool, now: float) -> bool:
+        return bool(pool.free_capacity()) and (pool.maybe_ready or now >= pool.next_poll)
+
+    def _claim(self, now: float) -> tuple[list[tuple[Pool, Delivery]], BrokerError | None]:
+        """Claim for each pool with room. A failure stops the round but keeps what the
+        pools before it claimed: dropping those would strand them until their lease ends."""
+        broker = self.stores.broker
+        claimed: list[tuple[Pool, Delivery]] = []
+        for pool in self.pools:
+            if not self.wants_claim(pool, now):
+                continue
+            free = pool.free_capacity()
+            try:
+                deliveries = broker.claim(
+                    pool.queues, free, consumer=self.consumer, lease=CLAIM_LEASE_S
+                )
+            except BrokerError as exc:
+                return claimed, exc
+            claimed.extend((pool, delivery) for delivery in deliveries)
+            pool.maybe_ready = len(deliveries) == free
+            if not pool.maybe_ready:
+                pool.next_poll = now + POLL_S
+                with contextlib.suppress(BrokerError):  # only a hint for when to look again
+                    due = broker.next_due(pool.queues)
+                    if due is not None:
+                        pool.next_poll = min(pool.next_poll, now + max(0.0, due - time.time()))
+        return claimed, None
+
+    def settle_before_exit(self) -> None:
+        """Settle what is left, retrying through a short store outage: a result or an
+        ack dropped here would make a finished task run again."""
+        deadline = time.monotonic() + FINAL_SETTLE_S
+        self.run(time.monotonic(), accepting=False, final=True)
+        while self.pending and time.monotonic() < deadline:
+            time.sleep(max(0.05, min(0.5, self.retry_at - time.monotonic())))
+            self.run(time.monotonic(), accepting=False, final=True)
+        if self.pending:
+            log.error(
+                "exiting with %d deliveries unsettled: their leases expire and they run again",
+                len(self.pending),
+            )
+
+    # --- leases ----------------------------------------------------------------------
+
+    def renew(self, due: dict[float, list[Dispatch]], now: float) -> None:
+        """Extend the leases of `due` (grouped by the lease to take), unless backing off."""
+        if now < self.retry_at:
+            return  # the store is failing: the back-off decides when to try again
+        for lease, dispatches in due.items():
+            try:
+                self.stores.broker.extend([d.delivery for d in dispatches], lease)
+            except BrokerError as exc:
+                self.failed(exc)
+                return
+            for dispatch in dispatches:
+                dispatch.renew_at = now + min(lease, dispatch.task.options.visibility_timeout) / 3
+                dispatch.lease_end = now + lease
+
+    # --- failures --------------------------------------------------------------------
+
+    def guarded(self, call: Callable[[], T]) -> T | None:
+        """Run a store call of a chore; a failure joins the round's back-off (None)."""
+        try:
+            return call()
+        except BrokerError as exc:
+            self.failed(exc)
+            return None
+
+    def failed(self, exc: Exception) -> None:
+        if not self.failures:
+            log.error("store failed (%s); running tasks go on, settling is retried", exc)
+        self.failures += 1
+        # The exponent is capped: an outage of hours must not overflow the float.
+        delay = BACKOFF_BASE_S * 2.0 ** min(self.failures, 7)
+        self.retry_at = time.monotonic() + min(BACKOFF_CAP_S, delay)
+
+    def next_deadline(self, now: float) -> float:
+        """When the round next has something to do on its own (pending settles)."""
+        if self.pending:
+            return max(now, self.retry_at)
+        return float("inf")

@@ -1,0 +1,325 @@
+"""The supervisor's children: fork them into their slots, hand them deliveries, read what
+they report, reap them, and kill those past their limits. Every decision is a pure
+function elsewhere (`outcomes`, `limits`); this module does the process work and hands
+each verdict to the settle callback (the store round)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import signal
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+from appliance.app import Stem
+from appliance.broker.protocol import Delivery
+from appliance.states import OutcomeStatus, SlotState
+from appliance.worker import outcomes
+from appliance.worker.child import ChildSetup, child_main
+from appliance.worker.heartbeat import HeartbeatTable
+from appliance.worker.ipc import ChildMessage, Progress, dispatch_frame
+from appliance.worker.limits import (
+    BYSTANDER,
+    COLD_SHUTDOWN,
+    KillReason,
+    check_memory,
+    check_slot,
+    describe_exit,
+    respawn_delay,
+)
+from appliance.worker.pipes import ChildPipes
+from appliance.worker.pool import Child, Dispatch, Pool
+from appliance.worker.store_round import CLAIM_LEASE_S
+
+log = logging.getLogger("stem.worker")
+
+SCAN_S = 0.05  # heartbeat-table scan while a task with a deadline runs
+IDLE_SCAN_S = 0.5
+MEMORY_SCAN_S = 0.05  # one /proc read per child running a task with max_memory
+FORK_RETRY_S = 5.0
+
+
+class ProcessTree:
+    """The children of one supervisor, slot by slot, in their pools."""
+
+    def __init__(
+        self,
+        stem: Stem,
+        pools: Sequence[Pool],
+        selector: selectors.BaseSelector,
+        *,
+        keep_out: Sequence[int],
+        blocked_signals: Iterable[int],
+        settle: Callable[[outcomes.Settled], None],
+        worker_name: str,
+        supervisor_pid: int,
+    ) -> None:
+        self.stem = stem
+        self.pools = pools
+        self.settle = settle
+        self.worker_name = worker_name
+        self.supervisor_pid = supervisor_pid
+        self.keep_out = tuple(keep_out)  # the supervisor's own fds: closed in every child
+        self.blocked_signals = tuple(blocked_signals)
+        self.pipes = ChildPipes(selector)
+        self.children: dict[int, Child] = {}  # pid -> child
+        self.table = HeartbeatTable(sum(p.settings.concurrency for p in pools))
+        self.seq = 0
+        self.accepting = True  # respawn children that exit
+        self._touched: set[Child] = set()  # children with dispatches not yet written
+        self._next_memory_scan = 0.0
+        self._default_ttl = stem.settings.result_ttl
+
+    # --- spawning ------------------------------------------------------------------------
+
+    def spawn_missing(self, now: float) -> None:
+        for pool in self.pools:
+            for index in pool.empty_slots(now):
+                pool.respawn_at.pop(index, None)
+                self._spawn(pool, index)
+
+    def _spawn(self, pool: Pool, index: int) -> None:
+        slot, header = self.table.slots[index], self.table.header
+
+        def run_child(read_fd: int, write_fd: int) -> None:
+            child_main(ChildSetup(self.stem, pool.settings, slot, header, read_fd, write_fd,
+                                  self.supervisor_pid))  # fmt: skip
+
+        try:
+            pid, to_fd, from_fd = self.pipes.fork(self.keep_out, self.blocked_signals, run_child)
+        except OSError as exc:  # EAGAIN at a process limit (systemd TasksMax=): retry later
+            log.error("cannot fork a child for pool %s: %s", pool.settings.name, exc)
+            pool.respawn_at[index] = time.monotonic() + FORK_RETRY_S
+            return
+        self.table.reset(index, pid)
+        child = Child(pool, index, pid, to_fd, from_fd, time.monotonic())
+        pool.children[index] = child
+        self.children[pid] = child
+        self.pipes.watch(child, lambda mask: self._on_pipe(child, mask))
+        log.debug("child %d spawned in pool %s slot %d", pid, pool.settings.name, index)
+
+    # --- dispatching ---------------------------------------------------------------------
+
+    def dispatch(self, pool: Pool, delivery: Delivery, now: float) -> None:
+        """Hand a claimed delivery to the least busy child of its pool, or settle it at
+        once when it must not run (undecodable, unknown task, poison pill, expired)."""
+        verdict = outcomes.triage(
+            delivery, self.stem.registry, self.stem.codec, default_ttl=self._default_ttl
+        )
+        if isinstance(verdict, outcomes.Settled):
+            self.settle(verdict)
+            return
+        envelope, task = verdict
+        child = pool.pick_child()
+        if child is None:  # capacity vanished (a child died meanwhile): give it back
+            self.settle(outcomes.released(delivery))
+            return
+        self.seq += 1
+        first_renewal = min(CLAIM_LEASE_S, task.options.visibility_timeout) / 3
+        child.outstanding[self.seq] = Dispatch(
+            self.seq, delivery, envelope, task, now + first_renewal, now + CLAIM_LEASE_S
+        )
+        child.sent += 1
+        if not child.outbox:
+            self._touched.add(child)
+        child.outbox += dispatch_frame(self.seq, delivery.payload)
+
+    def flush(self) -> None:
+        """Write this turn's dispatches: one pipe write per child."""
+        self.pipes.flush(self._touched)
+        self._touched.clear()
+
+    # --- what children say -----------------------------------------------------------------
+
+    def _on_pipe(self, child: Child, mask: int) -> None:
+        if mask & selectors.EVENT_READ:
+            self._read(child)
+        if mask & selectors.EVENT_WRITE:
+            self.pipes.flush([child])
+
+    def _read(self, child: Child, *, until_eof: bool = False) -> None:
+        for message in self.pipes.read(child, until_eof=until_eof):
+            self._on_message(child, message)
+
+    def _on_message(self, child: Child, message: ChildMessage) -> None:
+        if isinstance(message, Progress):
+            return  # progress is kept in the slot; the final percent comes with the outcome
+        dispatch = child.outstanding.pop(message.seq, None)
+        if dispatch is None:
+            return
+        child.finished += 1
+        if message.status is OutcomeStatus.SKIPPED:
+            self.settle(outcomes.released(dispatch.delivery))
+            return
+        if message.runtime is not None:
+            child.pool.record_runtime(max(0.0, message.runtime))
+        self.settle(outcomes.from_outcome(
+            dispatch.delivery, dispatch.envelope, dispatch.task, message,
+            worker=self.worker_name, default_ttl=self._default_ttl,
+        ))  # fmt: skip
+
+    # --- reaping -------------------------------------------------------------------------
+
+    def reap(self, *, block: bool) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = self.children.pop(pid, None)
+            if child is not None:
+                self._on_exit(child, os.waitstatus_to_exitcode(status))
+            if block:
+                return
+
+    def _on_exit(self, child: Child, code: int) -> None:
+        self._read(child, until_eof=True)  # outcomes it wrote before dying count
+        self.pipes.close_from(child)
+        self.pipes.close_to(child)
+        pool = child.pool
+        del pool.children[child.index]
+        running = self._running_dispatch(child)
+        self.table.slots[child.index].state = SlotState.EMPTY
+        unexpected = child.kill is None and bool(child.outstanding or code != 0)
+        for dispatch in list(child.outstanding.values()):
+            self._recover(child, dispatch, running is dispatch, code)
+        child.outstanding.clear()
+        if unexpected:
+            log.warning("child %d exited with %s", child.pid, describe_exit(code))
+        pool.mark_lifetime(child, unexpected)
+        if self.accepting:
+            pool.respawn_at[child.index] = time.monotonic() + respawn_delay(pool.early_deaths)
+
+    def _running_dispatch(self, child: Child) -> Dispatch | None:
+        if child.kill is not None and child.killed_seq in child.outstanding:
+            return child.outstanding[child.killed_seq]
+        slot = self.table.slots[child.index]
+        if slot.state == SlotState.RUNNING and slot.seq in child.outstanding:
+            return child.outstanding[slot.seq]
+        return None
+
+    def _recover(self, child: Child, dispatch: Dispatch, running: bool, code: int) -> None:
+        kill = child.kill
+        if kill is not None and kill.counts_as_task_failure and dispatch.seq != child.killed_seq:
+            # The task the kill was meant for finished just before it landed: this one
+            # had just started and broke no limit.
+            kill = BYSTANDER
+        self.settle(outcomes.after_child_death(
+            dispatch.delivery, dispatch.envelope, dispatch.task, kill,
+            running=running, exit_text=f"child {describe_exit(code)}",
+            worker=self.worker_name, default_ttl=self._default_ttl,
+        ))  # fmt: skip
+
+    # --- limits --------------------------------------------------------------------------
+
+    def scan(self, now: float) -> float:
+        """Kill children past a limit; the delay until the next scan (short while a task
+        with a deadline or a memory limit runs)."""
+        busy = False
+        for child in list(self.children.values()):
+            slot = self.table.slots[child.index]
+            if slot.state == SlotState.RUNNING and (slot.hard_deadline or _memory_limited(child)):
+                busy = True  # a limit to watch closely
+            if child.kill is None:
+                seq = slot.seq  # read first: the verdict below is about this task
+                reason = check_slot(slot, now, child.pool.settings.heartbeat_timeout)
+                if reason is not None:
+                    self.kill(child, reason, seq)
+        if now >= self._next_memory_scan:
+            self._next_memory_scan = now + MEMORY_SCAN_S
+            self._scan_memory()
+        return SCAN_S if busy else IDLE_SCAN_S
+
+    def _scan_memory(self) -> None:
+        for child in list(self.children.values()):
+            slot = self.table.slots[child.index]
+            seq = slot.seq
+            dispatch = child.outstanding.get(seq)
+            if child.kill is not None or dispatch is None or slot.state != SlotState.RUNNING:
+                continue
+            limit = dispatch.task.options.max_memory
+            if not limit:
+                continue
+            try:
+                reason = check_memory(child.rss(), limit)
+            except Exception:  # psutil: the child is gone; the reaper handles it
+                continue
+            if reason is not None:
+                self.kill(child, reason, seq)
+
+    def kill(self, child: Child, reason: KillReason, seq: int) -> None:
+        log.warning("killing child %d: %s", child.pid, reason.message)
+        child.kill, child.killed_seq, child.closing = reason, seq, True
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, signal.SIGKILL)
+
+    # --- shutdown ------------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Warm shutdown: children start nothing new and leave once idle."""
+        self.accepting = False
+        self.table.header.draining = 1
+        for child in self.children.values():
+            child.closing = True
+
+    def kill_all(self) -> None:
+        """Cold shutdown: kill every child; their tasks go back uncounted."""
+        self.drain()
+        for child in list(self.children.values()):
+            child.kill = child.kill or COLD_SHUTDOWN
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGKILL)
+
+    def release_idle(self) -> None:
+        """Close the dispatch pipe of children holding nothing: they read EOF and exit."""
+        for child in list(self.children.values()):
+            if not child.outstanding and child.to_fd >= 0:
+                self.pipes.close_to(child)
+
+    def close(self) -> None:
+        """Kill and reap what is left; unlink the heartbeat table."""
+        self.kill_all()
+        while self.children:
+            self.reap(block=True)
+        self.table.close()
+
+    # --- what the loop and the store round need to know -------------------------------------
+
+    def renewals_due(self, now: float) -> dict[float, list[Dispatch]]:
+        """Held deliveries whose lease needs extending now, grouped by the lease to take:
+        every third of the task's visibility timeout, and at once when the task asked for
+        more (`ctx.extend_lease`). A killed child's leases are not renewed."""
+        due: dict[float, list[Dispatch]] = {}
+        for child in self.children.values():
+            if child.kill is not None:
+                continue
+            slot = self.table.slots[child.index]
+            for dispatch in child.outstanding.values():
+                lease = dispatch.task.options.visibility_timeout
+                if slot.seq == dispatch.seq and slot.lease_request > dispatch.lease_end:
+                    lease = max(lease, slot.lease_request - now)  # what the task asked for
+                elif dispatch.renew_at > now:
+                    continue
+                due.setdefault(lease, []).append(dispatch)
+        return due
+
+    def next_renewal(self) -> float:
+        return min(
+            (d.renew_at for c in self.children.values() if c.kill is None
+             for d in c.outstanding.values()),
+            default=float("inf"),
+        )  # fmt: skip
+
+    def in_flight(self) -> int:
+        return sum(len(c.outstanding) for c in self.children.values())
+
+    def busy(self) -> bool:
+        return any(child.outstanding for child in self.children.values())
+
+
+def _memory_limited(child: Child) -> bool:
+    return any(d.task.options.max_memory for d in child.outstanding.values())
