@@ -14,6 +14,7 @@ from appliance.config import Settings, load_settings
 from appliance.context import current_task
 from appliance.envelope import Envelope, EnvelopeCodec, new_task_id
 from appliance.errors import NotRegistered
+from appliance.observe import read_task
 from appliance.states import TaskState
 from appliance.stores import Stores, open_stores
 from appliance.tasks import Task, TaskHandle, TaskHandler, TaskOptions
@@ -227,14 +228,8 @@ class Stem:
         return TaskHandle(task_id, self)
 
     def task_state(self, task_id: str) -> TaskState:
-        """Stored state, else derived from the broker (leased = STARTED), else PENDING."""
-        found = self.backend.get(task_id)
-        if found is not None:
-            return found.state
-        message = self.broker.find_message(task_id)
-        if message is not None and message.state == "leased":
-            return TaskState.STARTED
-        return TaskState.PENDING
+        """The task's state by the one rule every reader uses (`states.derive_state`)."""
+        return read_task(self.stores, task_id).state
 
 
 def _timestamp(value: datetime | float) -> float:

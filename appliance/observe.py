@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from appliance.states import TaskState
+from appliance.states import TaskState, derive_state
 
 if TYPE_CHECKING:
     from appliance.app import Stem
     from appliance.backend.protocol import TaskResult, WorkerHeartbeat
     from appliance.broker.protocol import DeadLetterEntry, MessageInfo, QueueStats
+    from appliance.stores import Stores
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,11 +87,8 @@ class Observer:
 
     def task_show(self, task_id: str) -> TaskDetail | None:
         """The merged view of a task, or None when neither store knows the id."""
-        message = self.stem.broker.find_message(task_id)
-        result = self.stem.backend.get(task_id)
-        if message is None and result is None:
-            return None
-        return TaskDetail(task_id, _merged_state(message, result), message, result)
+        detail = read_task(self.stem.stores, task_id)
+        return None if detail.message is None and detail.result is None else detail
 
     def dlq_list(
         self, queue: str | None = None, page: int = 1, page_size: int = 20
@@ -127,14 +125,16 @@ class Observer:
         return self.stem.broker.dlq_purge(queue)
 
 
-def _merged_state(message: MessageInfo | None, result: TaskResult | None) -> TaskState:
-    # A final result wins; otherwise a held lease means it is running right now, even
-    # when the backend still says RETRY from the attempt before.
-    if result is not None and (result.state.is_final or message is None):
-        return result.state
-    if message is not None and message.state == "leased":
-        return TaskState.STARTED
-    return result.state if result is not None else TaskState.PENDING
+def read_task(stores: Stores, task_id: str) -> TaskDetail:
+    """What the stores hold about a task and its state (`derive_state`): the one read
+    behind `TaskHandle.state()`, `stem observe tasks show` and the TUI. The message is
+    read first, then the result (see `derive_state` for why the order matters)."""
+    message = stores.broker.find_message(task_id)
+    result = stores.backend.get(task_id)
+    state = derive_state(
+        message.state if message is not None else None, result.state if result else None
+    )
+    return TaskDetail(task_id, state, message, result)
 
 
 def _dead_letter(entry: DeadLetterEntry) -> DeadLetter:

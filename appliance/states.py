@@ -37,6 +37,26 @@ class TaskState(enum.StrEnum):
 _FINAL = frozenset({TaskState.SUCCESS, TaskState.FAILURE, TaskState.REVOKED, TaskState.DEAD})
 
 
+def derive_state(message_state: str | None, result_state: TaskState | None) -> TaskState:
+    """The one rule for a task's state, from what the stores hold: the state of its
+    message in the broker ("ready", "delayed", "leased"; None when there is none) and
+    the state of its stored result (None when there is none). Every reader calls this.
+
+    A final result wins. A leased message means STARTED: the lease is the STARTED mark,
+    written by the same transaction (SQLite) or script (Redis) that hands the delivery
+    out, so it costs nothing extra and no reader can see a running task as RETRY (the
+    result of its previous attempt) or PENDING. A message that waits (ready or delayed)
+    keeps the stored state (RETRY between attempts), or PENDING when there is none.
+    Readers must read the message before the result: results commit before (or with)
+    the settle that removes the message, so a message gone means its result is there.
+    """
+    if result_state is not None and (result_state in _FINAL or message_state is None):
+        return result_state
+    if message_state == "leased":
+        return TaskState.STARTED
+    return result_state if result_state is not None else TaskState.PENDING
+
+
 class DeadLetterReason(enum.StrEnum):
     """Why a message was moved to the DLQ (the reason codes of SPEC section 2)."""
 

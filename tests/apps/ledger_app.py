@@ -89,3 +89,15 @@ def renewed(ctx: TaskContext, seconds: float = 3.0) -> None:
     record(ctx, "start")
     time.sleep(seconds)
     record(ctx)
+
+
+@stem.task("t.slow_then_ok", max_retries=1, retry_backoff=(1.0, 1.0, 0.0))
+def slow_then_ok(ctx: TaskContext, seconds: float = 1.0) -> str:
+    """Runs `seconds`, fails on its first attempt, succeeds on its second: every state of
+    a retried task lasts long enough to be read (STARTED, RETRY, STARTED, SUCCESS)."""
+    record(ctx, "start")
+    time.sleep(seconds)
+    if ctx.attempt == 0:
+        raise RuntimeError("first attempt fails")
+    record(ctx)
+    return "ok"
