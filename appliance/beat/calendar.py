@@ -198,14 +198,16 @@ def plan(
     lower = horizon if last is None else max(last.astimezone(UTC), horizon)
     due: list[datetime] = []
     dropped = False
-    missed = None if last is None or last >= horizon else latest_slot(entry, horizon, last)
-    if missed is not None:
-        assert last is not None
-        # More than one missed slot means some are dropped even under "once".
-        several = next_slot(entry, last) != missed
-        if entry.catch_up == "once":
+    # The first slot after `last` tells cheaply whether anything was missed at all; only
+    # then is the most recent missed one looked up (between ticks `last` is usually older
+    # than the horizon, with nothing missed).
+    first = None if last is None or last >= horizon else next_slot(entry, last)
+    if last is not None and first is not None and first <= horizon:
+        missed = latest_slot(entry, horizon, last)
+        if entry.catch_up == "once" and missed is not None:
             due.append(missed)
-        dropped = several or entry.catch_up == "skip"
+        # More than one missed slot means some are dropped even under "once".
+        dropped = first != missed or entry.catch_up == "skip"
     for slot in iter_slots(entry, lower):
         when = dispatch_at(entry, slot)
         if when > now:  # ends the loop: slots only grow, and `when` >= slot

@@ -1,8 +1,8 @@
 """Schedule entries: what `stem.schedule(...)` and `[[schedules]]` in `stem.toml` declare.
 
-A `ScheduleEntry` is frozen and already valid: every way in (`ScheduleEntry.from_options`
-for code, `ScheduleEntry.from_table` and `entries_from_config` for TOML) checks all of it
-and raises `ConfigError(source, key, reason)` whose source names the entry (and for TOML
+A `ScheduleEntry` is frozen and valid: the ways in (`ScheduleEntry.from_options` for
+code, `ScheduleEntry.from_table` and `entries_from_config` for TOML) check all of it
+and raise `ConfigError(source, key, reason)` whose source names the entry (and for TOML
 the file and the table's position), so a bad schedule fails at `apply` or at start and
 nothing is half-applied. The calendar maths lives in `appliance.beat.calendar`.
 """
@@ -40,6 +40,9 @@ _CHECK_FROM = datetime(2000, 1, 1, tzinfo=UTC)  # a fixed start keeps validation
 @dataclass(frozen=True)
 class ScheduleEntry:
     """One schedule: which task Beat enqueues, when, and with what.
+
+    Build it with `from_options` or `from_table`, which check everything; the bare
+    constructor checks nothing (it is for values already checked, e.g. `replace`).
 
     Exactly one of `every` (seconds, >= 1), `cron` (5 fields), `at` (an aware datetime,
     kept in UTC) or `solar` (an event of `SOLAR_EVENTS`, with `latitude` and `longitude`)
