@@ -4,12 +4,22 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint check bench redis-server
+.PHONY: demo test lint check bench test-tools redis-server
 
 # A venv with the project and its dev tools, rebuilt when pyproject.toml changes.
+# Debian's python3 has no ensurepip, so no `python3 -m venv`, until python3-venv is
+# installed: the recipe installs it when run as root and says the command otherwise.
 $(STAMP): pyproject.toml
 	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 		{ echo "Python >= 3.11 is required (found $$($(PY) --version))" >&2; exit 1; }
+	@$(PY) -c 'import venv, ensurepip' >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ]; then \
+			echo "installing python3-venv ($(PY) -m venv needs it)"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv; \
+		else \
+			echo "python3-venv is missing ($(PY) -m venv needs it): run 'sudo apt-get install -y python3-venv'" >&2; \
+			exit 1; \
+		fi; }
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
@@ -18,7 +28,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/stem demo
 
-test: $(STAMP) redis-server
+test: $(STAMP) test-tools
 	$(BIN)/pytest
 
 lint: $(STAMP)
@@ -32,11 +42,28 @@ bench: $(STAMP) redis-server
 	$(BIN)/python bench/drain.py --store sqlite
 	$(BIN)/python bench/drain.py --store redis
 
-# The Redis tests need a real redis-server (Debian's package); they never skip.
-redis-server:
-	@command -v redis-server >/dev/null 2>&1 || { \
+# The tests need real programs from Debian packages (PROGRAM:PACKAGE): a private
+# redis-server, shellcheck for install.sh, systemd-analyze for the units. They fail,
+# never skip, without them, so these recipes install what is missing when run as root
+# and say the command otherwise.
+TEST_TOOLS := redis-server:redis-server shellcheck:shellcheck systemd-analyze:systemd
+
+# $(call need,PROGRAM:PACKAGE ...)
+need = @missing=""; \
+	for tool in $(1); do \
+		command -v "$${tool%%:*}" >/dev/null 2>&1 || missing="$$missing $${tool\#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; \
+			echo "installing:$$missing"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 		else \
-			echo "redis-server is missing: run 'sudo apt-get install -y redis-server'" >&2; exit 1; \
-		fi; }
+			echo "missing:$$missing; run 'sudo apt-get install -y$$missing'" >&2; exit 1; \
+		fi; \
+	fi
+
+test-tools:
+	$(call need,$(TEST_TOOLS))
+
+redis-server:
+	$(call need,redis-server:redis-server)
