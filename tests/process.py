@@ -137,6 +137,11 @@ class WorkerProcess:
         lines = [line.split() for line in self.ledger.read_text().splitlines()]
         return [parts for parts in lines if parts and parts[0] == event]
 
+    def ledger_lines_all(self) -> list[list[str]]:
+        if not self.ledger.exists():
+            return []
+        return [line.split() for line in self.ledger.read_text().splitlines() if line.strip()]
+
     def completions(self) -> Counter[str]:
         """How many times each task id ran to its end."""
         return Counter(parts[1] for parts in self.ledger_lines("done"))

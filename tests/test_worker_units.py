@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from appliance import Stem, TaskContext
 from appliance.broker.protocol import Delivery
 from appliance.envelope import Envelope
@@ -20,6 +22,7 @@ from appliance.worker.ipc import (
     FrameReader,
     Outcome,
     Progress,
+    ProtocolError,
     decode_message,
     dispatch_frame,
     encode_message,
@@ -69,13 +72,29 @@ def test_crash_loop_backs_off_and_caps() -> None:
 FAILED = Outcome(7, OutcomeStatus.FAILED, error=ErrorFields("E", "m"))
 
 
+def byte_by_byte(reader: FrameReader, stream: bytes) -> list[bytes]:
+    return [f for i in range(len(stream)) for f in reader.feed(stream[i : i + 1])]
+
+
 def test_frames_split_across_reads() -> None:
+    dispatches = dispatch_frame(7, b'{"id":"x"}') + dispatch_frame(8, b"{}")
+    frames = byte_by_byte(FrameReader(tagged=False), dispatches)
+    assert [split_dispatch(f) for f in frames] == [(7, b'{"id":"x"}'), (8, b"{}")]
     done = Outcome(7, OutcomeStatus.SUCCESS, value={"n": [1, 2.5]}, started=1.0, runtime=0.5)
-    stream = dispatch_frame(7, b'{"id":"x"}') + encode_message(done)
-    reader = FrameReader()
-    frames = [f for i in range(len(stream)) for f in reader.feed(stream[i : i + 1])]
-    assert split_dispatch(frames[0]) == (7, b'{"id":"x"}')
-    assert decode_message(frames[1]) == done
+    (frame,) = byte_by_byte(FrameReader(), encode_message(done))
+    assert decode_message(frame) == done
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"\x00garbage" * 8, b"\xff\xff\xff\xff" + b"x" * 10, encode_message(FAILED)[:4] + b"zzz"],
+    ids=["untagged", "huge", "bad-tag"],
+)
+def test_garbage_on_a_child_pipe_is_refused_at_once(garbage: bytes) -> None:
+    # Regression: a task writing into its own pipe made the supervisor wait for the "rest"
+    # of a 6 MB frame, so every later outcome of that child was swallowed.
+    with pytest.raises(ProtocolError):
+        FrameReader().feed(garbage)
 
 
 def test_every_child_message_survives_its_codec() -> None:

@@ -23,6 +23,7 @@ from appliance.errors import DecodeError, NotRegistered
 from appliance.states import OutcomeStatus, SlotState
 from appliance.worker.executor import Executor, error_fields
 from appliance.worker.heartbeat import Header, Slot
+from appliance.worker.hygiene import MARK
 from appliance.worker.ipc import (
     ErrorFields,
     FrameReader,
@@ -48,6 +49,7 @@ class ChildSetup:
     read_fd: int  # dispatches from the supervisor
     write_fd: int  # outcomes to the supervisor
     supervisor_pid: int
+    supervisor_id: str  # carried in the environment (`hygiene.MARK`), inherited by subprocesses
 
 
 class _SlotRuntime:
@@ -96,6 +98,10 @@ def _prepare_process(setup: ChildSetup) -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != setup.supervisor_pid:  # the parent died before prctl took effect
         os._exit(0)
+    os.environ[MARK] = setup.supervisor_id
+    # systemd's notify socket is the supervisor's alone (NotifyAccess=main).
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        os.environ.pop(name, None)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
@@ -115,7 +121,7 @@ def _serve(setup: ChildSetup) -> None:
     threading.Thread(target=_beat_forever, args=(slot, threading.Event()), daemon=True).start()
     executor = Executor(uvloop.new_event_loop)
     runtime = _SlotRuntime(slot, setup.write_fd)
-    reader = FrameReader()
+    reader = FrameReader(tagged=False)  # dispatches carry a sequence number, not a tag
     while True:
         data = os.read(setup.read_fd, 1 << 16)
         if not data:

@@ -22,6 +22,9 @@ import orjson
 from appliance.states import OutcomeStatus
 
 _LEN = struct.Struct("!I")
+# A frame longer than this is not one of ours (results are capped far below it): the
+# bytes are garbage, and waiting for "the rest" would buffer without end.
+MAX_FRAME_BYTES = 64 * 1024 * 1024
 _DISPATCH = struct.Struct("!IQ")
 PIPE_BYTES = 1 << 20  # big pipes: a burst of prefetched dispatches never blocks a write
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -67,6 +70,7 @@ class Progress:
 
 ChildMessage = Outcome | Progress
 _OUTCOME, _PROGRESS = b"o", b"p"
+_TAGS = frozenset(_OUTCOME + _PROGRESS)
 
 
 def encode_message(message: ChildMessage) -> bytes:
@@ -81,6 +85,8 @@ def decode_message(frame: bytes) -> ChildMessage:
     fields: dict[str, Any] = orjson.loads(frame[1:])
     if frame[:1] == _PROGRESS:
         return Progress(**fields)
+    if frame[:1] != _OUTCOME:
+        raise ProtocolError(f"unknown message tag {frame[:1]!r}")
     error = fields.pop("error")
     return Outcome(
         **fields | {"status": OutcomeStatus(fields["status"]),
@@ -101,10 +107,17 @@ def dispatch_frame(seq: int, payload: bytes) -> bytes:
     return _DISPATCH.pack(len(payload) + 8, seq) + payload
 
 
+class ProtocolError(Exception):
+    """Bytes on a child's pipe that are not our frames."""
+
+
 class FrameReader:
     """Accumulates bytes and yields whole frames (without the length prefix)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, tagged: bool = True) -> None:
+        # Child messages start with a tag byte: checking it as soon as it arrives catches
+        # garbage at once, instead of waiting for the "rest" of a frame that never was.
+        self.tagged = tagged
         self._buffer = bytearray()
 
     def feed(self, data: bytes) -> list[bytes]:
@@ -114,6 +127,10 @@ class FrameReader:
         offset = 0
         while len(buffer) - offset >= 4:
             (length,) = _LEN.unpack_from(buffer, offset)
+            if length > MAX_FRAME_BYTES:
+                raise ProtocolError(f"a frame of {length} bytes: not a message of ours")
+            if self.tagged and len(buffer) > offset + 4 and buffer[offset + 4] not in _TAGS:
+                raise ProtocolError(f"a frame tagged {bytes(buffer[offset + 4 : offset + 5])!r}")
             end = offset + 4 + length
             if len(buffer) < end:
                 break

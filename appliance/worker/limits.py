@@ -23,6 +23,16 @@ COLD_SHUTDOWN = KillReason("WorkerLostError", "cold shutdown", counts_as_task_fa
 BYSTANDER = KillReason("WorkerLostError", "killed for another task", counts_as_task_failure=False)
 
 
+def protocol_violation(detail: str) -> KillReason:
+    """The child's pipe carried bytes that are not our frames: it is killed and never
+    trusted again; its task is counted as lost (a task that keeps doing it ends as a
+    poison pill)."""
+    return KillReason(
+        "WorkerLostError", f"child killed: {detail} (did the task write into its own pipe?)",
+        counts_as_task_failure=False,
+    )  # fmt: skip
+
+
 def check_slot(slot: Slot, now: float, heartbeat_timeout: float) -> KillReason | None:
     """A reason to kill this child now, or None. `now` is time.monotonic()."""
     state = slot.state

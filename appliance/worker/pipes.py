@@ -7,9 +7,10 @@ import contextlib
 import os
 import selectors
 import signal
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 
-from appliance.worker.ipc import ChildMessage, decode_message, make_pipe
+from appliance.worker.hygiene import neutralize_inherited_fds
+from appliance.worker.ipc import ChildMessage, ProtocolError, decode_message, make_pipe
 from appliance.worker.pool import Child
 
 READ_CHUNK = 1 << 18
@@ -23,16 +24,14 @@ class ChildPipes:
         self.fds: set[int] = set()
 
     def fork(
-        self,
-        keep_out: Sequence[int],
-        blocked_signals: Iterable[int],
-        run_child: Callable[[int, int], None],
+        self, blocked_signals: Iterable[int], run_child: Callable[[int, int], None]
     ) -> tuple[int, int, int]:
-        """Fork a child with signals blocked across the fork. In the child, every fd of
-        the supervisor's (`keep_out`, other children's pipes, the selector) is closed,
-        then `run_child(read_fd, write_fd)` runs and must never return. In the parent:
-        (pid, fd to write dispatches to, fd to read outcomes from). Raises `OSError`
-        (EAGAIN at a process limit) with nothing leaked."""
+        """Fork a child with signals blocked across the fork. In the child, every
+        descriptor of the supervisor's (stores, the selector, other children's pipes) is
+        neutralised and the child leads a process group of its own (see `hygiene`); then
+        `run_child(read_fd, write_fd)` runs and must never return. In the parent: (pid,
+        fd to write dispatches to, fd to read outcomes from). Raises `OSError` (EAGAIN at
+        a process limit) with nothing leaked."""
         to_r, to_w = make_pipe()
         from_r, from_w = make_pipe()
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, blocked_signals)
@@ -45,13 +44,14 @@ class ChildPipes:
             raise
         if pid == 0:
             signal.set_wakeup_fd(-1)
-            for fd in (to_w, from_r, *keep_out, *self.fds):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            with contextlib.suppress(Exception):
-                self.selector.close()
+            neutralize_inherited_fds([to_r, from_w])
+            with contextlib.suppress(OSError):
+                os.setpgid(0, 0)
             run_child(to_r, from_w)
             os._exit(70)  # run_child never returns; this is the guard if it does
+        # Also from this side, so a kill of the group cannot race the child's own call.
+        with contextlib.suppress(OSError):
+            os.setpgid(pid, pid)
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         os.close(to_r)
         os.close(from_w)
@@ -65,7 +65,9 @@ class ChildPipes:
         self.selector.register(child.from_fd, selectors.EVENT_READ, on_ready)
 
     def read(self, child: Child, *, until_eof: bool = False) -> list[ChildMessage]:
-        """The messages that arrived; all of them up to EOF for a child that exited."""
+        """The messages that arrived; all of them up to EOF for a child that exited.
+        Raises `ProtocolError` for bytes that are not our frames (a task that wrote
+        into its own pipe): the child is then killed, never trusted again."""
         messages: list[ChildMessage] = []
         while True:
             try:
@@ -74,7 +76,12 @@ class ChildPipes:
                 return messages
             if not data:
                 return messages
-            messages += [decode_message(frame) for frame in child.reader.feed(data)]
+            try:
+                messages += [decode_message(frame) for frame in child.reader.feed(data)]
+            except ProtocolError:
+                raise
+            except Exception as exc:  # orjson, or fields that are not an Outcome's
+                raise ProtocolError(f"undecodable message from child {child.pid}: {exc}") from exc
             if not until_eof and len(data) < READ_CHUNK:
                 return messages
 

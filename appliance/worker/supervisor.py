@@ -29,6 +29,7 @@ from appliance.config import PoolSettings
 from appliance.errors import BrokerBusy, BrokerUnavailable, StemError
 from appliance.states import ExitCode, TaskEvent
 from appliance.worker.duties import Duties
+from appliance.worker.hygiene import become_subreaper, start_undertaker
 from appliance.worker.pool import Pool
 from appliance.worker.store_round import POLL_S, StoreRound
 from appliance.worker.systemd import Notifier
@@ -44,6 +45,7 @@ RECOVER_S = 1.0
 PURGE_S = 60.0
 WORKER_BEAT_S = 5.0  # the supervisor's record in the backend; it expires after 3 beats
 IDLE_UPKEEP_S = 10.0  # checkpoint the SQLite WAL at most this often, and only when idle
+ORPHAN_SWEEP_S = 5.0  # look for escaped task processes (also after every child exit)
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 FINISHED = (TaskEvent.SUCCESS, TaskEvent.DEAD, TaskEvent.REVOKED)
@@ -75,6 +77,12 @@ class Supervisor:
 
     def run(self) -> int:
         """Open stores, fork the pools, serve until shutdown; the exit code."""
+        self.consumer = Consumer.this_process()
+        # First, before any store or child exists: the undertaker kills what tasks
+        # leave behind if this process is SIGKILLed; as subreaper it adopts escapees.
+        self.undertaker_fd = start_undertaker(self.consumer.name)
+        if not become_subreaper():
+            log.warning("cannot become a child subreaper: escaped task processes may survive")
         self._install_signals()
         try:
             if not self._connect():
@@ -83,9 +91,9 @@ class Supervisor:
             log.error("cannot start: %s", exc)
             return int(ExitCode.CONFIG)
         self.tree = ProcessTree(
-            self.stem, self.pools, self.selector, keep_out=(self.signal_r, self.signal_w),
-            blocked_signals=HANDLED_SIGNALS, settle=self.round.settle,
-            worker_name=self.worker_name, supervisor_pid=self.consumer.pid,
+            self.stem, self.pools, self.selector, blocked_signals=HANDLED_SIGNALS,
+            settle=self.round.settle, worker_name=self.worker_name,
+            supervisor_id=self.consumer.name, supervisor_pid=self.consumer.pid,
         )  # fmt: skip
         self._plan_duties()
         try:
@@ -119,7 +127,6 @@ class Supervisor:
         worker started before its Redis comes up instead of crash-looping under systemd.
         False if a stop signal arrived meanwhile."""
         self.stores = self.stem.open_stores(busy_wait=STORE_BUSY_WAIT_S)
-        self.consumer = Consumer.this_process()
         self.worker_name = f"{self.consumer.host}:{self.consumer.pid}"
         self.round = StoreRound(self.stores, self.consumer, self.pools)
         broker = self.stores.broker
@@ -148,6 +155,7 @@ class Supervisor:
         self.duties.every(PURGE_S, self._purge_expired)
         self.duties.every(IDLE_UPKEEP_S, self._idle_upkeep)
         self.duties.every(WORKER_BEAT_S, self._publish_heartbeat)
+        self.duties.every(ORPHAN_SWEEP_S, self.tree.kill_orphans)
         if self.notifier.watchdog_interval:
             self.duties.every(self.notifier.watchdog_interval, self._ping_watchdog)
 
@@ -167,6 +175,7 @@ class Supervisor:
         self.round.guarded(lambda: self.stores.backend.remove_worker(self.consumer.name))
         signal.set_wakeup_fd(-1)
         self.stores.close()
+        os.close(self.undertaker_fd)  # the undertaker sweeps once more, then exits
 
     # --- the loop ----------------------------------------------------------------------
 

@@ -9,7 +9,6 @@ import contextlib
 import logging
 import os
 import selectors
-import signal
 import time
 from collections.abc import Callable, Iterable, Sequence
 
@@ -19,7 +18,8 @@ from appliance.states import OutcomeStatus, SlotState
 from appliance.worker import outcomes
 from appliance.worker.child import ChildSetup, child_main
 from appliance.worker.heartbeat import HeartbeatTable
-from appliance.worker.ipc import ChildMessage, Progress, dispatch_frame
+from appliance.worker.hygiene import kill_tree, orphans
+from appliance.worker.ipc import ChildMessage, Progress, ProtocolError, dispatch_frame
 from appliance.worker.limits import (
     BYSTANDER,
     COLD_SHUTDOWN,
@@ -27,6 +27,7 @@ from appliance.worker.limits import (
     check_memory,
     check_slot,
     describe_exit,
+    protocol_violation,
     respawn_delay,
 )
 from appliance.worker.pipes import ChildPipes
@@ -50,19 +51,20 @@ class ProcessTree:
         pools: Sequence[Pool],
         selector: selectors.BaseSelector,
         *,
-        keep_out: Sequence[int],
         blocked_signals: Iterable[int],
         settle: Callable[[outcomes.Settled], None],
         worker_name: str,
+        supervisor_id: str,
         supervisor_pid: int,
     ) -> None:
         self.stem = stem
         self.pools = pools
         self.settle = settle
         self.worker_name = worker_name
+        self.supervisor_id = supervisor_id  # the mark every child carries (`hygiene.MARK`)
         self.supervisor_pid = supervisor_pid
-        self.keep_out = tuple(keep_out)  # the supervisor's own fds: closed in every child
         self.blocked_signals = tuple(blocked_signals)
+        self.orphans_found = 0  # escaped grandchildren killed (adopted as subreaper)
         self.pipes = ChildPipes(selector)
         self.children: dict[int, Child] = {}  # pid -> child
         self.table = HeartbeatTable(sum(p.settings.concurrency for p in pools))
@@ -85,10 +87,10 @@ class ProcessTree:
 
         def run_child(read_fd: int, write_fd: int) -> None:
             child_main(ChildSetup(self.stem, pool.settings, slot, header, read_fd, write_fd,
-                                  self.supervisor_pid))  # fmt: skip
+                                  self.supervisor_pid, self.supervisor_id))  # fmt: skip
 
         try:
-            pid, to_fd, from_fd = self.pipes.fork(self.keep_out, self.blocked_signals, run_child)
+            pid, to_fd, from_fd = self.pipes.fork(self.blocked_signals, run_child)
         except OSError as exc:  # EAGAIN at a process limit (systemd TasksMax=): retry later
             log.error("cannot fork a child for pool %s: %s", pool.settings.name, exc)
             pool.respawn_at[index] = time.monotonic() + FORK_RETRY_S
@@ -140,7 +142,13 @@ class ProcessTree:
             self.pipes.flush([child])
 
     def _read(self, child: Child, *, until_eof: bool = False) -> None:
-        for message in self.pipes.read(child, until_eof=until_eof):
+        try:
+            messages = self.pipes.read(child, until_eof=until_eof)
+        except ProtocolError as exc:
+            if child.kill is None:
+                self.kill(child, protocol_violation(str(exc)), self.table.slots[child.index].seq)
+            return
+        for message in messages:
             self._on_message(child, message)
 
     def _on_message(self, child: Child, message: ChildMessage) -> None:
@@ -193,6 +201,7 @@ class ProcessTree:
         pool.mark_lifetime(child, unexpected)
         if self.accepting:
             pool.respawn_at[child.index] = time.monotonic() + respawn_delay(pool.early_deaths)
+        self.kill_orphans()  # what the child started and left behind is adopted by now
 
     def _running_dispatch(self, child: Child) -> Dispatch | None:
         if child.kill is not None and child.killed_seq in child.outstanding:
@@ -252,10 +261,19 @@ class ProcessTree:
                 self.kill(child, reason, seq)
 
     def kill(self, child: Child, reason: KillReason, seq: int) -> None:
+        """Kill a child and everything its task started (its process group and every
+        descendant): a subprocess that ignores SIGTERM dies with the task."""
         log.warning("killing child %d: %s", child.pid, reason.message)
         child.kill, child.killed_seq, child.closing = reason, seq, True
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child.pid, signal.SIGKILL)
+        kill_tree(child.pid)
+
+    def kill_orphans(self, now: float | None = None) -> None:
+        """Kill the processes re-parented to the supervisor that it did not fork: the
+        leftovers of tasks that escaped their child's group (daemons, `setsid`)."""
+        for pid in orphans(self.children):
+            log.warning("killing process %d: left behind by a task (its parent is gone)", pid)
+            self.orphans_found += 1
+            kill_tree(pid)
 
     # --- shutdown ------------------------------------------------------------------------
 
@@ -271,8 +289,7 @@ class ProcessTree:
         self.drain()
         for child in list(self.children.values()):
             child.kill = child.kill or COLD_SHUTDOWN
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child.pid, signal.SIGKILL)
+            kill_tree(child.pid)
 
     def release_idle(self) -> None:
         """Close the dispatch pipe of children holding nothing: they read EOF and exit."""
@@ -285,7 +302,15 @@ class ProcessTree:
         self.kill_all()
         while self.children:
             self.reap(block=True)
+        self.kill_orphans()
+        self.reap_strays()
         self.table.close()
+
+    def reap_strays(self) -> None:
+        """Collect exited adoptees (never our children, so `reap` ignores them)."""
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                pass
 
     # --- what the loop and the store round need to know -------------------------------------
 

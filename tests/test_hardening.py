@@ -1,0 +1,132 @@
+"""Issue 15: what a hostile task, a hostile host or a careless operator could do, each
+pinned by a test against the real `stem worker run` on every store."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from appliance import Stem, TaskState
+from tests.apps import hostile_app
+from tests.conftest import wait_until
+from tests.process import WorkerProcess, app_on
+
+pytestmark = pytest.mark.process
+HOSTILE = "tests.apps.hostile_app:stem"
+
+
+@pytest.fixture
+def stem(store_url: str) -> Iterator[Stem]:
+    app = app_on(store_url, hostile_app.stem)
+    yield app
+    app.close()
+
+
+@pytest.fixture
+def worker(tmp_path: Path, store_url: str) -> Iterator[WorkerProcess]:
+    proc = WorkerProcess(tmp_path, store_url, app=HOSTILE)
+    yield proc
+    proc.stop()
+
+
+def grandchildren(worker: WorkerProcess) -> list[int]:
+    return [
+        int(parts[0].split("-")[1])
+        for parts in (
+            line for line in worker.ledger_lines_all() if line[0].startswith("grandchild-")
+        )
+    ]
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+# --- 1. inherited descriptors -----------------------------------------------------------
+
+
+def test_a_task_holds_no_descriptor_of_the_stores(
+    stem: Stem, worker: WorkerProcess, store_url: str
+) -> None:
+    worker.start()
+    held = stem.enqueue("h.fds").result(timeout=15)
+    assert not [t for t in held if ".db" in t or t.startswith("socket:")], held
+    assert not [t for t in held if t.startswith("/dev/shm/")], held  # the mapping suffices
+
+
+def test_garbage_written_to_every_descriptor_corrupts_nothing(
+    stem: Stem, worker: WorkerProcess, store_url: str, tmp_path: Path
+) -> None:
+    # Regression: os.write(6, ...) from a task overwrote the SQLite header ("file is not a
+    # database", all queued work gone); on Redis it made the supervisor exit.
+    worker.start()
+    assert stem.enqueue("h.write6").result(timeout=15) in (
+        "written",
+        "refused: [Errno 9] Bad file descriptor",
+    )
+    scribbler = stem.enqueue("h.scribble")
+    handles = stem.enqueue_many([("t.record", {"n": i}) for i in range(50)])
+    assert [h.result(timeout=30) for h in handles] == list(range(50))
+    # It wrote into its own pipe too: its child was killed and the task dead-lettered.
+    assert wait_until(lambda: scribbler.state().is_final, timeout=30)
+    assert worker.proc is not None and worker.proc.poll() is None, worker.read_log()
+    if store_url.startswith("sqlite"):
+        path = store_url.removeprefix("sqlite:///")
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert stem.enqueue("t.record", args={"n": 7}).result(timeout=15) == 7
+
+
+# --- 2. grandchildren -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("setsid", [False, True], ids=["same-group", "setsid"])
+def test_a_time_limit_kill_takes_the_tasks_subprocesses(
+    stem: Stem, worker: WorkerProcess, setsid: bool
+) -> None:
+    worker.start()
+    handle = stem.enqueue("h.grandchild_overruns", args={"setsid": setsid})
+    assert wait_until(lambda: handle.state() is TaskState.DEAD, timeout=15), worker.read_log()
+    (pid,) = grandchildren(worker)
+    assert wait_until(lambda: gone(pid), timeout=2), f"grandchild {pid} outlived its task"
+
+
+@pytest.mark.parametrize("setsid", [False, True], ids=["same-group", "setsid"])
+def test_a_cold_shutdown_leaves_no_task_process_behind(
+    stem: Stem, worker: WorkerProcess, setsid: bool
+) -> None:
+    worker.start()
+    stem.enqueue("h.grandchild_runs", args={"setsid": setsid})
+    assert wait_until(lambda: bool(worker.ledger_lines("start")), timeout=15)
+    (pid,) = grandchildren(worker)
+    worker.signal(signal.SIGQUIT)
+    assert worker.wait(timeout=15) == 0
+    assert wait_until(lambda: gone(pid), timeout=2), f"grandchild {pid} outlived the worker"
+
+
+def test_nothing_of_a_task_survives_a_sigkilled_supervisor(
+    stem: Stem, worker: WorkerProcess
+) -> None:
+    worker.start()
+    stem.enqueue("h.grandchild_runs", args={"setsid": True})
+    assert wait_until(lambda: bool(worker.ledger_lines("start")), timeout=15)
+    (pid,) = grandchildren(worker)
+    worker.signal(signal.SIGKILL)
+    worker.wait(timeout=5)
+    assert wait_until(lambda: gone(pid), timeout=3), f"grandchild {pid} outlived the worker"
+
+
+def test_a_daemon_a_task_leaves_behind_is_killed(stem: Stem, worker: WorkerProcess) -> None:
+    worker.start()
+    stem.enqueue("h.daemonize").result(timeout=15)
+    (pid,) = grandchildren(worker)
+    assert wait_until(lambda: gone(pid), timeout=8), f"daemon {pid} survived"
+    assert stem.enqueue("t.record", args={"n": 1}).result(timeout=15) == 1
