@@ -62,6 +62,11 @@ class BrokerBusy(BrokerError):
     """The broker stayed locked by other writers longer than the configured deadline."""
 
 
+class StoreReplaced(BrokerUnavailable):
+    """The store this process opened is gone from under it (its SQLite file deleted or
+    replaced): what it claims and settles no longer reaches the producers' store."""
+
+
 class UnsupportedBroker(ConfigError):
     """A broker URL whose scheme no adapter handles."""
 

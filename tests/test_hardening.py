@@ -130,3 +130,48 @@ def test_a_daemon_a_task_leaves_behind_is_killed(stem: Stem, worker: WorkerProce
     (pid,) = grandchildren(worker)
     assert wait_until(lambda: gone(pid), timeout=8), f"daemon {pid} survived"
     assert stem.enqueue("t.record", args={"n": 1}).result(timeout=15) == 1
+
+
+# --- 3. a deleted or replaced database; a Redis that lost its data ------------------------
+
+
+def test_a_deleted_database_stops_the_worker_loudly(tmp_path: Path, sqlite_url: str) -> None:
+    # Regression: the worker kept serving the deleted inode without a word, while
+    # producers created a new file whose tasks stayed PENDING forever.
+    stem = app_on(sqlite_url, hostile_app.stem)
+    stem.enqueue("t.record", args={"n": 1})  # creates the file
+    worker = WorkerProcess(tmp_path, sqlite_url, app=HOSTILE).start()
+    try:
+        path = Path(sqlite_url.removeprefix("sqlite:///"))
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        assert worker.wait(timeout=10) == 69, worker.read_log()
+        assert "was deleted while this worker had it open" in worker.read_log()
+    finally:
+        worker.stop()
+        stem.close()
+
+
+def test_a_redis_that_restarts_empty_is_reported_and_served_on(tmp_path: Path) -> None:
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(tmp_path / "volatile", appendonly=False)
+    server.start()
+    try:
+        stem = app_on(server.url, hostile_app.stem)
+        worker = WorkerProcess(tmp_path, server.url, app=HOSTILE).start()
+        assert stem.enqueue("t.record", args={"n": 1}).result(timeout=15) == 1
+        stem.enqueue("h.grandchild_runs")  # one delivery in flight when the data goes
+        assert wait_until(lambda: bool(worker.ledger_lines("start")), timeout=15)
+        server.restart()  # no AOF, no snapshot: every key is gone
+        assert wait_until(lambda: "lost its data" in worker.read_log(), timeout=15), (
+            worker.read_log()
+        )
+        log = worker.read_log()
+        assert "1 deliveries this worker held were lost" in log
+        assert "NOSCRIPT" not in log  # scripts are reloaded without a word
+        assert stem.enqueue("t.record", args={"n": 2}).result(timeout=15) == 2
+        worker.stop()
+        stem.close()
+    finally:
+        server.stop()

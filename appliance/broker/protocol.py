@@ -234,6 +234,15 @@ class Broker(Protocol):
         worker logs them at start. Empty when the store keeps what it acknowledged."""
         ...
 
+    def watch_identity(self) -> str | None:
+        """Check that the store still holds the data this broker opened (a supervisor
+        calls this every few seconds). Raises `StoreReplaced` when this process can no
+        longer serve it: the SQLite file was deleted or replaced under it (producers
+        already write to another file). Returns a warning, once, when the store lost its
+        data but can still be served: a Redis that restarted without persistence or was
+        flushed. None when all is well."""
+        ...
+
     def idle(self) -> None:
         """Upkeep for a consumer with nothing to do. SQLite checkpoints the WAL into the
         database and truncates it, so it cannot grow without bound under steady load;

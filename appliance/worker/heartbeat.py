@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import mmap
 import os
 from pathlib import Path
 
 from appliance.states import SlotState
+
+log = logging.getLogger("stem.worker")
 
 SHM_DIR = Path("/dev/shm")
 MAGIC = 0x5354454D  # "STEM"
@@ -61,16 +64,20 @@ class HeartbeatTable:
 
     def __init__(self, slots: int, *, owner_pid: int | None = None) -> None:
         self.owner_pid = owner_pid or os.getpid()
-        self.path = SHM_DIR / f"stem-hb-{self.owner_pid}"
+        self.path: Path | None = SHM_DIR / f"stem-hb-{self.owner_pid}"
         self.size = ctypes.sizeof(Header) + slots * ctypes.sizeof(Slot)
         sweep_stale_tables()
-        # O_EXCL + 0o600: only this supervisor's user may read it; never reuse a name.
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, self.size)
-            self._map = mmap.mmap(fd, self.size, mmap.MAP_SHARED)
-        finally:
-            os.close(fd)
+            self._map = self._map_file()
+        except OSError as exc:
+            # A full or read-only /dev/shm: the children can still share anonymous memory
+            # inherited through fork; only readers from outside (the TUI) lose the table.
+            log.warning(
+                "cannot create the heartbeat table %s (%s); using private shared memory, "
+                "so other processes cannot read the live slots", self.path, exc,
+            )  # fmt: skip
+            self.path = None
+            self._map = mmap.mmap(-1, self.size, mmap.MAP_SHARED)
         self.header = Header.from_buffer(self._map, 0)
         self.header.magic, self.header.version = MAGIC, LAYOUT_VERSION
         self.header.slots, self.header.supervisor_pid = slots, self.owner_pid
@@ -78,6 +85,22 @@ class HeartbeatTable:
         self.slots = [
             Slot.from_buffer(self._map, base + i * ctypes.sizeof(Slot)) for i in range(slots)
         ]
+
+    def _map_file(self) -> mmap.mmap:
+        assert self.path is not None
+        # O_EXCL + 0o600: only this supervisor's user may read it; never reuse a name.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            # Reserve the pages now: on a full tmpfs a sparse file (ftruncate) maps fine
+            # and the first write to it kills the process with SIGBUS.
+            os.posix_fallocate(fd, 0, self.size)
+            return mmap.mmap(fd, self.size, mmap.MAP_SHARED)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            raise
+        finally:
+            os.close(fd)
 
     def reset(self, index: int, pid: int) -> Slot:
         """Clear a slot for a newly forked child."""
@@ -88,7 +111,7 @@ class HeartbeatTable:
 
     def close(self) -> None:
         """Unlink the table (supervisor only, at exit)."""
-        if os.getpid() != self.owner_pid:
+        if os.getpid() != self.owner_pid or self.path is None:
             return
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()

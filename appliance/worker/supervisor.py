@@ -14,6 +14,7 @@ callback)`) or a chore (`self.duties.every(seconds, function)`).
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import logging
 import os
 import selectors
@@ -26,7 +27,14 @@ from appliance.app import Stem
 from appliance.backend.protocol import WorkerHeartbeat
 from appliance.broker.protocol import Consumer
 from appliance.config import PoolSettings
-from appliance.errors import BrokerBusy, BrokerUnavailable, StemError
+from appliance.errors import (
+    BrokerBusy,
+    BrokerError,
+    BrokerFull,
+    BrokerUnavailable,
+    StemError,
+    StoreReplaced,
+)
 from appliance.states import ExitCode, TaskEvent
 from appliance.worker.duties import Duties
 from appliance.worker.hygiene import become_subreaper, start_undertaker
@@ -46,6 +54,7 @@ PURGE_S = 60.0
 WORKER_BEAT_S = 5.0  # the supervisor's record in the backend; it expires after 3 beats
 IDLE_UPKEEP_S = 10.0  # checkpoint the SQLite WAL at most this often, and only when idle
 ORPHAN_SWEEP_S = 5.0  # look for escaped task processes (also after every child exit)
+IDENTITY_S = 2.0  # check that the store still holds the data we opened
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 FINISHED = (TaskEvent.SUCCESS, TaskEvent.DEAD, TaskEvent.REVOKED)
@@ -72,11 +81,13 @@ class Supervisor:
         self.notifier = Notifier()
         self.duties = Duties()
         self._next_scan = 0.0  # monotonic: the next heartbeat-table scan
+        self.exit_code = ExitCode.OK
 
     # --- life cycle --------------------------------------------------------------------
 
     def run(self) -> int:
         """Open stores, fork the pools, serve until shutdown; the exit code."""
+        faulthandler.enable()  # a fatal signal (SIGBUS, SIGSEGV) still leaves a log line
         self.consumer = Consumer.this_process()
         # First, before any store or child exists: the undertaker kills what tasks
         # leave behind if this process is SIGKILLed; as subreaper it adopts escapees.
@@ -109,7 +120,7 @@ class Supervisor:
         finally:
             self._close()
         log.info("supervisor %d stopped: %s", os.getpid(), dict(self.round.counts))
-        return int(ExitCode.OK)
+        return int(self.exit_code)
 
     def _install_signals(self) -> None:
         self.selector = selectors.DefaultSelector()
@@ -131,10 +142,17 @@ class Supervisor:
         self.round = StoreRound(self.stores, self.consumer, self.pools)
         broker = self.stores.broker
         pause = 0.5
+        recovered = 0
         while True:
             try:
-                recovered = broker.recover(self.consumer)
                 wake_fd = broker.wake_fd(self.queues)
+                broker.watch_identity()  # learn which data set this is
+                recovered = broker.recover(self.consumer)
+                break
+            except BrokerFull as exc:
+                # Start-up never depends on a write succeeding: recovery is retried by
+                # its chore, and draining frees the space.
+                log.warning("store full at start (%s); serving what can be drained", exc)
                 break
             except (BrokerUnavailable, BrokerBusy) as exc:
                 log.warning("broker unavailable (%s); retrying in %.1fs", exc, pause)
@@ -156,6 +174,7 @@ class Supervisor:
         self.duties.every(IDLE_UPKEEP_S, self._idle_upkeep)
         self.duties.every(WORKER_BEAT_S, self._publish_heartbeat)
         self.duties.every(ORPHAN_SWEEP_S, self.tree.kill_orphans)
+        self.duties.every(IDENTITY_S, self._watch_identity)
         if self.notifier.watchdog_interval:
             self.duties.every(self.notifier.watchdog_interval, self._ping_watchdog)
 
@@ -269,6 +288,23 @@ class Supervisor:
             return 0.5  # only when idle: look again soon
         self.stores.broker.idle()
         return None
+
+    def _watch_identity(self, now: float) -> None:
+        try:
+            lost = self.stores.broker.watch_identity()
+        except StoreReplaced as exc:
+            log.error("stopping: %s", exc)
+            self.exit_code = ExitCode.UNAVAILABLE  # systemd restarts it on the new file
+            self._cold_shutdown("the database was replaced")
+            return
+        except BrokerError as exc:
+            self.round.failed(exc)
+            return
+        if lost:
+            log.error(
+                "%s; %d deliveries this worker held were lost with it (their tasks run to "
+                "the end, but nothing will retry them if they fail)", lost, self.tree.in_flight(),
+            )  # fmt: skip
 
     def _ping_watchdog(self, now: float) -> None:
         self.notifier.send("WATCHDOG=1")

@@ -89,8 +89,21 @@ _LIST_REVOKED = f"""#!lua flags=no-writes
 {_NOW}
 return redis.call('ZRANGEBYSCORE', KEYS[1], now_ms(), '+inf')
 """
+# KEYS: result keys. ARGV: per key, the JSON and then its expiry in epoch ms ('' for
+# none, '-' to delete). allow-oom: the supervisor stores results with its acks, which
+# free more memory than the results take, so a full Redis can still be drained.
+_STORE_RESULTS = """#!lua flags=allow-oom
+for i, key in ipairs(KEYS) do
+  local data, at = ARGV[2 * i - 1], ARGV[2 * i]
+  if at == '-' then redis.call('DEL', key)
+  elseif at == '' then redis.call('SET', key, data)
+  else redis.call('SET', key, data, 'PXAT', at) end
+end
+return #KEYS
+"""
 # KEYS: worker key, index. ARGV: worker id, heartbeat JSON, TTL in ms.
-_PUT_WORKER = f"""{_NOW}
+_PUT_WORKER = f"""#!lua flags=allow-oom
+{_NOW}
 local now = now_ms()
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
@@ -98,7 +111,8 @@ redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. now)
 return 0
 """
 # KEYS: the sorted sets scored by expiry -> how many expired members were removed.
-_TRIM = f"""{_NOW}
+_TRIM = f"""#!lua flags=allow-oom
+{_NOW}
 local now, removed = now_ms(), 0
 for _, key in ipairs(KEYS) do
   removed = removed + redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. now)
@@ -129,22 +143,20 @@ class RedisBackend:
             return
         now = time.time()
         # Encode everything first: a value that is not JSON fails before anything is sent.
-        encoded = [(r, encode_result(r)) for r in results]
-        joined = self.session.pipe
-        # MULTI/EXEC: all or none; inside a unit of work, in the unit's transaction.
-        pipe = joined if joined is not None else self.client.pipeline(transaction=True)
-        for result, data in encoded:
-            key = self.keys.result(result.task_id)
+        keys, args = [], []
+        for result in results:
+            keys.append(self.keys.result(result.task_id))
             if result.expires_at is None:
-                pipe.set(key, data)
+                expiry = ""
             elif result.expires_at <= now:
-                pipe.delete(key)  # already expired: a later write still replaces the earlier
+                expiry = "-"  # already expired: a later write still replaces the earlier
             else:
-                pipe.set(key, data, pxat=int(result.expires_at * 1000))
-        if joined is not None:
+                expiry = str(int(result.expires_at * 1000))
+            args += [encode_result(result), expiry]
+        if self.session.pipe is not None:  # in the unit of work's transaction
+            self.session.queue(self._scripts.store_results, args, keys)
             return
-        with self.session.guard("storing results"):
-            pipe.execute()
+        self._run(self._scripts.store_results, keys, args, "storing results")
 
     def get(self, task_id: str) -> TaskResult | None:
         with self.session.guard("reading a result"):
@@ -278,6 +290,7 @@ class _Scripts:
     """The backend's Lua scripts, registered with the store's session."""
 
     def __init__(self, session: RedisSession) -> None:
+        self.store_results = session.script(_STORE_RESULTS)
         self.delete_if = session.script(_DELETE_IF)
         self.refresh_if = session.script(_REFRESH_IF)
         self.incr = session.script(_INCR)

@@ -20,6 +20,7 @@ Shape (keys in `keys.py`):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -86,9 +87,30 @@ class RedisBroker:
         self._rotation = QueueRotation()
         self._wake: RedisWake | None = None
         self._dlq_last_us = 0
+        self._epoch: str | None = None  # the data set this broker serves (`watch_identity`)
 
     def _guard(self, what: str) -> Any:
         return self.session.guard(what)
+
+    def watch_identity(self) -> str | None:
+        """Compare the server's epoch token with the one this broker saw first; a changed
+        or missing token means Redis lost its data (reported once, then adopted). Never
+        fails for a full server: the token is written when there is room again."""
+        with self._guard("reading the epoch"):
+            found = self.client.get(self.keys.epoch)
+            if found is None:
+                with contextlib.suppress(redis.ResponseError):  # full: written later
+                    self.client.set(self.keys.epoch, os.urandom(8).hex(), nx=True)
+                found = self.client.get(self.keys.epoch)
+        token = None if found is None else text(found)
+        seen, self._epoch = self._epoch, token or self._epoch
+        if seen is None or token is None or token == seen:
+            return None
+        return (
+            f"Redis at {self.session.outage.where} lost its data (it restarted without "
+            "persistence or was flushed): messages and results stored before are gone; "
+            "turn on appendonly to keep them across restarts"
+        )
 
     def durability_warnings(self) -> list[str]:
         """Startup check: why acknowledged enqueues could be lost (see `conn`)."""

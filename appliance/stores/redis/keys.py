@@ -27,6 +27,7 @@ Layout (P = "<namespace>:"):
 | P revoked                   | zset   | revoked task ids, scored by expiry (ms, server time) |
 | P workers                   | zset   | worker ids, scored by heartbeat expiry (ms)          |
 | P worker:<worker id>        | string | a `WorkerHeartbeat` as JSON, PX TTL                  |
+| P epoch                     | string | a random token naming this data set (see below)      |
 
 Stream entries carry `p` (the encoded envelope, verbatim), `t` (the task id, so claims
 and settles never parse JSON), `b` (the delivery-count base carried over by a release;
@@ -34,6 +35,10 @@ the PEL counter adds the deliveries of this copy) and, on copies, `o` (the origi
 identity of the message across the copies a release, retry or promotion writes, so that
 a late ACK or DEAD from a lost lease still removes the message, as the protocol says).
 A fresh entry is its own origin; a delayed member's nonce is its origin.
+
+`epoch` is written once (SET NX) by the first broker that looks for it. Every broker
+remembers the token it saw; a token that changed or vanished means the server lost its
+data (it restarted without persistence, or was flushed) while messages were in flight.
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ class Keys:
         # zset: worker id -> expiry of its heartbeat key (ms). The index that lists the
         # `worker:<id>` keys without SCAN; members whose key expired are trimmed on write.
         self.workers = f"{p}workers"
+        self.epoch = f"{p}epoch"  # string: a random token naming this data set
 
     def stream(self, queue: str, band: int) -> str:
         """Stream: the ready and leased messages of `queue` in one priority band."""

@@ -1,6 +1,11 @@
 """The Lua scripts of the Redis broker, one per write, each run atomically in one round
 trip. Every script starts with the key prelude of `keys.LUA_KEYS`; the writing
-ones also get the shared helpers below."""
+ones also get the shared helpers below.
+
+The scripts a worker drains with (claim, settle, extend) are `allow-oom`: a Redis at
+`maxmemory` with `noeviction` refuses every write that could grow memory, but acks free
+the memory that claims and results take, so draining must always be possible. Enqueue
+and replay are not: at `maxmemory` a producer gets a clear `BrokerFull` instead."""
 
 from __future__ import annotations
 
@@ -63,7 +68,7 @@ for q in pairs(woken) do redis.call('PUBLISH', k_wake(q), '1') end
 return 0
 """
 
-CLAIM = """#!lua
+CLAIM = """#!lua flags=allow-oom
 -- ARGV: prefix, group, now, consumer, limit, (unused), sweep 0|1, lease, queues...
 local now, consumer, limit = ARGV[3], ARGV[4], tonumber(ARGV[5])
 local sweep, lease = ARGV[7] == '1', ARGV[8]
@@ -153,7 +158,7 @@ if #out > 0 then raise_lease(consumer, tonumber(lease)) end
 return out
 """
 
-SETTLE = """#!lua
+SETTLE = """#!lua flags=allow-oom
 -- ARGV: prefix, group, then one op per settlement, each starting with
 -- kind, queue, band, entry id, origin, task id:
 --   a (ack)                                                              6 args
@@ -251,7 +256,7 @@ for q in pairs(woken) do redis.call('PUBLISH', k_wake(q), '1') end
 return 0
 """
 
-EXTEND = """#!lua
+EXTEND = """#!lua flags=allow-oom
 -- ARGV: prefix, group, lease, then (queue, band, entry id, consumer, count) per delivery.
 -- XCLAIM with min-idle 0 and JUSTID resets the idle time without bumping the counter;
 -- only for entries still held by the same consumer with the same counter.

@@ -56,10 +56,10 @@ class RedisSession:
         """Run a script now (redis-py reloads it after NOSCRIPT)."""
         return script(keys=list(keys), args=list(args))
 
-    def queue(self, script: Script, args: Sequence[Any]) -> None:
+    def queue(self, script: Script, args: Sequence[Any], keys: Sequence[str] = ()) -> None:
         """Queue a script on the open unit. EVALSHA rather than the Script object: a
         pipeline holding Script objects asks SCRIPT EXISTS on every execute."""
-        self.pipe.evalsha(script.sha, 0, *args)
+        self.pipe.evalsha(script.sha, len(keys), *keys, *args)
 
     @contextlib.contextmanager
     def unit_of_work(self) -> Iterator[None]:
@@ -85,11 +85,20 @@ class RedisSession:
         if then is not None:
             self.queue(*then)
         pipe, self.pipe = self.pipe, self.client.pipeline(transaction=True)
+        commands = list(pipe.command_stack)
         try:
             replies = pipe.execute()
         except redis.exceptions.NoScriptError:
+            # The server restarted and forgot the scripts (its data may be gone too:
+            # `RedisBroker.watch_identity` says so). Everything in the unit is safe to
+            # send twice (result writes and settles are idempotent), so reload and send
+            # it again, once, without troubling the caller.
             self._loaded = False
-            raise
+            self.load_scripts()
+            retry = self.client.pipeline(transaction=True)
+            for args, options in commands:
+                retry.pipeline_execute_command(*args, **options)
+            replies = retry.execute()
         return replies[-1] if then is not None else None
 
     def close(self) -> None:

@@ -37,7 +37,7 @@ from appliance.broker.protocol import (
     consumer_gone,
 )
 from appliance.envelope import Envelope, EnvelopeCodec
-from appliance.errors import BrokerError
+from appliance.errors import BrokerError, StoreReplaced
 from appliance.states import SettleKind
 from appliance.stores.common import QueueRotation, replay_of
 from appliance.stores.sqlite.db import Database, translate
@@ -252,6 +252,7 @@ class SqliteBroker:
         self._db = db
         self._rotation = QueueRotation()
         self._waker = SqliteWaker(db.path)
+        self._identity = _file_identity(db.path)  # the file this connection opened
 
     @property
     def path(self) -> Path:
@@ -495,6 +496,20 @@ class SqliteBroker:
             "crash, but the last commits can be lost on power loss (FULL keeps them)"
         ]
 
+    def watch_identity(self) -> str | None:
+        """The path must still name the file this connection opened: SQLite keeps
+        serving a deleted inode without a word, while producers create a new file."""
+        now = _file_identity(self.path)
+        if now == self._identity:
+            return None
+        what = "deleted" if now is None else "replaced by another file"
+        raise StoreReplaced(
+            f"{self.path} was {what} while this worker had it open: tasks enqueued from "
+            "now on go to a database this worker does not serve. Never delete or move a "
+            "live database (nor its -wal and -shm); restart the worker to serve the file "
+            "that is there now"
+        )
+
     def idle(self) -> None:
         # TRUNCATE waits for nothing: if a reader holds an old snapshot it checkpoints
         # what it can and the next idle turn finishes the job.
@@ -515,3 +530,12 @@ def _dead_letter(row: Sequence[Any]) -> DeadLetterEntry:
         entry_id, task_id, name, queue, reason, error_type, message, traceback, attempts,
         payload, enqueued_at, dead_at, extra={"deliveries": deliveries, "priority": priority},
     )  # fmt: skip
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path`, or None when nothing is there."""
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino
