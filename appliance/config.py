@@ -52,8 +52,9 @@ class Settings:
     pools: tuple[PoolSettings, ...] = (PoolSettings(),)
     signals_enabled: tuple[str, ...] = ()  # empty: every signal
     signals_disabled: tuple[str, ...] = ()
-    otlp_endpoint: str | None = None  # None: OpenTelemetry stays off (and unimported)
-    # (name, value) pairs; values are secrets (API keys), so never in a repr or a log.
+    # None: OpenTelemetry stays off (and unimported). Out of repr, as the headers: a URL
+    # can carry credentials, the (name, value) header pairs API keys.
+    otlp_endpoint: str | None = field(default=None, repr=False)
     otlp_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     otlp_metrics_interval: float = 60.0
     source: str = "defaults"  # the config file used, for messages
