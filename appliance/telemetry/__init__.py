@@ -74,9 +74,25 @@ class TelemetryConfig:
         return f"{safe} (headers: {names}; metrics every {self.metrics_interval:g}s)"
 
 
+class QueueCounts(Protocol):
+    """One queue's messages by state: what the depth callback returns. The broker's
+    `QueueStats` has this shape, so `depth=broker.queue_stats` needs no adapter."""
+
+    @property
+    def queue(self) -> str: ...
+    @property
+    def ready(self) -> int: ...
+    @property
+    def delayed(self) -> int: ...
+    @property
+    def in_flight(self) -> int: ...
+    @property
+    def dead(self) -> int: ...
+
+
 @dataclass(frozen=True, slots=True)
 class QueueDepth:
-    """One queue's messages by state, as the supervisor's depth callback reports them."""
+    """A `QueueCounts` of one's own (tests, a depth source that is not the broker)."""
 
     queue: str
     ready: int
@@ -94,7 +110,7 @@ class PoolLoad:
     in_flight: int
 
 
-DepthSource = Callable[[], Iterable[QueueDepth]]
+DepthSource = Callable[[], Iterable[QueueCounts]]
 PoolSource = Callable[[], Iterable[PoolLoad]]
 
 
