@@ -13,8 +13,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from appliance.errors import ConfigError
+from appliance.signals import parse_names
 from appliance.units import parse_bytes, parse_seconds
 
 DEFAULT_BROKER_URL = "sqlite:///./var/stem.db"
@@ -48,6 +50,13 @@ class Settings:
     log_format: str = "text"
     log_level: str = "INFO"
     pools: tuple[PoolSettings, ...] = (PoolSettings(),)
+    signals_enabled: tuple[str, ...] = ()  # empty: every signal
+    signals_disabled: tuple[str, ...] = ()
+    # None: OpenTelemetry stays off (and unimported). Out of repr, as the headers: a URL
+    # can carry credentials, the (name, value) header pairs API keys.
+    otlp_endpoint: str | None = field(default=None, repr=False)
+    otlp_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    otlp_metrics_interval: float = 60.0
     source: str = "defaults"  # the config file used, for messages
 
     @property
@@ -105,6 +114,36 @@ def _queues(value: Any) -> tuple[str, ...]:
     return names
 
 
+def _signal_names(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, str | list | tuple):
+        raise ValueError(f"must be a list of signal names, got {value!r}")
+    return parse_names(value)
+
+
+def _otlp_headers(value: Any) -> tuple[tuple[str, str], ...]:
+    # Errors name the entry's position and never echo it: the values are credentials.
+    if isinstance(value, dict):
+        return tuple((str(k), str(v)) for k, v in value.items())
+    if not isinstance(value, str):
+        raise ValueError("must be a string of key=value pairs separated by commas")
+    pairs = []
+    for index, item in enumerate(value.split(","), 1):
+        if not item.strip():
+            continue
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"entry {index} must be key=value (values are not shown)")
+        pairs.append((key.strip(), unquote(raw.strip())))  # percent-encoded, as OTEL_*'s
+    return tuple(pairs)
+
+
+def _positive_seconds(value: Any) -> float:
+    seconds = parse_seconds(value)
+    if seconds <= 0:
+        raise ValueError(f"must be more than 0 seconds, got {value!r}")
+    return seconds
+
+
 def _optional_bytes(value: Any) -> int | None:
     return None if value in (None, "", 0, "0") else parse_bytes(value)
 
@@ -114,7 +153,7 @@ class Field:
     """One setting: where it lives in TOML, its STEM_* variable, and its parser."""
 
     attr: str
-    section: str  # "stem" | "sqlite" | "log" | "worker"
+    section: str  # "stem" | "sqlite" | "log" | "signals" | "telemetry" | "worker"
     key: str
     env: str
     parse: Callable[[Any], Any]
@@ -133,6 +172,12 @@ FIELDS: tuple[Field, ...] = (
     Field("log_format", "log", "format", "STEM_LOG_FORMAT", _choice("text", "json")),
     Field("log_level", "log", "level", "STEM_LOG_LEVEL",
           _choice("DEBUG", "INFO", "WARNING", "ERROR")),
+    Field("signals_enabled", "signals", "enabled", "STEM_SIGNALS_ENABLED", _signal_names),
+    Field("signals_disabled", "signals", "disabled", "STEM_SIGNALS_DISABLED", _signal_names),
+    Field("otlp_endpoint", "telemetry", "otlp_endpoint", "STEM_OTLP_ENDPOINT", _optional_text),
+    Field("otlp_headers", "telemetry", "otlp_headers", "STEM_OTLP_HEADERS", _otlp_headers),
+    Field("otlp_metrics_interval", "telemetry", "otlp_metrics_interval",
+          "STEM_OTLP_METRICS_INTERVAL", _positive_seconds),
 )  # fmt: skip
 
 POOL_FIELDS: tuple[Field, ...] = (
@@ -148,7 +193,7 @@ POOL_FIELDS: tuple[Field, ...] = (
           parse_seconds),
 )  # fmt: skip
 
-_SECTIONS = {"stem", "sqlite", "log", "worker", "pools"}
+_SECTIONS = {"stem", "sqlite", "log", "signals", "telemetry", "worker", "pools"}
 
 
 def load_settings(
