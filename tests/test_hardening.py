@@ -175,3 +175,42 @@ def test_a_redis_that_restarts_empty_is_reported_and_served_on(tmp_path: Path) -
         stem.close()
     finally:
         server.stop()
+
+
+# --- 4. a Redis at maxmemory with noeviction ---------------------------------------------
+
+
+def test_a_full_redis_refuses_enqueues_clearly_and_still_drains(tmp_path: Path) -> None:
+    # Regression: every claim failed (its scripts write), and a worker started on a full
+    # Redis refused to start ("failed recover: command not allowed when used memory >
+    # 'maxmemory'").
+    import redis as redis_py
+
+    from appliance.errors import BrokerFull
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(tmp_path / "full")
+    server.start()
+    try:
+        client = redis_py.Redis.from_url(server.url)
+        used = int(client.info("memory")["used_memory"])
+        client.config_set("maxmemory", used + 3 * 2**20)
+        client.config_set("maxmemory-policy", "noeviction")
+        stem = app_on(server.url, hostile_app.stem)
+        queued = 0
+        with pytest.raises(BrokerFull, match="out of memory"):
+            for _ in range(10_000):
+                stem.enqueue_many([("t.record", {"n": i, "pad": "x" * 2000}) for i in range(50)])
+                queued += 50
+        assert queued > 0
+        worker = WorkerProcess(tmp_path, server.url, app=HOSTILE).start()  # starts anyway
+        try:
+            assert wait_until(lambda: len(worker.ledger_lines()) >= queued, timeout=60), (
+                worker.read_log()
+            )
+            assert stem.enqueue("t.record", args={"n": 5}).result(timeout=15) == 5
+        finally:
+            worker.stop()
+            stem.close()
+    finally:
+        server.stop()

@@ -47,7 +47,8 @@ class Stores:
     block commits nothing. SQLite: one `BEGIN IMMEDIATE` transaction (one fsync). Redis:
     one MULTI/EXEC transaction sent in one round trip (Redis has no rollback, so each
     script checks before it writes; a claim inside the unit sends what the unit holds so
-    far together with itself, because its reply is needed at once). Broker and backend
+    far together with itself, because its reply is needed at once; at `maxmemory`, where
+    Redis refuses scripts inside MULTI, the unit goes as a plain pipeline, results first). Broker and backend
     on different stores: each store's unit, the backend's committed first, so a crash
     between the two re-runs a task but never acks one without its result.
     """

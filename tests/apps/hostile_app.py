@@ -88,6 +88,7 @@ def daemonize(ctx: TaskContext) -> None:
 
 
 @stem.task("t.record")
-def ok(ctx: TaskContext, n: int = 0) -> int:
+def ok(ctx: TaskContext, n: int = 0, pad: str = "") -> int:
+    """A plain task; `pad` makes its message as big as a test needs."""
     record(ctx)
     return n

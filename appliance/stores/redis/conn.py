@@ -185,7 +185,8 @@ def guarded(outage: OutageLog, what: str) -> Iterator[None]:
 
 def _response_error(exc: redis.ResponseError, where: str, what: str) -> BrokerError:
     text = str(exc)
-    if text.startswith("OOM"):
+    # redis-py strips the "OOM" code into the exception class (OutOfMemoryError).
+    if isinstance(exc, redis.exceptions.OutOfMemoryError) or text.startswith("OOM"):
         return BrokerFull(
             f"Redis at {where} is out of memory ({what}): {text}; raise maxmemory or "
             "drain queues; nothing was written"

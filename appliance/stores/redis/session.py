@@ -95,11 +95,31 @@ class RedisSession:
             # it again, once, without troubling the caller.
             self._loaded = False
             self.load_scripts()
-            retry = self.client.pipeline(transaction=True)
-            for args, options in commands:
-                retry.pipeline_execute_command(*args, **options)
-            replies = retry.execute()
+            replies = self._resend(commands, transaction=True)
+        except redis.exceptions.ResponseError as exc:
+            if not _out_of_memory(exc):
+                raise
+            # At maxmemory Redis refuses every EVAL queued in a MULTI, whatever its
+            # flags, and applies none of the unit. Sent as a plain pipeline, the
+            # `allow-oom` scripts run: results first, so a prefix applied by a failure
+            # part-way re-runs tasks but never acks one without its result.
+            replies = self._resend(commands, transaction=False)
         return replies[-1] if then is not None else None
+
+    def _resend(self, commands: list[Any], *, transaction: bool) -> list[Any]:
+        pipe = self.client.pipeline(transaction=transaction)
+        for args, options in commands:
+            pipe.pipeline_execute_command(*args, **options)
+        replies: list[Any] = pipe.execute()
+        return replies
 
     def close(self) -> None:
         self.client.close()
+
+
+def _out_of_memory(exc: redis.exceptions.ResponseError) -> bool:
+    cause = exc.__context__
+    return any(
+        isinstance(e, redis.exceptions.OutOfMemoryError) or "maxmemory" in str(e)
+        for e in (exc, cause) if e is not None
+    )  # fmt: skip
