@@ -96,7 +96,12 @@ class Stem:
         self.settings = replace(base, **overrides)
         self.registry: dict[str, Task] = {}
         self.codec = EnvelopeCodec(self.settings.max_payload_bytes)
-        self._stores = _PerProcess(lambda: open_stores(self.settings, self.codec))
+        # False for reads (the CLI's observe commands, the TUI): stores are opened only
+        # if they exist, never created or migrated (`open_stores(create=False)`).
+        self.create_stores = True
+        self._stores = _PerProcess(
+            lambda: open_stores(self.settings, self.codec, create=self.create_stores)
+        )
 
     def configure(self, settings: Settings) -> None:
         """Replace the settings (the CLI applies flags and env this way); reopens stores."""

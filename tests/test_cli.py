@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -183,6 +184,7 @@ def test_enqueue_oversized_payload_is_refused(tmp_path: Path, url: str, app: Ste
 
 
 def test_observe_queues(tmp_path: Path, url: str, app: Stem) -> None:
+    assert app.broker.queue_stats() == []  # the store exists, and is empty
     assert "no messages waiting, in flight or dead" in ok(cli(tmp_path, url, "observe", "queues"))
     app.enqueue("a.task", queue="alpha")
     app.enqueue("a.task", queue="beta", countdown=60)
@@ -228,7 +230,8 @@ def test_observe_tasks_show_merges_message_and_result(tmp_path: Path, url: str, 
     assert "SUCCESS" in text and '{"ok":1}' in text
 
 
-def test_observe_tasks_show_unknown_id(tmp_path: Path, url: str) -> None:
+def test_observe_tasks_show_unknown_id(tmp_path: Path, url: str, app: Stem) -> None:
+    assert app.broker.find_message("nope") is None  # the store exists
     result = cli(tmp_path, url, "observe", "tasks", "show", "--id", "nope")
     assert_user_error(result, ExitCode.FAILURE, "no task with id 'nope'")
 
@@ -237,6 +240,7 @@ def test_observe_tasks_show_unknown_id(tmp_path: Path, url: str) -> None:
 
 
 def test_dlq_list_and_pages(tmp_path: Path, url: str, app: Stem) -> None:
+    assert app.broker.dlq_count() == 0  # the store exists, and is empty
     assert "empty" in ok(cli(tmp_path, url, "dlq", "list"))
     task_ids = dead_letters(app, 3)
     text = ok(cli(tmp_path, url, "dlq", "list"))
@@ -493,3 +497,58 @@ def test_progress_line_prints_plain_lines_now_and_then_elsewhere() -> None:
     line.update("2/3")  # too soon after the last line: skipped
     line.finish("3/3")
     assert out.getvalue() == "1/3\n3/3\n"
+
+
+# --- reads never create or change files (issue 15) -----------------------------------------
+
+READS = [
+    ("observe", "queues"), ("observe", "workers"), ("observe", "tasks", "list"),
+    ("observe", "tasks", "show", "--id", "x"), ("dlq", "list"), ("dlq", "show", "x"),
+    ("dlq", "replay"), ("dlq", "purge"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("argv", READS, ids=[" ".join(a) for a in READS])
+def test_a_read_of_a_missing_database_creates_nothing(
+    tmp_path: Path, argv: tuple[str, ...]
+) -> None:
+    state = tmp_path / "state"
+    result = cli(tmp_path, f"sqlite:///{state / 'stem.db'}", *argv)
+    assert_user_error(result, ExitCode.UNAVAILABLE, "no Stem database at")
+    assert not state.exists()  # not even the directory
+
+
+@pytest.mark.parametrize("argv", READS, ids=[" ".join(a) for a in READS])
+def test_another_programs_database_is_refused_and_left_as_it_was(
+    tmp_path: Path, argv: tuple[str, ...]
+) -> None:
+    # Regression: `stem observe queues` on another program's file added 11 tables and
+    # switched it to WAL.
+    theirs = tmp_path / "theirs.db"
+    with sqlite3.connect(theirs) as conn:
+        conn.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)")
+        conn.execute("INSERT INTO invoices (total) VALUES (9.5)")
+    conn.close()
+    before = theirs.read_bytes()
+    result = cli(tmp_path, f"sqlite:///{theirs}", *argv)
+    assert_user_error(result, ExitCode.CONFIG, "not a Stem database")
+    assert theirs.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("theirs")) == [
+        "theirs.db"
+    ]  # no -wal, -shm or -wake beside it
+
+
+def test_a_writer_refuses_another_programs_database_too(tmp_path: Path) -> None:
+    theirs = tmp_path / "app.db"
+    with sqlite3.connect(theirs) as conn:
+        conn.execute("PRAGMA application_id = 42")
+    conn.close()
+    result = cli(tmp_path, f"sqlite:///{theirs}", "enqueue", "a.task")
+    assert_user_error(result, ExitCode.CONFIG, "application_id 0x2a")
+
+
+def test_our_databases_carry_the_mark(tmp_path: Path, url: str) -> None:
+    ok(cli(tmp_path, url, "enqueue", "a.task"))
+    with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
+        assert conn.execute("PRAGMA application_id").fetchone()[0] == 0x5354454D
+    conn.close()

@@ -217,8 +217,11 @@ def _keep_app_urls(app: Settings, cli: Settings, args: argparse.Namespace) -> Se
 
 
 @contextlib.contextmanager
-def opened(args: argparse.Namespace) -> Iterator[Stem]:
-    """A Stem for a one-shot command, closed afterwards (SQLite checkpoints on close)."""
+def opened(args: argparse.Namespace, *, create: bool = False) -> Iterator[Stem]:
+    """A Stem for a one-shot command, closed afterwards (SQLite checkpoints on close).
+    Only a command that stores something (`create=True`: enqueue) may create or
+    migrate a database; every other command opens an existing one, or says there is
+    none, and never changes a file that is not ours."""
     settings = build_settings(args)
     # A one-shot command reports its own failure in one line; the stores' warnings (a
     # Redis retry notice, say) are for long-running workers, so only errors are logged
@@ -227,6 +230,7 @@ def opened(args: argparse.Namespace) -> Iterator[Stem]:
         replace(settings, log_level="DEBUG" if settings.log_level == "DEBUG" else "ERROR")
     )
     stem = open_app(args, settings)
+    stem.create_stores = create
     try:
         yield stem
     finally:

@@ -47,7 +47,7 @@ def register(commands: Commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     task_args = json_object(args.args, "--args")
-    with opened(args) as stem:
+    with opened(args, create=True) as stem:
         try:
             if args.app:
                 stem.get_task(args.name)

@@ -48,9 +48,9 @@ class Stores:
     one MULTI/EXEC transaction sent in one round trip (Redis has no rollback, so each
     script checks before it writes; a claim inside the unit sends what the unit holds so
     far together with itself, because its reply is needed at once; at `maxmemory`, where
-    Redis refuses scripts inside MULTI, the unit goes as a plain pipeline, results first). Broker and backend
-    on different stores: each store's unit, the backend's committed first, so a crash
-    between the two re-runs a task but never acks one without its result.
+    Redis refuses scripts inside MULTI, the unit goes as a plain pipeline, results first).
+    Broker and backend on different stores: each store's unit, the backend's committed
+    first, so a crash between the two re-runs a task but never acks one without its result.
     """
 
     broker: Broker
@@ -67,19 +67,25 @@ class Stores:
 
 
 def open_stores(
-    settings: Settings, codec: EnvelopeCodec, *, busy_wait: float | None = None
+    settings: Settings,
+    codec: EnvelopeCodec,
+    *,
+    busy_wait: float | None = None,
+    create: bool = True,
 ) -> Stores:
     """The broker of `settings.broker_url` and the backend of `settings.backend_url`; on
     one store they share a connection and one unit of work.
 
     `busy_wait` caps how long one SQLite call waits for other writers before it raises
     `BrokerBusy` (the supervisor must not stall behind a producer's big batch).
+    `create=False` is for reads: an SQLite store is only opened if it exists (never
+    created, migrated or switched to WAL), so a look never changes a file.
     """
-    broker_store = _open_one(settings.broker_url, settings, codec, busy_wait)
+    broker_store = _open_one(settings.broker_url, settings, codec, busy_wait, create)
     if settings.backend_url == settings.broker_url:
         return broker_store
     try:
-        backend_store = _open_one(settings.backend_url, settings, codec, busy_wait)
+        backend_store = _open_one(settings.backend_url, settings, codec, busy_wait, create)
     except BaseException:
         broker_store.close()
         raise
@@ -97,12 +103,12 @@ def open_stores(
 
 
 def _open_one(
-    url: str, settings: Settings, codec: EnvelopeCodec, busy_wait: float | None
+    url: str, settings: Settings, codec: EnvelopeCodec, busy_wait: float | None, create: bool
 ) -> Stores:
     if scheme_of(url) == "sqlite":
         from appliance.stores import sqlite
 
-        return sqlite.open_store(url, settings, codec, busy_wait=busy_wait)
+        return sqlite.open_store(url, settings, codec, busy_wait=busy_wait, create=create)
     from appliance.stores import redis
 
     return redis.open_store(url, settings, codec)

@@ -21,12 +21,17 @@ if TYPE_CHECKING:
 
 
 def open_store(
-    url: str, settings: Settings, codec: EnvelopeCodec, *, busy_wait: float | None = None
+    url: str,
+    settings: Settings,
+    codec: EnvelopeCodec,
+    *,
+    busy_wait: float | None = None,
+    create: bool = True,
 ) -> Stores:
     """Broker and backend on the database of `url`, sharing its connection."""
     db = open_current(
         url, settings.sqlite_synchronous,
-        busy_deadline=BUSY_DEADLINE if busy_wait is None else busy_wait,
+        busy_deadline=BUSY_DEADLINE if busy_wait is None else busy_wait, create=create,
     )  # fmt: skip
     broker = SqliteBroker(db, url, codec)
     backend = SqliteBackend(db, url)

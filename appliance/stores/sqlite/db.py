@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, quote, urlsplit
 
 from appliance.errors import BrokerBusy, BrokerError, BrokerFull, BrokerUnavailable, ConfigError
 
@@ -129,17 +129,48 @@ def check_local_filesystem(directory: Path, mountinfo: Path = MOUNTINFO) -> None
 def _prepare_files(path: Path, mountinfo: Path) -> None:
     """Create the directory (0o700) and an empty owner-only database file if missing."""
     parent = path.parent
-    if not parent.exists():
-        parent.mkdir(parents=True, mode=0o700, exist_ok=True)
-        os.chmod(parent, 0o700)  # mkdir's mode is filtered by the umask
-    check_local_filesystem(parent, mountinfo)
     try:
+        if not parent.exists():
+            parent.mkdir(parents=True, mode=0o700, exist_ok=True)
+            os.chmod(parent, 0o700)  # mkdir's mode is filtered by the umask
+        check_local_filesystem(parent, mountinfo)
         # O_EXCL: only ever create. Opening and closing an fd on a database this process
         # already has open would drop all its POSIX locks ("How To Corrupt" 2.2).
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         return
+    except OSError as exc:
+        raise BrokerUnavailable(
+            f"{path}: cannot create the database ({exc.strerror or exc}); choose a path on a "
+            "local disk in a directory this user can write"
+        ) from None
     os.close(fd)  # SQLite gives -wal and -shm the mode of this file
+
+
+# PRAGMA application_id of every database this appliance creates ("STEM" in ASCII), so
+# that it never mistakes, migrates or switches to WAL another program's SQLite file.
+APPLICATION_ID = 0x5354454D
+
+
+def check_ours(conn: sqlite3.Connection, path: Path) -> None:
+    """Refuse a database that is not ours: another application id, or an unmarked file
+    holding tables of its own. Reads only the header and the schema (no changes)."""
+    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+    if app_id == APPLICATION_ID:
+        return
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    ours_before_the_mark = "_sqlite_migrations" in tables and "messages" in tables
+    if app_id == 0 and (not tables or ours_before_the_mark):
+        return  # new and empty, or made by a version from before the mark
+    what = f"application_id {app_id:#x}" if app_id else f"tables {', '.join(sorted(tables)[:5])}"
+    raise ConfigError(
+        "broker_url", str(path), f"this is not a Stem database ({what}); Stem only opens "
+        "files it created: point the URL at a file of its own"
+    )  # fmt: skip
+
+
+class StoreMissing(BrokerUnavailable):
+    """A read found no database where the URL points (nothing is created for a read)."""
 
 
 class Database:
@@ -282,17 +313,35 @@ def translate(exc: sqlite3.Error, path: Path) -> BrokerError:
 
 
 def connect(
-    target: SqliteTarget, *, mountinfo: Path = MOUNTINFO, busy_deadline: float = BUSY_DEADLINE
+    target: SqliteTarget,
+    *,
+    mountinfo: Path = MOUNTINFO,
+    busy_deadline: float = BUSY_DEADLINE,
+    create: bool = True,
 ) -> Database:
-    """Open `target`: checked local filesystem, owner-only files, WAL, synchronous.
-    `busy_deadline` caps how long one call waits for other writers (`BrokerBusy`)."""
-    _prepare_files(target.path, mountinfo)
-    try:
-        conn = sqlite3.connect(
-            target.path, isolation_level=None, timeout=0, check_same_thread=False
+    """Open `target`: checked local filesystem, owner-only files, ours (`check_ours`),
+    WAL, synchronous. `busy_deadline` caps how long one call waits for other writers
+    (`BrokerBusy`). `create=False` (read commands) opens only an existing file and
+    raises `StoreMissing` where there is none."""
+    if create:
+        _prepare_files(target.path, mountinfo)
+    elif not target.path.is_file():
+        raise StoreMissing(
+            f"no Stem database at {target.path} (nothing has been enqueued there yet, or "
+            "the --broker URL or config names another file)"
         )
+    try:
+        # mode=rw: a read must not create the file it was pointed at.
+        conn = sqlite3.connect(
+            f"file:{quote(str(target.path))}?mode=rw", uri=True, isolation_level=None,
+            timeout=0, check_same_thread=False,
+        )  # fmt: skip
+        check_ours(conn, target.path)
     except sqlite3.Error as exc:
         raise translate(exc, target.path) from exc
+    except BaseException:
+        conn.close()
+        raise
     db = Database(conn, target, busy_deadline)
 
     def setup(conn: sqlite3.Connection) -> None:

@@ -50,7 +50,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from appliance.stores.sqlite.db import BUSY_DEADLINE, MOUNTINFO, connect, parse_url
+from appliance.errors import ConfigError
+from appliance.stores.sqlite.db import APPLICATION_ID, BUSY_DEADLINE, MOUNTINFO, connect, parse_url
 from appliance.stores.sqlite.db import Database as SqliteDatabase
 
 if TYPE_CHECKING:
@@ -191,6 +192,8 @@ _PRIMITIVES = (
 STEPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("0001_initial", _INITIAL),
     ("0002_backend_primitives", _PRIMITIVES),
+    # The file's mark (see db.APPLICATION_ID): read commands refuse unmarked files.
+    ("0003_application_id", (f"PRAGMA application_id = {APPLICATION_ID}",)),
 )
 
 
@@ -237,12 +240,26 @@ def is_current(conn: sqlite3.Connection) -> bool:
 
 
 def open_current(
-    url: str, synchronous: str, *, mountinfo: Path = MOUNTINFO, busy_deadline: float = BUSY_DEADLINE
+    url: str,
+    synchronous: str,
+    *,
+    mountinfo: Path = MOUNTINFO,
+    busy_deadline: float = BUSY_DEADLINE,
+    create: bool = True,
 ) -> SqliteDatabase:
-    """Open (creating if needed) the database of `url` with its schema up to date."""
-    db = connect(parse_url(url, synchronous), mountinfo=mountinfo, busy_deadline=busy_deadline)
+    """Open the database of `url` with its schema up to date: created and migrated if
+    needed, or (`create=False`, for reads) only an existing one, never changed: a schema
+    this version would have to migrate is an error that says how to upgrade."""
+    target = parse_url(url, synchronous)
+    db = connect(target, mountinfo=mountinfo, busy_deadline=busy_deadline, create=create)
     try:
-        ensure(db)
+        if create:
+            ensure(db)
+        elif not db.read(is_current):
+            raise ConfigError(
+                "broker_url", str(target.path), "the database was made by an older version "
+                "of Stem; start a worker (or enqueue a task) once to upgrade its schema",
+            )  # fmt: skip
     except BaseException:
         db.close()
         raise
