@@ -3,8 +3,11 @@ pinned by a test against the real `stem worker run` on every store."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import pytest
 from appliance import Stem, TaskState
 from tests.apps import hostile_app
 from tests.conftest import wait_until
-from tests.process import WorkerProcess, app_on
+from tests.process import ROOT, WorkerProcess, app_on
 
 pytestmark = pytest.mark.process
 HOSTILE = "tests.apps.hostile_app:stem"
@@ -214,3 +217,154 @@ def test_a_full_redis_refuses_enqueues_clearly_and_still_drains(tmp_path: Path) 
             stem.close()
     finally:
         server.stop()
+
+
+# --- leases: the claim's own, and one that was lost ---------------------------------------
+
+
+def test_a_short_visibility_timeout_holds_from_the_claim_on(tmp_path: Path, store_url: str) -> None:
+    # Regression: the claim leased 30 s whatever the task's visibility_timeout, so a task
+    # with visibility_timeout=2 was not taken over while its supervisor was stopped.
+    stem = app_on(store_url, hostile_app.stem)
+    first = WorkerProcess(tmp_path, store_url, app=HOSTILE, concurrency=1).start()
+    second = WorkerProcess(tmp_path, store_url, app=HOSTILE, concurrency=1)
+    try:
+        stem.enqueue("h.short_lease", args={"seconds": 8})
+        assert wait_until(lambda: len(first.ledger_lines("start")) == 1, timeout=15)
+        first.signal(signal.SIGSTOP)  # its child runs on; nobody renews the lease
+        second.start()
+        assert wait_until(lambda: len(first.ledger_lines("start")) == 2, timeout=8), (
+            second.read_log()
+        )  # taken over within the 2 s lease (plus a recovery sweep)
+        first.signal(signal.SIGCONT)
+        assert wait_until(lambda: "another worker may" in first.read_log(), timeout=15), (
+            first.read_log()
+        )
+    finally:
+        first.signal(signal.SIGCONT)
+        first.stop()
+        second.stop()
+        stem.close()
+
+
+# --- big batches, and producers told about unsafe Redis settings -------------------------
+
+
+def test_a_big_enqueue_many_never_locks_the_worker_out(tmp_path: Path, sqlite_url: str) -> None:
+    # Regression: enqueue_many of 5,000 rows made the supervisor log "ERROR store failed
+    # (other writers kept the database locked ...)".
+    stem = app_on(sqlite_url, hostile_app.stem)
+    worker = WorkerProcess(tmp_path, sqlite_url, app=HOSTILE).start()
+    try:
+        stem.enqueue_many([("t.record", {"n": i}) for i in range(3000)])  # keeps it settling
+        stem.enqueue_many([("t.record", {"n": i}) for i in range(12_000)])
+        assert wait_until(lambda: len(worker.ledger_lines()) >= 15_000, timeout=90)
+        assert " ERROR " not in worker.read_log(), worker.read_log()
+    finally:
+        worker.stop()
+        stem.close()
+
+
+def test_a_batch_too_big_to_store_says_how_much_was_stored(sqlite_url: str) -> None:
+    from appliance.errors import BrokerFull
+
+    stem = app_on(sqlite_url, hostile_app.stem)
+    batch = [("t.record", {"n": i, "pad": "x" * 300}) for i in range(5000)]
+    conn = stem.broker._db.conn  # type: ignore[attr-defined]  # max_page_count is per connection
+    before = conn.execute("PRAGMA page_count").fetchone()[0]
+    stem.enqueue_many(batch)  # how many pages one chunk takes
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages + (pages - before) * 3 // 2}")  # 1.5 chunks
+    with pytest.raises(BrokerFull) as failed:
+        stem.enqueue_many(batch * 3)
+    assert failed.value.__notes__ == [
+        "5000 of 15000 tasks were stored before this failure (in chunks of 5000); the rest were not"
+    ]
+    assert sum(s.ready for s in stem.broker.queue_stats()) == 5000 + 5000
+    stem.close()
+
+
+def test_a_producer_is_warned_once_when_redis_may_drop_its_tasks(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import redis as redis_py
+
+    client = redis_py.Redis.from_url(redis_url)
+    client.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        stem = app_on(redis_url, hostile_app.stem)
+        with caplog.at_level("WARNING", logger="stem.redis"):
+            for _ in range(3):
+                stem.enqueue("t.record")
+        warnings = [r.message for r in caplog.records if "maxmemory-policy" in r.message]
+        assert len(warnings) == 1 and "allkeys-lru" in warnings[0]
+        stem.close()
+    finally:
+        client.config_set("maxmemory-policy", "noeviction")
+
+
+# --- 7. an unusable /dev/shm or state directory --------------------------------------------
+
+
+def run_in_private_mounts(script: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """Run a shell script in a mount namespace of its own (root only, as in CI)."""
+    return subprocess.run(
+        ["unshare", "-m", "bash", "-c", script], capture_output=True, text=True, timeout=60,
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )  # fmt: skip
+
+
+def can_unshare() -> bool:
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    return os.geteuid() == 0 and probe.returncode == 0
+
+
+needs_mount_namespace = pytest.mark.skipif(
+    not can_unshare(), reason="needs root and a mount namespace to give the worker a broken "
+    "/dev/shm or a read-only state directory (CI runs as root)",
+)  # fmt: skip
+
+
+@needs_mount_namespace
+@pytest.mark.parametrize("shm", ["full", "read-only"])
+def test_a_worker_runs_on_when_dev_shm_is_unusable(tmp_path: Path, shm: str) -> None:
+    # Regression: a full /dev/shm killed the supervisor with SIGBUS and no log line; a
+    # read-only one with a traceback.
+    mount = (
+        "mount -t tmpfs -o size=64k tmpfs /dev/shm && "
+        "dd if=/dev/zero of=/dev/shm/fill bs=4k count=100 2>/dev/null; "
+        if shm == "full" else "mount -t tmpfs -o ro tmpfs /dev/shm && "
+    )  # fmt: skip
+    db = tmp_path / "stem.db"
+    script = (
+        f"{mount}STEM_BROKER_URL=sqlite:///{db} {sys.executable} -c "
+        '\'from tests.apps import hostile_app as h; print(h.stem.enqueue("t.record", '
+        'args={"n": 3}).id)\' && '
+        f"STEM_BROKER_URL=sqlite:///{db} timeout --preserve-status -s TERM 8 "
+        f"{sys.executable} -m appliance worker run --app tests.apps.hostile_app:stem "
+        "--concurrency 1; echo exit=$?"
+    )
+    result = run_in_private_mounts(script, tmp_path)
+    assert "exit=0" in result.stdout, result.stdout + result.stderr
+    assert "using private shared memory" in result.stderr
+    task_id = result.stdout.split()[0]
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT value FROM results WHERE task_id = ?", (task_id,)).fetchone()
+    conn.close()
+
+
+@needs_mount_namespace
+def test_a_read_only_state_directory_is_a_logged_config_error(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    db = state / "stem.db"
+    script = (
+        f"STEM_BROKER_URL=sqlite:///{db} {sys.executable} -c "
+        "'from tests.apps import hostile_app as h; h.stem.enqueue(\"t.record\")' && "
+        f"mount --bind -o ro {state} {state} && STEM_BROKER_URL=sqlite:///{db} "
+        f"timeout -s KILL 20 {sys.executable} -m appliance worker run "
+        "--app tests.apps.hostile_app:stem --concurrency 1; echo exit=$?"
+    )
+    result = run_in_private_mounts(script, tmp_path)
+    assert "exit=78" in result.stdout, result.stdout + result.stderr
+    assert "cannot start" in result.stderr and str(db) in result.stderr

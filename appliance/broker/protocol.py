@@ -175,7 +175,8 @@ class Broker(Protocol):
     url: str
 
     def enqueue(self, envelopes: Sequence[Envelope], *, connection: Any = None) -> None:
-        """Store the messages durably (on disk / in the AOF) before returning; all or none.
+        """Store the messages durably (on disk / in the AOF) before returning; all or none
+        (callers send at most a few thousand at once: `Stem.enqueue_many` chunks).
 
         `connection` (SQLite only): write inside the caller's open transaction on the same
         database file, so the messages commit or roll back with the caller's work.
@@ -206,8 +207,10 @@ class Broker(Protocol):
         """
         ...
 
-    def extend(self, deliveries: Sequence[Delivery], lease: float) -> None:
-        """Push the leases of still-held deliveries to now + `lease` seconds."""
+    def extend(self, deliveries: Sequence[Delivery], lease: float) -> list[Delivery]:
+        """Push the leases of still-held deliveries to now + `lease` seconds. Returns the
+        deliveries whose lease was lost (it expired and the message was claimed again,
+        settled, or is gone): those are not extended, and their owner should know."""
         ...
 
     def recover(self, consumer: Consumer) -> int:

@@ -37,6 +37,7 @@ class Dispatch:
     task: Task
     renew_at: float  # monotonic: when the lease next needs extending
     lease_end: float  # monotonic: when the lease we hold runs out
+    lease_lost: bool = False  # it expired and was taken over (this worker was stalled)
 
 
 @dataclass(eq=False)

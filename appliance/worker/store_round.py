@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from appliance.broker.protocol import Consumer, Delivery
-from appliance.errors import BrokerError
+from appliance.errors import BrokerBusy, BrokerError
 from appliance.states import TaskEvent
 from appliance.stores import Stores
 from appliance.worker.outcomes import Settled
@@ -30,7 +30,7 @@ log = logging.getLogger("stem.worker")
 
 T = TypeVar("T")
 
-CLAIM_LEASE_S = 30.0  # the lease taken at claim; renewed to each task's own timeout
+CLAIM_LEASE_S = 30.0  # the longest lease taken at claim; renewed to each task's own
 POLL_S = 1.0  # claim at least this often without a wake-up (lost wake-ups, outbox)
 FINAL_SETTLE_S = 10.0  # at exit, keep retrying a failing store this long
 BACKOFF_BASE_S, BACKOFF_CAP_S = 0.05, 5.0
@@ -39,10 +39,17 @@ BACKOFF_BASE_S, BACKOFF_CAP_S = 0.05, 5.0
 class StoreRound:
     """Pending settlements, the per-turn round, lease renewals and the store back-off."""
 
-    def __init__(self, stores: Stores, consumer: Consumer, pools: Sequence[Pool]) -> None:
+    def __init__(
+        self, stores: Stores, consumer: Consumer, pools: Sequence[Pool], claim_lease: float
+    ) -> None:
         self.stores = stores
         self.consumer = consumer
         self.pools = pools
+        # A claim cannot know which task it takes before it decodes it, so it leases for
+        # the shortest visibility timeout of the tasks this worker runs: a task with a
+        # short one is taken over in time if this worker stalls; the first renewal
+        # extends the others to their own.
+        self.claim_lease = claim_lease
         self.pending: list[Settled] = []
         self.counts: Counter[TaskEvent] = Counter()
         self.retry_at = 0.0  # monotonic: no store call before this while failing
@@ -90,7 +97,7 @@ class StoreRound:
         if claim_error is not None:
             self.failed(claim_error)  # what was claimed before it still runs
         elif self.failures:
-            log.warning("store reachable again; settled %d deliveries", len(batch))
+            log.info("store reachable again; settled %d deliveries", len(batch))
             self.failures = 0
         return claimed
 
@@ -108,7 +115,7 @@ class StoreRound:
             free = pool.free_capacity()
             try:
                 deliveries = broker.claim(
-                    pool.queues, free, consumer=self.consumer, lease=CLAIM_LEASE_S
+                    pool.queues, free, consumer=self.consumer, lease=self.claim_lease
                 )
             except BrokerError as exc:
                 return claimed, exc
@@ -144,13 +151,26 @@ class StoreRound:
             return  # the store is failing: the back-off decides when to try again
         for lease, dispatches in due.items():
             try:
-                self.stores.broker.extend([d.delivery for d in dispatches], lease)
+                lost = self.stores.broker.extend([d.delivery for d in dispatches], lease)
             except BrokerError as exc:
                 self.failed(exc)
                 return
             for dispatch in dispatches:
                 dispatch.renew_at = now + min(lease, dispatch.task.options.visibility_timeout) / 3
                 dispatch.lease_end = now + lease
+            for dispatch in (d for d in dispatches if d.delivery in lost and not d.lease_lost):
+                self._lease_lost(dispatch)
+
+    @staticmethod
+    def _lease_lost(dispatch: Dispatch) -> None:
+        dispatch.lease_lost = True
+        log.warning(
+            "task %s: its lease ran out before this worker renewed it (stopped, or cut off "
+            "from the store, for longer than its visibility timeout of %gs), so another "
+            "worker may be running it too; when it finishes here its result is kept and "
+            "its message removed", dispatch.envelope.id, dispatch.task.options.visibility_timeout,
+            extra={"task_id": dispatch.envelope.id},
+        )  # fmt: skip
 
     # --- failures --------------------------------------------------------------------
 
@@ -164,7 +184,10 @@ class StoreRound:
 
     def failed(self, exc: Exception) -> None:
         if not self.failures:
-            log.error("store failed (%s); running tasks go on, settling is retried", exc)
+            if isinstance(exc, BrokerBusy):  # normal contention: a producer's big batch
+                log.info("store busy (%s); retrying shortly", exc)
+            else:
+                log.error("store failed (%s); running tasks go on, settling is retried", exc)
         self.failures += 1
         # The exponent is capped: an outage of hours must not overflow the float.
         delay = BACKOFF_BASE_S * 2.0 ** min(self.failures, 7)

@@ -41,7 +41,7 @@ from appliance.worker.hygiene import become_subreaper, start_undertaker
 from appliance.worker.pool import Pool
 from appliance.worker.store_round import POLL_S, StoreRound
 from appliance.worker.systemd import Notifier
-from appliance.worker.tree import ProcessTree
+from appliance.worker.tree import ProcessTree, claim_lease_for
 
 log = logging.getLogger("stem.worker")
 
@@ -119,7 +119,8 @@ class Supervisor:
                 self._turn()
         finally:
             self._close()
-        log.info("supervisor %d stopped: %s", os.getpid(), dict(self.round.counts))
+        counts = ", ".join(f"{count} {event}" for event, count in sorted(self.round.counts.items()))
+        log.info("supervisor %d stopped: %s", os.getpid(), counts or "no tasks")
         return int(self.exit_code)
 
     def _install_signals(self) -> None:
@@ -139,7 +140,7 @@ class Supervisor:
         False if a stop signal arrived meanwhile."""
         self.stores = self.stem.open_stores(busy_wait=STORE_BUSY_WAIT_S)
         self.worker_name = f"{self.consumer.host}:{self.consumer.pid}"
-        self.round = StoreRound(self.stores, self.consumer, self.pools)
+        self.round = StoreRound(self.stores, self.consumer, self.pools, claim_lease_for(self.stem))
         broker = self.stores.broker
         pause = 0.5
         recovered = 0

@@ -65,6 +65,7 @@ class ProcessTree:
         self.supervisor_pid = supervisor_pid
         self.blocked_signals = tuple(blocked_signals)
         self.orphans_found = 0  # escaped grandchildren killed (adopted as subreaper)
+        self.claim_lease = claim_lease_for(stem)
         self.pipes = ChildPipes(selector)
         self.children: dict[int, Child] = {}  # pid -> child
         self.table = HeartbeatTable(sum(p.settings.concurrency for p in pools))
@@ -119,9 +120,9 @@ class ProcessTree:
             self.settle(outcomes.released(delivery))
             return
         self.seq += 1
-        first_renewal = min(CLAIM_LEASE_S, task.options.visibility_timeout) / 3
+        first_renewal = min(self.claim_lease, task.options.visibility_timeout) / 3
         child.outstanding[self.seq] = Dispatch(
-            self.seq, delivery, envelope, task, now + first_renewal, now + CLAIM_LEASE_S
+            self.seq, delivery, envelope, task, now + first_renewal, now + self.claim_lease
         )
         child.sent += 1
         if not child.outbox:
@@ -163,6 +164,14 @@ class ProcessTree:
             return
         if message.runtime is not None:
             child.pool.record_runtime(max(0.0, message.runtime))
+        overdue = time.monotonic() - dispatch.lease_end
+        if overdue > 0 and not dispatch.lease_lost:
+            log.warning(
+                "task %s finished %.1fs after its lease ran out (this worker was stopped or "
+                "cut off from the store): another worker may have run it too; its result is "
+                "kept and its message removed", dispatch.envelope.id, overdue,
+                extra={"task_id": dispatch.envelope.id},
+            )  # fmt: skip
         self.settle(outcomes.from_outcome(
             dispatch.delivery, dispatch.envelope, dispatch.task, message,
             worker=self.worker_name, default_ttl=self._default_ttl,
@@ -348,3 +357,10 @@ class ProcessTree:
 
 def _memory_limited(child: Child) -> bool:
     return any(d.task.options.max_memory for d in child.outstanding.values())
+
+
+def claim_lease_for(stem: Stem) -> float:
+    """The lease a claim takes: the shortest visibility timeout among the app's tasks
+    (see `StoreRound.claim_lease`), at most `CLAIM_LEASE_S`."""
+    timeouts = [task.options.visibility_timeout for task in stem.registry.values()]
+    return min([CLAIM_LEASE_S, *timeouts])

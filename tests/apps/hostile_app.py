@@ -92,3 +92,12 @@ def ok(ctx: TaskContext, n: int = 0, pad: str = "") -> int:
     """A plain task; `pad` makes its message as big as a test needs."""
     record(ctx)
     return n
+
+
+@stem.task("h.short_lease", visibility_timeout=2, max_retries=0)
+def short_lease(ctx: TaskContext, seconds: float = 8.0) -> None:
+    import time
+
+    record(ctx, "start")
+    time.sleep(seconds)
+    record(ctx)

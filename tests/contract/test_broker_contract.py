@@ -170,7 +170,7 @@ def test_expired_lease_is_recovered_and_redelivered(broker: Broker, me: Consumer
 def test_extend_prevents_redelivery(broker: Broker, me: Consumer) -> None:
     broker.enqueue([envelope()])
     held = claim_one(broker, me, lease=SHORT_LEASE)
-    broker.extend([held], LEASE)
+    assert broker.extend([held], LEASE) == []  # still ours: nothing lost
 
     time.sleep(SHORT_LEASE * 2)  # past the original lease: it must not matter now
     assert broker.recover(me) == 0
@@ -289,6 +289,17 @@ def test_settle_applies_a_mixed_batch(broker: Broker, me: Consumer) -> None:
     assert released is not None and released.state == "ready" and released.deliveries == 0
 
 
+def test_extend_reports_exactly_the_leases_that_were_lost(
+    broker: Broker, me: Consumer, other: Consumer
+) -> None:
+    broker.enqueue([envelope()])
+    lost, taken = lose_lease(broker, me, other)
+    broker.enqueue([envelope()])
+    kept = claim_one(broker, me)
+    assert broker.extend([kept, lost], LEASE) == [lost]
+    assert broker.extend([taken], LEASE) == []
+
+
 def test_stale_retry_and_release_change_nothing(
     broker: Broker, me: Consumer, other: Consumer
 ) -> None:
@@ -298,7 +309,7 @@ def test_stale_retry_and_release_change_nothing(
 
     broker.settle([Settlement.retry(lost, env.next_attempt(time.time() + 300))])
     broker.settle([Settlement.release(lost, count_delivery=False)])
-    broker.extend([lost], 0.01)
+    assert broker.extend([lost], 0.01) == [lost]  # reported lost, and not extended
 
     info = broker.find_message(env.id)
     assert info is not None

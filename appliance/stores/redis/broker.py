@@ -21,6 +21,7 @@ Shape (keys in `keys.py`):
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -47,6 +48,8 @@ from appliance.stores.redis.conn import connect, durability_warnings
 from appliance.stores.redis.records import dead_entry, dead_record, message_info, stream_info, text
 from appliance.stores.redis.session import RedisSession
 from appliance.stores.redis.wake import RedisWake
+
+log = logging.getLogger("stem.redis")
 
 # The op codes of the settle script.
 _KIND = {SettleKind.ACK: "a", SettleKind.DEAD: "d", SettleKind.RETRY: "r", SettleKind.RELEASE: "l"}
@@ -88,6 +91,7 @@ class RedisBroker:
         self._wake: RedisWake | None = None
         self._dlq_last_us = 0
         self._epoch: str | None = None  # the data set this broker serves (`watch_identity`)
+        self._checked_durability = False  # producers warn once about unsafe settings
 
     def _guard(self, what: str) -> Any:
         return self.session.guard(what)
@@ -111,6 +115,13 @@ class RedisBroker:
             "persistence or was flushed): messages and results stored before are gone; "
             "turn on appendonly to keep them across restarts"
         )
+
+    def _warn_about_durability(self) -> None:
+        # Once per process: a producer must learn that Redis may silently drop what it
+        # enqueues (an evicting policy, no AOF); the worker says so too, at start.
+        self._checked_durability = True
+        for warning in durability_warnings(self.client):
+            log.warning("Redis at %s: %s", self.session.outage.where, warning)
 
     def durability_warnings(self) -> list[str]:
         """Startup check: why acknowledged enqueues could be lost (see `conn`)."""
@@ -138,6 +149,8 @@ class RedisBroker:
             ]  # fmt: skip
         with self._guard("enqueue"):
             self.session.load_scripts()
+            if not self._checked_durability:
+                self._warn_about_durability()
             self._enqueue(args=args)
 
     def claim(
@@ -212,15 +225,16 @@ class RedisBroker:
         # Acknowledged entries are deleted when settled; Redis needs no idle upkeep.
         return None
 
-    def extend(self, deliveries: Sequence[Delivery], lease: float) -> None:
+    def extend(self, deliveries: Sequence[Delivery], lease: float) -> list[Delivery]:
         if not deliveries:
-            return
+            return []
         args: list[Any] = [*self._head, repr(lease)]
         for delivery in deliveries:
             r = _Receipt(delivery.receipt)
             args += [delivery.queue, r.band, r.entry, r.consumer, r.count]
         with self._guard("extend"):
-            self._extend(args=args)
+            lost: list[int] = self._extend(args=args)
+        return [deliveries[i - 1] for i in lost]
 
     # --- recovery ------------------------------------------------------------------------
 

@@ -259,8 +259,9 @@ return 0
 EXTEND = """#!lua flags=allow-oom
 -- ARGV: prefix, group, lease, then (queue, band, entry id, consumer, count) per delivery.
 -- XCLAIM with min-idle 0 and JUSTID resets the idle time without bumping the counter;
--- only for entries still held by the same consumer with the same counter.
-local n = 0
+-- only for entries still held by the same consumer with the same counter. Returns the
+-- 1-based positions of the deliveries whose lease was lost (not extended).
+local lost = {}
 local consumer = nil
 for i = 4, #ARGV, 5 do
   local key, id = k_stream(ARGV[i], ARGV[i + 1]), ARGV[i + 2]
@@ -268,11 +269,12 @@ for i = 4, #ARGV, 5 do
   if not r.err and #r == 1 and r[1][2] == ARGV[i + 3] and tostring(r[1][4]) == ARGV[i + 4] then
     redis.call('XCLAIM', key, GROUP, ARGV[i + 3], 0, id, 'JUSTID')
     consumer = ARGV[i + 3]
-    n = n + 1
+  else
+    lost[#lost + 1] = (i - 4) / 5 + 1
   end
 end
 if consumer then raise_lease(consumer, tonumber(ARGV[3])) end
-return n
+return lost
 """
 
 STATS = """#!lua flags=no-writes
