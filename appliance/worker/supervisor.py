@@ -226,6 +226,8 @@ class Supervisor:
             for pool in self.pools:
                 if pool.free_capacity():
                     deadlines.append(now if pool.maybe_ready else pool.next_poll)
+                if pool.empty_slots(now):
+                    deadlines.append(now)  # more children to fork (in steps)
                 deadlines.extend(pool.respawn_at.values())
         if self.draining_until is not None:
             deadlines.append(self.draining_until)

@@ -40,6 +40,7 @@ SCAN_S = 0.05  # heartbeat-table scan while a task with a deadline runs
 IDLE_SCAN_S = 0.5
 MEMORY_SCAN_S = 0.05  # one /proc read per child running a task with max_memory
 FORK_RETRY_S = 5.0
+SPAWN_STEP = 16  # children forked per loop turn (about 2 ms each here)
 
 
 class ProcessTree:
@@ -78,10 +79,20 @@ class ProcessTree:
     # --- spawning ------------------------------------------------------------------------
 
     def spawn_missing(self, now: float) -> None:
+        """Fork children into empty slots, at most `SPAWN_STEP` per loop turn: a pool of
+        hundreds must not hold the loop (limits, settles, signals) while it forks."""
+        budget = SPAWN_STEP
         for pool in self.pools:
-            for index in pool.empty_slots(now):
+            for index in pool.empty_slots(now)[:budget]:
                 pool.respawn_at.pop(index, None)
                 self._spawn(pool, index)
+                budget -= 1
+            if budget <= 0:
+                return
+
+    def missing(self) -> int:
+        """Slots without a child (being started, or waiting out a crash-loop back-off)."""
+        return sum(p.settings.concurrency - len(p.children) for p in self.pools)
 
     def _spawn(self, pool: Pool, index: int) -> None:
         slot, header = self.table.slots[index], self.table.header
