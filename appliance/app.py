@@ -3,6 +3,7 @@ everything hangs off a `Stem` instance, and a decorator only registers."""
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -18,6 +19,7 @@ from appliance.observe import read_task
 from appliance.states import TaskState
 from appliance.stores import Stores, open_stores
 from appliance.tasks import Task, TaskHandle, TaskHandler, TaskOptions
+from appliance.units import MAX_SECONDS, check_name, check_priority, check_seconds
 
 if TYPE_CHECKING:
     from appliance.backend.protocol import ResultBackend
@@ -143,7 +145,7 @@ class Stem:
         built = TaskOptions.build(**options)
 
         def register(fn: F) -> Task:
-            task_name = name or f"{fn.__module__}.{fn.__qualname__}"
+            task_name = f"{fn.__module__}.{fn.__qualname__}" if name is None else name
             return self._add(Task(self, task_name, fn, built))
 
         return register
@@ -220,18 +222,29 @@ class Stem:
         """Validate a request into an envelope (options, argument names); the broker
         refuses non-JSON arguments and oversized payloads before storing anything."""
         task = self.registry.get(request.name)
-        options = task.options if task else TaskOptions()
+        if task is None:  # a registered name was checked when it was registered
+            check_name(request.name, "task name")
+        options = task.options if task else _DEFAULT_OPTIONS
         args = dict(request.args or {})
         if task is not None:
             task.check_args(args)
+        # Given means used: an empty queue or task id is refused, never replaced by the
+        # default (a typo must not send work to a queue nobody named).
+        queue = options.queue if request.queue is None else check_name(request.queue, "queue")
+        priority = (
+            options.priority if request.priority is None else check_priority(request.priority)
+        )
+        task_id = (
+            new_task_id() if request.task_id is None else check_name(request.task_id, "task id")
+        )
         now = time.time()
         parent = current_task.get()
         envelope = Envelope(
-            id=request.task_id or new_task_id(),
+            id=task_id,
             name=request.name,
             args=args,
-            queue=request.queue or options.queue,
-            priority=options.priority if request.priority is None else int(request.priority),
+            queue=queue,
+            priority=priority,
             max_retries=options.max_retries,
             enqueued_at=now,
             not_before=_not_before(now, request.countdown, request.eta),
@@ -255,22 +268,47 @@ class Stem:
         return read_task(self.stores, task_id).state
 
 
-def _timestamp(value: datetime | float) -> float:
-    return value.timestamp() if isinstance(value, datetime) else float(value)
+_DEFAULT_OPTIONS = TaskOptions()  # for names not registered here (frozen, checked once)
+
+
+def _seconds(value: Any, what: str) -> float:
+    """A countdown or relative expiry: a number of seconds in [0, ten years]."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{what} must be a number of seconds, got {value!r}")
+    if not value >= 0:  # also refuses NaN
+        raise ValueError(f"{what} must be >= 0, got {value!r}")
+    return float(check_seconds(value, what))
+
+
+def _timestamp(value: datetime | float, now: float, what: str) -> float:
+    """An eta or absolute expiry as epoch seconds, at most ten years from `now`."""
+    if isinstance(value, datetime):
+        epoch = value.timestamp()
+    elif isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{what} must be a datetime or epoch seconds, got {value!r}")
+    else:
+        try:
+            epoch = float(value)
+        except OverflowError:  # an int past the doubles
+            epoch = math.inf
+    if not math.isfinite(epoch):
+        raise ValueError(f"{what} must be a finite time, got {value!r}")
+    if epoch - now > MAX_SECONDS:
+        raise ValueError(f"{what} must be at most 10 years from now, got {value!r}")
+    return epoch
 
 
 def _not_before(now: float, countdown: float | None, eta: datetime | float | None) -> float | None:
     if countdown is not None and eta is not None:
         raise ValueError("give countdown or eta, not both")
     if countdown is not None:
-        if countdown < 0:
-            raise ValueError(f"countdown must be >= 0, got {countdown}")
-        return now + float(countdown)
-    return _timestamp(eta) if eta is not None else None
+        return now + _seconds(countdown, "countdown")
+    return _timestamp(eta, now, "eta") if eta is not None else None
 
 
 def _expires(now: float, expires: datetime | float | None) -> float | None:
     if expires is None:
         return None
-    value = _timestamp(expires)
-    return now + value if value < 1e9 else value  # small numbers mean "seconds from now"
+    if not isinstance(expires, datetime) and isinstance(expires, int | float) and expires < 1e9:
+        return now + _seconds(expires, "expires")  # small numbers mean "seconds from now"
+    return _timestamp(expires, now, "expires")

@@ -9,17 +9,36 @@ from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 from appliance.errors import ConfigError
 from appliance.signals import parse_names
-from appliance.units import parse_bytes, parse_seconds
+from appliance.units import (
+    MAX_COUNT,
+    MAX_MESSAGE_BYTES,
+    check_name,
+    parse_bytes,
+    parse_seconds,
+)
 
 DEFAULT_BROKER_URL = "sqlite:///./var/stem.db"
+DEFAULT_MAX_RESULT_BYTES = 2**20  # 1 MiB
+# A config file is a few KiB; reading stops here so that `--config /dev/zero` fails.
+MAX_CONFIG_BYTES = 2**20
+# Children beat every 0.5 s (worker/child.py BEAT_INTERVAL): a timeout shorter than
+# three beats kills healthy children in a loop on a busy host.
+MIN_HEARTBEAT_TIMEOUT = 1.5
+# Children per pool: each is a whole process (tens of MB, a fork at start); past this,
+# no host is served better by more of them (use async tasks for I/O-bound work).
+MAX_CONCURRENCY = 1024
+# `concurrency_warning` speaks up above this many children per CPU, all pools together.
+CHILDREN_PER_CPU = 8
+# An envelope's own fields take a few hundred bytes: a smaller limit refuses every task.
+MIN_PAYLOAD_BYTES = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +64,7 @@ class Settings:
     result_backend_url: str | None = None  # None: follow the broker
     namespace: str = "stem"
     max_payload_bytes: int = 256 * 1024
+    max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES  # a task returning more fails
     result_ttl: float = 86400.0
     sqlite_synchronous: str = "FULL"  # FULL survives power loss; NORMAL survives crashes
     log_format: str = "text"
@@ -64,6 +84,21 @@ class Settings:
         return self.result_backend_url or self.broker_url
 
 
+def concurrency_warning(pools: Sequence[PoolSettings], cpus: int) -> str | None:
+    """What the supervisor should log when its pools ask for more children than this
+    host can run well (`CHILDREN_PER_CPU` per CPU, all pools together), or None."""
+    total = sum(p.concurrency for p in pools)
+    cpus = max(1, cpus)
+    if total <= CHILDREN_PER_CPU * cpus:
+        return None
+    return (
+        f"{total} worker children on {cpus} CPU(s) is more than {CHILDREN_PER_CPU} per CPU: "
+        "each child is a process of its own (memory, a fork at start, a share of the CPUs), "
+        "so start-up is slow and tasks wait for CPU time; lower concurrency, or use async "
+        "tasks for I/O-bound work"
+    )
+
+
 def _choice(*allowed: str) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         text = str(value).strip()
@@ -78,40 +113,95 @@ def _choice(*allowed: str) -> Callable[[Any], str]:
 def _text(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"must be a non-empty string, got {value!r}")
+    if not value.isprintable():  # a NUL or a newline in a URL or a prefix is never meant
+        raise ValueError(f"must be printable text, got {value!r}")
     return value.strip()
 
 
-def _optional_text(value: Any) -> str | None:
-    return None if value in (None, "") else _text(value)
-
-
-def _positive_int(value: Any) -> int:
-    number = _int(value)
-    if number < 1:
-        raise ValueError(f"must be >= 1, got {value!r}")
-    return number
-
-
-def _int(value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"must be an integer, got {value!r}")
+def _url(value: Any) -> str:
+    text = _text(value)
     try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"must be an integer, got {value!r}") from None
-    if number < 0:
-        raise ValueError(f"must be >= 0, got {value!r}")
-    return number
+        urlsplit(text)  # the stores split it again; a bad one must fail here, as config
+    except ValueError as exc:  # e.g. "redis://[::1": Invalid IPv6 URL
+        raise ValueError(f"not a URL ({exc}): {text!r}") from None
+    return text
+
+
+def _optional_url(value: Any) -> str | None:
+    return None if value in (None, "") else _url(value)
+
+
+def _name(value: Any) -> str:
+    text = _text(value)
+    try:
+        return check_name(text, "the name")
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _int_between(low: int, high: int, why: str = "") -> Callable[[Any], int]:
+    """A parser for an integer in [low, high], from a TOML integer or its text (the
+    environment); floats are refused in both, so "2.5" and 2.5 fail alike."""
+
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ValueError(f"must be an integer, got {value!r}")
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueError(f"must be an integer, got {value!r}") from None
+        if number < low:
+            raise ValueError(f"must be >= {low}, got {value!r}")
+        if number > high:
+            raise ValueError(f"must be <= {high}{why}, got {value!r}")
+        return number
+
+    return parse
+
+
+def _seconds_between(low: float, why: str = "") -> Callable[[Any], float]:
+    def parse(value: Any) -> float:
+        seconds = parse_seconds(value)
+        if seconds < low:
+            raise ValueError(f"must be at least {low:g}s{why}, got {value!r}")
+        return seconds
+
+    return parse
+
+
+def _message_bytes(why: str) -> Callable[[Any], int]:
+    """A size limit for one message or result: from `MIN_PAYLOAD_BYTES` to 512 MiB."""
+
+    def parse(value: Any) -> int:
+        size = parse_bytes(value)
+        if size < MIN_PAYLOAD_BYTES:
+            raise ValueError(f"must be at least {MIN_PAYLOAD_BYTES} bytes{why}, got {value!r}")
+        if size > MAX_MESSAGE_BYTES:
+            raise ValueError(
+                f"must be at most {MAX_MESSAGE_BYTES} bytes (512 MiB: Redis refuses bigger "
+                f"values, and nothing that big belongs in a queue), got {value!r}"
+            )
+        return size
+
+    return parse
 
 
 def _queues(value: Any) -> tuple[str, ...]:
-    items = value.split(",") if isinstance(value, str) else value
-    if not isinstance(items, list | tuple):
+    if not isinstance(value, str | list | tuple):
         raise ValueError(f"must be a list of queue names, got {value!r}")
-    names = tuple(str(item).strip() for item in items if str(item).strip())
-    if not names:
+    items = value.split(",") if isinstance(value, str) and value.strip() else value
+    if not items or isinstance(items, str):  # [], "" or only spaces
         raise ValueError("must name at least one queue")
-    return names
+    names = []
+    for item in items:
+        # An empty item ("a,,b", a trailing comma) is refused, not dropped: it is a typo
+        # the operator should see, never a queue to consume.
+        name = item.strip() if isinstance(item, str) else item
+        try:
+            names.append(check_name(name, "a queue name"))
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
+    return tuple(names)
 
 
 def _signal_names(value: Any) -> tuple[str, ...]:
@@ -145,7 +235,10 @@ def _positive_seconds(value: Any) -> float:
 
 
 def _optional_bytes(value: Any) -> int | None:
-    return None if value in (None, "", 0, "0") else parse_bytes(value)
+    if value in (None, ""):
+        return None
+    size = parse_bytes(value)
+    return size or None  # 0 in any spelling ("0", "0B", 0.0) means no limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,14 +252,20 @@ class Field:
     parse: Callable[[Any], Any]
 
 
+_TINY_PAYLOAD = " (an envelope alone takes a few hundred)"
+_TINY_RESULT = " (a result is a JSON document; use ignore_result=True to keep none)"
+
 FIELDS: tuple[Field, ...] = (
-    Field("broker_url", "stem", "broker_url", "STEM_BROKER_URL", _text),
+    Field("broker_url", "stem", "broker_url", "STEM_BROKER_URL", _url),
     Field("result_backend_url", "stem", "result_backend_url", "STEM_RESULT_BACKEND_URL",
-          _optional_text),
-    Field("namespace", "stem", "namespace", "STEM_NAMESPACE", _text),
+          _optional_url),
+    Field("namespace", "stem", "namespace", "STEM_NAMESPACE", _name),
     Field("max_payload_bytes", "stem", "max_payload_bytes", "STEM_MAX_PAYLOAD_BYTES",
-          parse_bytes),
-    Field("result_ttl", "stem", "result_ttl", "STEM_RESULT_TTL", parse_seconds),
+          _message_bytes(_TINY_PAYLOAD)),
+    Field("max_result_bytes", "stem", "max_result_bytes", "STEM_MAX_RESULT_BYTES",
+          _message_bytes(_TINY_RESULT)),
+    Field("result_ttl", "stem", "result_ttl", "STEM_RESULT_TTL",
+          _seconds_between(1.0, " (results kept shorter are gone before anyone reads them)")),
     Field("sqlite_synchronous", "sqlite", "synchronous", "STEM_SQLITE_SYNCHRONOUS",
           _choice("FULL", "NORMAL")),
     Field("log_format", "log", "format", "STEM_LOG_FORMAT", _choice("text", "json")),
@@ -174,7 +273,7 @@ FIELDS: tuple[Field, ...] = (
           _choice("DEBUG", "INFO", "WARNING", "ERROR")),
     Field("signals_enabled", "signals", "enabled", "STEM_SIGNALS_ENABLED", _signal_names),
     Field("signals_disabled", "signals", "disabled", "STEM_SIGNALS_DISABLED", _signal_names),
-    Field("otlp_endpoint", "telemetry", "otlp_endpoint", "STEM_OTLP_ENDPOINT", _optional_text),
+    Field("otlp_endpoint", "telemetry", "otlp_endpoint", "STEM_OTLP_ENDPOINT", _optional_url),
     Field("otlp_headers", "telemetry", "otlp_headers", "STEM_OTLP_HEADERS", _otlp_headers),
     Field("otlp_metrics_interval", "telemetry", "otlp_metrics_interval",
           "STEM_OTLP_METRICS_INTERVAL", _positive_seconds),
@@ -182,17 +281,20 @@ FIELDS: tuple[Field, ...] = (
 
 POOL_FIELDS: tuple[Field, ...] = (
     Field("queues", "worker", "queues", "STEM_QUEUES", _queues),
-    Field("concurrency", "worker", "concurrency", "STEM_CONCURRENCY", _positive_int),
-    Field("prefetch", "worker", "prefetch", "STEM_PREFETCH", _int),
+    Field("concurrency", "worker", "concurrency", "STEM_CONCURRENCY",
+          _int_between(1, MAX_CONCURRENCY, " (each child is a process of its own)")),
+    Field("prefetch", "worker", "prefetch", "STEM_PREFETCH", _int_between(0, MAX_COUNT)),
     Field("max_tasks_per_child", "worker", "max_tasks_per_child", "STEM_MAX_TASKS_PER_CHILD",
-          _int),
+          _int_between(0, MAX_COUNT)),
     Field("max_memory_per_child", "worker", "max_memory_per_child",
           "STEM_MAX_MEMORY_PER_CHILD", _optional_bytes),
     Field("shutdown_grace", "worker", "shutdown_grace", "STEM_SHUTDOWN_GRACE", parse_seconds),
     Field("heartbeat_timeout", "worker", "heartbeat_timeout", "STEM_HEARTBEAT_TIMEOUT",
-          parse_seconds),
+          _seconds_between(MIN_HEARTBEAT_TIMEOUT,
+                           " (children beat every 0.5s; shorter kills healthy children)")),
 )  # fmt: skip
 
+_POOL_NAME = Field("name", "pools", "name", "", _name)  # in [[pools]] or `--pool`
 _SECTIONS = {"stem", "sqlite", "log", "signals", "telemetry", "worker", "pools"}
 
 
@@ -231,6 +333,8 @@ def load_settings(
             raise ConfigError("command line", attr, "unknown setting")
         target = values if flag in FIELDS else pool_values
         target[attr] = _parse(flag, value, "command line")
+    if pool is not None:
+        pool = _parse(replace(_POOL_NAME, key="--pool"), pool, "command line")
     pools = _pools(document.get("pools", []), source, worker_values, pool_values, pool)
     return replace(Settings(**values), pools=pools, source=source)
 
@@ -243,12 +347,13 @@ def _parse(spec: Field, raw: Any, where: str) -> Any:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    text = _read_text(path)
     try:
-        document = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(str(path), "(file)", "config file not found") from None
+        document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), "(syntax)", str(exc)) from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise ConfigError(str(path), "(syntax)", f"{type(exc).__name__}: {exc}") from None
     unknown = sorted(set(document) - _SECTIONS)
     if unknown:
         raise ConfigError(str(path), unknown[0], f"unknown section; known: {sorted(_SECTIONS)}")
@@ -258,6 +363,29 @@ def _read_toml(path: Path) -> dict[str, Any]:
         if extra:
             raise ConfigError(str(path), f"[{section}] {extra[0]}", "unknown key")
     return document
+
+
+def _read_text(path: Path) -> str:
+    """The file's text, or a ConfigError saying why it cannot be read (a directory, no
+    permission, not UTF-8, too big, a NUL in the name) instead of the OSError."""
+    try:
+        with path.open("rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(str(path), "(file)", "config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(str(path), "(file)", "is a directory, not a config file") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL or a lone surrogate in the name
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(str(path), "(file)", f"cannot read the config file: {reason}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            str(path), "(file)", f"larger than {MAX_CONFIG_BYTES} bytes: not a config file"
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), "(file)", f"not UTF-8 text (TOML is UTF-8): {exc}") from None
 
 
 def _pools(
@@ -277,9 +405,7 @@ def _pools(
         where = f"{source}: [[pools]] #{index + 1}"
         if not isinstance(table, dict) or "name" not in table:
             raise ConfigError(where, "name", "every pool needs a name")
-        own: dict[str, Any] = {
-            "name": _parse(Field("name", "pools", "name", "", _text), table["name"], where)
-        }
+        own: dict[str, Any] = {"name": _parse(_POOL_NAME, table["name"], where)}
         for key, raw in table.items():
             if key == "name":
                 continue

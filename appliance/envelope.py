@@ -156,15 +156,30 @@ def dumps_json(value: Any) -> bytes:
     return out
 
 
+# orjson refuses values nested deeper than 254 containers with a TypeError ("Recursion
+# limit reached"), so nothing below this depth is ever stored and the walk stops here.
+_WALK_DEPTH = 256
+
+
 def _reject_non_finite(value: Any) -> None:
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"value is not JSON-serialisable: {value!r} has no JSON form")
-    if isinstance(value, dict):
-        for item in value.values():
-            _reject_non_finite(item)
-    elif isinstance(value, list | tuple):
-        for item in value:
-            _reject_non_finite(item)
+    """Raise ValueError for a NaN or infinity anywhere in `value`.
+
+    One level at a time, not recursive: a value nested 10,000 deep (or one that contains
+    itself) must end in orjson's TypeError, as at depth 300, not in a RecursionError."""
+    level = [value]
+    for _ in range(_WALK_DEPTH + 1):
+        below: list[Any] = []
+        for item in level:
+            if isinstance(item, float):
+                if not math.isfinite(item):
+                    raise ValueError(f"value is not JSON-serialisable: {item!r} has no JSON form")
+            elif isinstance(item, dict):
+                below.extend(item.values())
+            elif isinstance(item, list | tuple):
+                below.extend(item)
+        if not below:
+            return
+        level = below
 
 
 def decode(data: bytes) -> Envelope:

@@ -28,6 +28,11 @@ class PayloadTooLarge(StemError, ValueError):
     """An enqueue's encoded envelope is above `max_payload_bytes`."""
 
 
+class ResultTooLarge(StemError, ValueError):
+    """A task returned a value whose JSON is above `max_result_bytes`; the attempt fails
+    (and is retried like any failure). The name is the error type its result records."""
+
+
 class NotRegistered(StemError, KeyError):
     """No task of that name is registered with this `Stem`."""
 

@@ -12,7 +12,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from appliance.errors import ResultTimeout, task_error
 from appliance.retry import ExponentialJitterRetryStrategy, RetryStrategy
 from appliance.states import TaskState
-from appliance.units import parse_bytes, parse_seconds
+from appliance.units import (
+    MAX_COUNT,
+    check_int,
+    check_name,
+    check_priority,
+    check_seconds,
+    parse_bytes,
+    parse_seconds,
+)
 
 if TYPE_CHECKING:
     from appliance.app import Stem
@@ -50,25 +58,34 @@ class TaskOptions:
                 f"unknown task option(s) {', '.join(unknown)}; "
                 f"valid options: {', '.join(sorted(cls._NAMES))}"
             )
-        for key in ("soft_time_limit", "hard_time_limit", "visibility_timeout", "result_ttl"):
+        converters = dict.fromkeys(_SECONDS_OPTIONS, parse_seconds) | {"max_memory": parse_bytes}
+        for key, convert in converters.items():
             if options.get(key) is not None:
-                options[key] = parse_seconds(options[key])
-        if options.get("max_memory") is not None:
-            options["max_memory"] = parse_bytes(options["max_memory"])
+                try:
+                    options[key] = convert(options[key])
+                except ValueError as exc:
+                    raise ValueError(f"{key}: {exc}") from None
         if options.get("retry_backoff") is not None:
             base, cap, jitter = (*tuple(options["retry_backoff"]), 1.0)[:3]
             options["retry_backoff"] = (float(base), float(cap), float(jitter))
-        built = cls(**options)
-        built._check()
-        return built
+        return cls(**options)
 
-    def _check(self) -> None:
-        if self.max_retries < 0:
-            raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
-        if self.max_deliveries < 1:
-            raise ValueError(f"max_deliveries must be >= 1, got {self.max_deliveries}")
-        if self.visibility_timeout <= 0:
-            raise ValueError("visibility_timeout must be > 0")
+    def __post_init__(self) -> None:
+        # Checked on every construction, `build` or direct: a bad value must fail where
+        # the task is declared, not in a worker or in the store at enqueue.
+        check_name(self.queue, "queue")
+        check_priority(self.priority)
+        check_int(self.max_retries, "max_retries", 0, MAX_COUNT)
+        check_int(self.max_deliveries, "max_deliveries", 1, MAX_COUNT)
+        for key in _SECONDS_OPTIONS:
+            _check_seconds_option(key, getattr(self, key))
+        if not self.visibility_timeout > 0:
+            raise ValueError(f"visibility_timeout must be > 0, got {self.visibility_timeout!r}")
+        if self.result_ttl is not None and not self.result_ttl >= 1:
+            raise ValueError(
+                f"result_ttl must be at least 1s (use ignore_result=True to keep no result), "
+                f"got {self.result_ttl!r}"
+            )
         if (
             self.soft_time_limit is not None
             and self.hard_time_limit is not None
@@ -84,6 +101,19 @@ class TaskOptions:
             base, cap, jitter = self.retry_backoff
             return ExponentialJitterRetryStrategy(base=base, max=cap, jitter=jitter)
         return DEFAULT_RETRY_STRATEGY
+
+
+_SECONDS_OPTIONS = ("soft_time_limit", "hard_time_limit", "visibility_timeout", "result_ttl")
+
+
+def _check_seconds_option(key: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{key} must be a number of seconds, got {value!r}")
+    if not value >= 0:  # also refuses NaN
+        raise ValueError(f"{key} must be >= 0, got {value!r}")
+    check_seconds(value, key)
 
 
 TaskOptions._NAMES = frozenset(f.name for f in fields(TaskOptions))
@@ -117,6 +147,9 @@ class Task:
     params: _Params | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # Refused at registration, as at enqueue: the name is a key in both stores and in
+        # every log line (non-empty printable text, at most 200 characters).
+        check_name(self.name, "task name")
         # Computed once: inspect.signature() and even Signature.bind() cost more than a
         # no-op task runs, and every enqueue and every run checks the arguments.
         target = self.fn.__call__ if isinstance(self.fn, TaskHandler) else self.fn

@@ -374,6 +374,147 @@ def test_worker_run_argument_errors(tmp_path: Path, url: str) -> None:
     assert_user_error(bad, ExitCode.CONFIG, str(config), "prefetch")
 
 
+# --- user errors that were tracebacks (exit 70) -------------------------------------------
+
+
+def test_a_config_path_that_is_a_directory_is_one_line_and_exit_78(tmp_path: Path) -> None:
+    result = stem("observe", "queues", "--config", str(tmp_path), cwd=tmp_path)
+    assert_user_error(result, ExitCode.CONFIG, str(tmp_path), "is a directory")
+    via_env = stem("dlq", "list", cwd=tmp_path, env=clean_env(STEM_CONFIG="/proc"))
+    assert_user_error(via_env, ExitCode.CONFIG, "/proc", "is a directory")
+
+
+@pytest.mark.parametrize("flag", ["--page", "--page-size"])
+def test_a_page_beyond_64_bits_is_a_usage_error(tmp_path: Path, url: str, flag: str) -> None:
+    result = cli(tmp_path, url, "dlq", "list", flag, "999999999999999999999")
+    assert_user_error(result, ExitCode.USAGE, flag, "must be >= 1 and <= 2147483647")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("observe", "tasks", "list", "--offset", "-99999999999999999999"),
+        ("observe", "tasks", "list", "--offset", "-1"),
+        ("observe", "tasks", "list", "--limit", str(2**63)),
+        ("dlq", "replay", "--limit", str(2**70), "--confirm"),
+    ],
+)
+def test_counts_out_of_range_are_usage_errors(
+    tmp_path: Path, url: str, argv: tuple[str, ...]
+) -> None:
+    flag = next(a for a in argv if a in ("--offset", "--limit"))
+    assert_user_error(cli(tmp_path, url, *argv), ExitCode.USAGE, flag, "2147483647")
+
+
+A_FILE = "a-file"  # a regular file in tmp_path: nothing can be created below it
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/proc/x.db", "/proc/x/y.db", f"{A_FILE}/x.db", f"{A_FILE}/sub/x.db", "x" * 300 + ".db"],
+)
+def test_a_database_path_that_cannot_be_created_is_one_line(tmp_path: Path, path: str) -> None:
+    (tmp_path / A_FILE).write_text("not a directory\n")
+    target = path if path.startswith("/") else str(tmp_path / path)
+    result = stem("observe", "queues", "--broker", f"sqlite:///{target}", cwd=tmp_path)
+    assert result.returncode in (ExitCode.UNAVAILABLE, ExitCode.CONFIG), result.stderr
+    assert "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("stem: error: ") and target[:40] in line
+
+
+def test_a_demo_dir_where_no_database_can_be_created_is_one_line(tmp_path: Path) -> None:
+    result = stem("demo", "--dir", "/proc", cwd=tmp_path)
+    assert result.returncode in (ExitCode.UNAVAILABLE, ExitCode.CONFIG), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_a_demo_dir_that_cannot_be_created_is_exit_78(tmp_path: Path) -> None:
+    (tmp_path / A_FILE).write_text("not a directory\n")
+    result = stem("demo", "--dir", f"{A_FILE}/demo", cwd=tmp_path)
+    assert_user_error(result, ExitCode.CONFIG, "--dir", "Not a directory")
+
+
+def test_arguments_that_are_not_utf8_are_refused_in_one_line(tmp_path: Path, url: str) -> None:
+    # Bytes that are not UTF-8 reach Python as lone surrogates, which crashed SQLite's
+    # encoder (exit 70) for a queue filter or an id.
+    for argv in (["dlq", "show", "\udcff"], ["observe", "tasks", "list", "--queue", "q\udcff"]):
+        result = subprocess.run(
+            [os.fsencode(str(STEM)), *(os.fsencode(a) for a in argv), b"--broker", url.encode()],
+            cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert_user_error(result, ExitCode.USAGE, "not valid UTF-8")
+
+
+def test_an_empty_app_is_a_usage_error_not_a_worker_without_tasks(tmp_path: Path, url: str) -> None:
+    # A regression: `--app ""` ran a supervisor with no tasks, which would dead-letter
+    # everything it claimed as unknown.
+    result = cli(tmp_path, url, "worker", "run", "--app", "")
+    assert_user_error(result, ExitCode.USAGE, "MODULE:ATTR")
+
+
+def test_an_option_given_a_bare_double_dash_is_a_usage_error(tmp_path: Path, url: str) -> None:
+    # argparse hands `--app=--` an empty list, which crashed load_app (exit 70).
+    result = cli(tmp_path, url, "observe", "queues", "--app=--")
+    assert_user_error(result, ExitCode.USAGE, "--app", "expected one argument")
+
+
+def test_an_error_quoting_control_characters_stays_one_line(tmp_path: Path, url: str) -> None:
+    result = cli(tmp_path, url, "enqueue", "t", "--queue", "a\nb\x1b[2J")
+    assert_user_error(result, ExitCode.USAGE, "queue must be printable", "\\n")
+    assert "\x1b" not in result.stderr
+
+
+# --- accepted but harmful values ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (("--priority", str(2**70)), ("--priority", "priority must be <= 2147483647")),
+        (("--priority", "-2147483649"), ("--priority", "priority must be >= -2147483648")),
+        (("--countdown", "1e308"), ("--countdown", "at most 315360000 seconds (10 years)")),
+        (("--countdown", "nan"), ("--countdown", "must be >= 0")),
+        (("--queue", ""), ("queue must not be empty",)),
+        (("--queue", "a\x01"), ("queue must be printable",)),
+    ],
+)
+def test_enqueue_refuses_harmful_values_and_stores_nothing(
+    tmp_path: Path, url: str, app: Stem, argv: tuple[str, ...], words: tuple[str, ...]
+) -> None:
+    assert_user_error(cli(tmp_path, url, "enqueue", "t", *argv), ExitCode.USAGE, *words)
+    assert app.broker.list_messages() == []
+
+
+@pytest.mark.parametrize("name", ["", "a\x01b", "x" * 201])
+def test_enqueue_refuses_a_bad_task_name(tmp_path: Path, url: str, app: Stem, name: str) -> None:
+    assert_user_error(cli(tmp_path, url, "enqueue", name), ExitCode.USAGE, "task name")
+    assert app.broker.list_messages() == []
+
+
+def test_a_heartbeat_timeout_of_one_millisecond_stops_the_worker_at_start(
+    tmp_path: Path, url: str
+) -> None:
+    # A regression: it was accepted, and every child was killed as silent in a loop.
+    env = clean_env(STEM_HEARTBEAT_TIMEOUT="1ms")
+    result = stem(
+        "worker", "run", "--app", "appliance.demo:stem", "--broker", url, cwd=tmp_path, env=env
+    )
+    assert_user_error(result, ExitCode.CONFIG, "STEM_HEARTBEAT_TIMEOUT", "at least 1.5s")
+
+
+def test_a_concurrency_above_the_maximum_is_refused(tmp_path: Path, url: str) -> None:
+    result = cli(
+        tmp_path, url, "worker", "run", "--app", "appliance.demo:stem", "--concurrency", "5000"
+    )
+    assert_user_error(result, ExitCode.USAGE, "--concurrency", "must be <= 1024")
+    from_env = stem(
+        "worker", "run", "--app", "appliance.demo:stem", "--broker", url,
+        cwd=tmp_path, env=clean_env(STEM_CONCURRENCY="5000"),
+    )  # fmt: skip
+    assert_user_error(from_env, ExitCode.CONFIG, "STEM_CONCURRENCY", "must be <= 1024")
+
+
 def test_python_dash_m_appliance(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "appliance", "--version"],

@@ -3,13 +3,30 @@ clear error naming the source, key and reason for every bad value."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import tomllib
+from collections.abc import Callable
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from appliance.config import FIELDS, POOL_FIELDS, PoolSettings, Settings, load_settings
+from appliance.cli.common import UsageError, build_settings
+from appliance.cli.main import build_parser
+from appliance.config import (
+    FIELDS,
+    POOL_FIELDS,
+    Field,
+    PoolSettings,
+    Settings,
+    concurrency_warning,
+    load_settings,
+)
 from appliance.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "stem.toml"
@@ -299,3 +316,268 @@ def test_bad_pool_names_the_pool(tmp_path: Path, text: str, key: str, reason: st
     assert str(path) in caught.value.source
     assert caught.value.key == key
     assert reason in caught.value.reason
+
+
+# --- the same bound for the same key, wherever the value comes from ----------------------
+
+PARSER = build_parser()  # parse_args leaves it as it was, and building one takes ms
+# How a person gives each setting on the command line, where a flag exists.
+FLAGS = {
+    "broker_url": "--broker",
+    "result_backend_url": "--result-backend",
+    "concurrency": "--concurrency",
+    "queues": "--queues",
+}
+NUMBER = re.compile(r"^-?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?$|^[+-]?(nan|inf)$")
+EDGE_TEXTS = [
+    "0", "1", "2", "-1", "0.5", "1.5", "2.0", "1e3", "1e4", "1e308", "-1e308", "nan", "inf",
+    "-inf", str(2**31), str(2**70), "1024", "1025", "5000", "1_000", "+5", " 7 ", "٣",
+    "", " ", "true", "1ms", "1.4s", "1.5s", "2s", "10d", "3650d", "3651d", "0B", "0.0",
+    "1KiB", "1023", "512MiB", "513MiB", "2PiB", "1e3KB", "a", "a,b", " a , b ", "a,,b", "a,",
+    "a\x00b", "a\nb", "\x1b[2J", "x" * 201, "FULL", "normal", "json", "DEBUG", "sqlite:///x.db",
+    "redis://[::1", "redis://h:1/0", "nope://x",
+]  # fmt: skip
+
+
+def setting_of(settings: Settings, attr: str) -> Any:
+    if attr in {f.attr for f in FIELDS}:
+        return getattr(settings, attr)
+    [pool] = settings.pools
+    return getattr(pool, attr)
+
+
+def toml_string(text: str) -> str:
+    # A TOML basic string: JSON's escapes are TOML's, and DEL must be escaped too.
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def is_numeric(attr: str) -> bool:
+    declared = {f.name: str(f.type) for f in dataclass_fields(Settings)} | {
+        f.name: str(f.type) for f in dataclass_fields(PoolSettings)
+    }
+    return "int" in declared[attr] or "float" in declared[attr]
+
+
+def outcome(build: Callable[[], Settings], attr: str) -> tuple[str, Any]:
+    """("ok", the value) or ("refused", the error type), the way `stem` would see it."""
+    try:
+        return "ok", setting_of(build(), attr)
+    except (ConfigError, UsageError) as exc:
+        return "refused", type(exc).__name__
+
+
+def sources(tmp: Path, spec: Field, text: str) -> dict[str, Callable[[], Settings]]:
+    """The ways one value reaches `stem worker run`: as TOML (a string, and a number when
+    the text is one and the setting is numeric), as STEM_*, and as its flag."""
+
+    def through_cli(*argv: str) -> Callable[[], Settings]:
+        def build() -> Settings:
+            args = PARSER.parse_args(["worker", "run", "--app", "m:s", *argv])
+            return build_settings(args, pool=None, concurrency=args.concurrency, queues=args.queues)
+
+        return build
+
+    def toml(literal: str) -> Callable[[], Settings]:
+        path = tmp / f"{spec.attr}-{len(literal)}-{abs(hash(literal))}.toml"
+        path.write_text(f"[{spec.section}]\n{spec.key} = {literal}\n", encoding="utf-8")
+        return through_cli("--config", str(path))
+
+    ways = {"toml string": toml(toml_string(text))}
+    if is_numeric(spec.attr) and NUMBER.match(text.strip()):
+        ways["toml number"] = toml(text.strip())
+    if "\x00" not in text:  # no environment can hold a NUL
+        ways["environment"] = lambda: _with_env(spec.env, text, through_cli())
+    if spec.attr in FLAGS:
+        ways["flag"] = through_cli(f"{FLAGS[spec.attr]}={text}")
+    return ways
+
+
+def _with_env(name: str, value: str, build: Callable[[], Settings]) -> Settings:
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        return build()
+    finally:
+        if saved is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = saved
+
+
+@pytest.fixture
+def no_stem_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [n for n in os.environ if n.startswith("STEM_")]:
+        monkeypatch.delenv(name)
+
+
+def assert_agree(tmp: Path, spec: Field, text: str) -> None:
+    seen = {way: outcome(build, spec.attr) for way, build in sources(tmp, spec, text).items()}
+    verdicts = {verdict for verdict, _ in seen.values()}
+    assert len(verdicts) == 1, (spec.attr, text, seen)
+    if verdicts == {"ok"}:
+        values = [value for _, value in seen.values()]
+        assert all(v == values[0] or v != v for v in values), (spec.attr, text, seen)
+
+
+ALL_SPECS = FIELDS + POOL_FIELDS
+
+
+@pytest.mark.usefixtures("no_stem_env")
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=[f.attr for f in ALL_SPECS])
+def test_toml_environment_and_flag_accept_and_refuse_the_same_values(
+    tmp_path: Path, spec: Field
+) -> None:
+    # A regression: TOML took 0.5 for prefetch and max_tasks_per_child (as 0, ">= 0")
+    # and inf for durations, where the environment refused them; 1e308 and inf reached
+    # int() in one and failed with an OverflowError traceback.
+    for text in EDGE_TEXTS:
+        assert_agree(tmp_path, spec, text)
+
+
+@pytest.mark.usefixtures("no_stem_env")
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=[f.attr for f in ALL_SPECS])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    text=st.one_of(
+        st.integers().map(str),
+        st.floats().map(repr),
+        st.text(max_size=12),
+        st.builds(
+            "{}{}".format,
+            st.floats(0, 1e7).map(lambda f: f"{f:g}"),
+            st.sampled_from(["", "ms", "s", "m", "h", "d", "B", "KiB", "MB", "GiB", "x"]),
+        ),
+    )
+)
+def test_generated_values_agree_across_toml_environment_and_flag(
+    tmp_path: Path, spec: Field, text: str
+) -> None:
+    assert_agree(tmp_path, spec, text)
+
+
+# --- bounds with a reason -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["1ms", "0", "1.4s", "0.5"])
+def test_a_heartbeat_timeout_shorter_than_three_beats_is_refused_with_the_reason(
+    tmp_path: Path, value: str
+) -> None:
+    # A regression: STEM_HEARTBEAT_TIMEOUT=1ms was accepted, and children were killed
+    # in a loop.
+    for source in (
+        lambda: load_settings(env={"STEM_HEARTBEAT_TIMEOUT": value}),
+        lambda: load_settings(
+            write(tmp_path, f'[worker]\nheartbeat_timeout = "{value}"\n'), env={}
+        ),
+    ):
+        with pytest.raises(ConfigError, match=r"at least 1\.5s \(children beat every 0\.5s"):
+            source()
+    assert load_settings(env={"STEM_HEARTBEAT_TIMEOUT": "1.5s"}).pools[0].heartbeat_timeout == 1.5
+
+
+def test_concurrency_has_a_hard_maximum_per_pool(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="must be <= 1024"):
+        load_settings(env={"STEM_CONCURRENCY": "5000"})
+    with pytest.raises(ConfigError, match=r"\[\[pools\]\] #1: concurrency: must be <= 1024"):
+        load_settings(write(tmp_path, "[[pools]]\nname = 'a'\nconcurrency = 1025\n"), env={})
+    assert load_settings(env={"STEM_CONCURRENCY": "1024"}).pools[0].concurrency == 1024
+
+
+def test_concurrency_warning_speaks_above_eight_children_per_cpu() -> None:
+    def pools(*sizes: int) -> tuple[PoolSettings, ...]:
+        return tuple(PoolSettings(name=f"p{i}", concurrency=n) for i, n in enumerate(sizes))
+
+    assert concurrency_warning(pools(16), cpus=2) is None
+    assert concurrency_warning(pools(8, 8), cpus=2) is None
+    warning = concurrency_warning(pools(8, 9), cpus=2)
+    assert warning is not None and "17 worker children on 2 CPU(s)" in warning
+    assert "more than 8 per CPU" in warning
+    assert concurrency_warning(pools(5000), cpus=2) is not None
+    assert concurrency_warning(pools(9), cpus=0) is not None  # os.cpu_count() may be None
+
+
+def test_max_result_bytes_defaults_to_one_mebibyte_and_takes_sizes(tmp_path: Path) -> None:
+    assert Settings().max_result_bytes == load_settings(env={}).max_result_bytes == 2**20
+    assert load_settings(env={"STEM_MAX_RESULT_BYTES": "10KiB"}).max_result_bytes == 10240
+    path = write(tmp_path, '[stem]\nmax_result_bytes = "2MB"\n')
+    assert load_settings(path, env={}).max_result_bytes == 2 * 10**6
+    with pytest.raises(ConfigError, match="max_result_bytes: must be at least 1024 bytes"):
+        load_settings(env={"STEM_MAX_RESULT_BYTES": "10"})
+    with pytest.raises(ConfigError, match="max_result_bytes: must be at most"):
+        load_settings(env={"STEM_MAX_RESULT_BYTES": "1GiB"})
+
+
+@pytest.mark.parametrize("text", ["0", "0B", "0.0", ""])
+def test_no_memory_limit_has_one_meaning_in_every_spelling(text: str) -> None:
+    assert (
+        load_settings(env={"STEM_MAX_MEMORY_PER_CHILD": text}).pools[0].max_memory_per_child is None
+    )
+
+
+@pytest.mark.parametrize(
+    ("queues", "reason"),
+    [
+        ("a,,b", "a queue name must not be empty"),
+        ("a,b,", "a queue name must not be empty"),
+        ("a,\x01", "printable"),
+        ("x" * 201, "at most 200 characters"),
+    ],
+)
+def test_bad_queue_names_in_the_config_are_refused_not_dropped(
+    tmp_path: Path, queues: str, reason: str
+) -> None:
+    with pytest.raises(ConfigError, match=reason):
+        load_settings(env={"STEM_QUEUES": queues})
+    with pytest.raises(ConfigError, match=reason):
+        load_settings(
+            write(tmp_path, f"[worker]\nqueues = {json.dumps(queues.split(','))}\n"), env={}
+        )
+
+
+def test_a_queue_name_that_is_not_a_string_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="a queue name must be a string"):
+        load_settings(write(tmp_path, "[worker]\nqueues = [1, 2]\n"), env={})
+
+
+def test_a_pool_name_given_on_the_command_line_is_checked() -> None:
+    with pytest.raises(ConfigError, match="command line: --pool: must be a non-empty string"):
+        load_settings(env={}, pool="")
+
+
+# --- the config file itself -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda tmp: tmp, "is a directory, not a config file"),
+        (lambda tmp: Path("/proc/self/mem"), "cannot read the config file: Input/output error"),
+        (lambda tmp: Path("/dev/zero"), "larger than 1048576 bytes"),
+        (lambda tmp: Path("/proc/nope/stem.toml"), "config file not found"),
+        (lambda tmp: Path(str(tmp) + "/a\x00b"), "cannot read the config file: embedded null"),
+        (lambda tmp: tmp / ("x" * 300), "cannot read the config file: File name too long"),
+        (lambda tmp: write(tmp, "").parent / "stem.toml/x", "cannot read the config file: Not a"),
+    ],
+)
+def test_a_config_path_that_is_not_a_readable_file_is_a_config_error(
+    tmp_path: Path, make: Callable[[Path], Path], reason: str
+) -> None:
+    # A regression: --config /tmp was an IsADirectoryError traceback (exit 70).
+    path = make(tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, env={})
+    assert (caught.value.source, caught.value.key) == (str(path), "(file)")
+    assert reason in caught.value.reason
+
+
+def test_a_config_file_that_is_not_utf8_or_has_a_giant_integer_is_a_config_error(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[stem]\nnamespace = "caf\xe9"\n')
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_settings(path, env={})
+    with pytest.raises(ConfigError, match=r"\(syntax\)"):
+        load_settings(write(tmp_path, f"[worker]\nprefetch = {'9' * 5000}\n"), env={})

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from appliance.envelope import ENVELOPE_VERSION, Envelope, EnvelopeCodec, peek_id
+from appliance.envelope import ENVELOPE_VERSION, Envelope, EnvelopeCodec, dumps_json, peek_id
 from appliance.errors import DecodeError, PayloadTooLarge
 
 CODEC = EnvelopeCodec()
@@ -83,3 +83,41 @@ def test_reencode_is_for_envelopes_that_passed_once_and_skips_the_limit() -> Non
 def test_peek_never_raises() -> None:
     assert CODEC.peek(b"{nope") is None
     assert CODEC.peek(CODEC.encode(Envelope(id="1", name="x"))) == Envelope(id="1", name="x")
+
+
+def nested(depth: int, leaf: object = 1, kind: str = "dict") -> object:
+    value = leaf
+    for _ in range(depth):
+        value = {"a": value} if kind == "dict" else [value]
+    return value
+
+
+@pytest.mark.parametrize("kind", ["dict", "list"])
+@pytest.mark.parametrize("depth", [300, 10_000])
+def test_arguments_nested_too_deep_are_the_same_type_error_at_any_depth(
+    kind: str, depth: int
+) -> None:
+    # A regression: at 10,000 the NaN check recursed into a bare RecursionError, while
+    # orjson's own depth limit gives this TypeError at 300.
+    with pytest.raises(TypeError, match="not JSON-serialisable: Recursion limit reached"):
+        encode(Envelope(id="1", name="x", args={"value": nested(depth, kind=kind)}))
+
+
+def test_a_value_that_contains_itself_is_a_type_error() -> None:
+    loop: list[object] = []
+    loop.append(loop)
+    with pytest.raises(TypeError, match="Recursion limit reached"):
+        encode(Envelope(id="1", name="x", args={"value": loop}))
+
+
+def test_nan_is_found_at_the_deepest_level_json_allows() -> None:
+    assert decode(encode(Envelope(id="1", name="x", args={"v": nested(250)}))).args
+    with pytest.raises(ValueError, match="has no JSON form"):
+        encode(Envelope(id="1", name="x", args={"v": nested(250, float("nan"), "list")}))
+
+
+def test_dumps_json_refuses_deep_values_with_a_type_error() -> None:
+    with pytest.raises(TypeError, match="Recursion limit reached"):
+        dumps_json(nested(10_000, None))
+    with pytest.raises(ValueError, match="no JSON form"):
+        dumps_json({"a": [1, {"b": float("inf")}]})

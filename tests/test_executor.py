@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 import uvloop
 
 from appliance import Reject, Stem, TaskContext, TaskHandler, TaskOptions
+from appliance.config import Settings
 from appliance.context import _Detached
 from appliance.envelope import Envelope
+from appliance.errors import TaskError
+from appliance.observe import Observer
 from appliance.states import OutcomeStatus
 from appliance.worker.executor import Executor
 from appliance.worker.ipc import Outcome
+from tests.apps import results_app
+from tests.process import WorkerProcess, app_on
 
 
 @pytest.fixture
@@ -172,3 +178,53 @@ def test_a_retry_countdown_that_is_not_a_number_fails_the_attempt(stem: Stem) ->
     assert out.status is OutcomeStatus.FAILED  # not RETRY: the countdown itself was bad
     assert out.error is not None and out.error.type == "TypeError"
     assert "countdown" in out.error.message
+
+
+def test_a_result_over_max_result_bytes_fails_the_attempt_and_names_size_and_limit(
+    sqlite_url: str,
+) -> None:
+    stem = Stem(settings=Settings(broker_url=sqlite_url, max_result_bytes=1024))
+
+    @stem.task("t.big")
+    def big(ctx: TaskContext, size: int) -> str:
+        return "x" * size
+
+    out = run(stem, "t.big", {"size": 1022})  # 1024 bytes of JSON with its quotes: fits
+    assert out.status is OutcomeStatus.SUCCESS and out.value == "x" * 1022
+    out = run(stem, "t.big", {"size": 1023})
+    assert out.status is OutcomeStatus.FAILED and out.value is None  # retried as any failure
+    assert out.error is not None and out.error.type == "ResultTooLarge"
+    assert "1025 bytes" in out.error.message and "1024-byte limit" in out.error.message
+    assert "max_result_bytes" in out.error.message and "return a reference" in out.error.message
+
+
+def test_the_default_result_limit_is_one_mebibyte(stem: Stem) -> None:
+    @stem.task("t.mib")
+    def mib(ctx: TaskContext, size: int) -> str:
+        return "x" * size
+
+    assert run(stem, "t.mib", {"size": 2**20 - 2}).status is OutcomeStatus.SUCCESS
+    assert run(stem, "t.mib", {"size": 2**20 - 1}).status is OutcomeStatus.FAILED
+
+
+@pytest.mark.parametrize("store_url", ["sqlite", "redis"], indirect=True)
+def test_a_worker_retries_then_dead_letters_a_task_whose_result_is_too_large(
+    tmp_path: Path, store_url: str
+) -> None:
+    app = app_on(store_url, results_app.stem)
+    worker = WorkerProcess(
+        tmp_path, store_url, app="tests.apps.results_app:stem", concurrency=1,
+        env={"STEM_MAX_RESULT_BYTES": "1KiB"},
+    ).start()  # fmt: skip
+    try:
+        small, large = app.enqueue("r.sized", {"size": 100}), app.enqueue("r.sized", {"size": 4000})
+        assert small.result(timeout=20) == "x" * 100
+        with pytest.raises(TaskError) as caught:
+            large.result(timeout=20)
+        assert caught.value.error_type == "ResultTooLarge"
+        assert "4002 bytes" in str(caught.value) and "1024-byte limit" in str(caught.value)
+        [dead] = Observer(app).dlq_list().entries
+        assert (dead.task_id, dead.attempts, dead.error_type) == (large.id, 2, "ResultTooLarge")
+    finally:
+        worker.stop()
+        app.close()

@@ -9,18 +9,19 @@ import importlib
 import os
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any, NoReturn, TypeAlias
 
 import orjson
 
 from appliance.app import Stem
-from appliance.config import DEFAULT_BROKER_URL, Settings, load_settings
+from appliance.config import DEFAULT_BROKER_URL, FIELDS, POOL_FIELDS, Settings, load_settings
 from appliance.errors import BrokerUnavailable, ConfigError, StemError
 from appliance.logs import configure_logging
 from appliance.states import ExitCode
 from appliance.stores import scheme_of
+from appliance.units import MAX_COUNT, MAX_SECONDS, check_priority
 
 # What `add_subparsers()` returns; a string so it is only evaluated by the type checker
 # (argparse's class is not subscriptable at run time).
@@ -47,6 +48,13 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see '{self.prog} --help')")
+
+    def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> Any:
+        # argparse (3.11) drops the "--" of `--flag=--` and hands the flag an empty list
+        # where its type expects a string; say what is missing instead.
+        if action.option_strings and action.nargs is None and arg_strings == ["--"]:
+            self.error(f"argument {'/'.join(action.option_strings)}: expected one argument")
+        return super()._get_values(action, arg_strings)
 
 
 # --- flags --------------------------------------------------------------------------
@@ -82,26 +90,71 @@ def add_json_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def bounded_int(low: int, high: int) -> Callable[[str], int]:
+    """argparse type: an integer in [low, high]. Every count has an upper bound: a huge
+    one would otherwise reach the stores (SQLite integers are 64-bit) and fail there."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {shorten(text)!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be >= {low} and <= {high}, got {shorten(text)}")
+        return value
+
+    return parse
+
+
+positive_int = bounded_int(1, MAX_COUNT)
+non_negative_int = bounded_int(0, MAX_COUNT)
 
 
 def seconds(text: str) -> float:
-    """argparse type: a number of seconds >= 0."""
+    """argparse type: a number of seconds >= 0, at most ten years (`units.MAX_SECONDS`)."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {shorten(text)!r}") from None
     if not value >= 0:  # also refuses NaN
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {shorten(text)}")
+    if value > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {MAX_SECONDS:.0f} seconds (10 years), got {shorten(text)}"
+        )
     return value
+
+
+def priority(text: str) -> int:
+    """argparse type: a task priority (a 32-bit signed integer, `units.check_priority`)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {shorten(text)!r}") from None
+    try:
+        return check_priority(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def setting(attr: str) -> Callable[[str], Any]:
+    """argparse type for a flag that sets the configuration value `attr`: the parser
+    declared for it in `config.FIELDS`, so the flag, TOML and STEM_* accept the same."""
+    spec = next(f for f in FIELDS + POOL_FIELDS if f.attr == attr)
+
+    def parse(text: str) -> Any:
+        try:
+            return spec.parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+def shorten(text: str, limit: int = 60) -> str:
+    """`text` cut to `limit` characters for an error message (the whole of a 1 MB flag
+    value is no help on one line)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def json_object(text: str, flag: str) -> dict[str, Any]:
@@ -109,7 +162,7 @@ def json_object(text: str, flag: str) -> dict[str, Any]:
     try:
         value = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
-        raise UsageError(f"{flag} is not valid JSON ({exc}): {text!r}") from None
+        raise UsageError(f"{flag} is not valid JSON ({exc}): {shorten(text)!r}") from None
     if not isinstance(value, dict):
         raise UsageError(
             f"{flag} must be a JSON object such as '{{\"x\": 1}}', got {type(value).__name__}"
@@ -196,7 +249,9 @@ def _import(module_name: str) -> Any:
 
 def open_app(args: argparse.Namespace, settings: Settings) -> Stem:
     """The `--app` Stem configured with `settings`, or a plain Stem when none is given."""
-    if not getattr(args, "app", None):
+    # `is None`: an empty --app is a usage error, never "no app" (a supervisor with no
+    # tasks would dead-letter everything it claims as unknown).
+    if getattr(args, "app", None) is None:
         return Stem(settings=settings)
     app = load_app(args.app)
     app.configure(_keep_app_urls(app.settings, settings, args))
@@ -259,8 +314,32 @@ def report(exc: BaseException) -> int:
         traceback.print_exception(exc, file=sys.stderr)
         print(f"stem: error: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
     else:
-        print(f"stem: error: {exc}", file=sys.stderr)
+        print(f"stem: error: {one_line(str(exc))}", file=sys.stderr)
     return int(code)
+
+
+def one_line(text: str) -> str:
+    """`text` with every non-printable character escaped: messages quote what the user
+    gave (a path with a newline, an escape sequence), and an error stays one line that
+    cannot repaint the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def check_argv(argv: Sequence[str]) -> None:
+    """Refuse arguments no shell can pass on: a NUL (in-process callers only), or bytes
+    that are not UTF-8 (Python hands them over as lone surrogates, which no store, file
+    name API or terminal takes); said here once instead of failing deep inside."""
+    for index, arg in enumerate(argv, 1):
+        if "\x00" in arg:
+            raise UsageError(f"argument {index} contains a NUL character")
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(
+                f"argument {index} is not valid UTF-8 text: {shorten(ascii(arg))}"
+            ) from None
 
 
 def store_command(sub: Commands, name: str, text: str, *, app_text: str) -> Parser:

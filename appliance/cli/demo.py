@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING
 
 from appliance.app import EnqueueRequest
 from appliance.cli import output
-from appliance.cli.common import Commands, positive_int
-from appliance.config import load_settings
+from appliance.cli.common import Commands, bounded_int
+from appliance.config import MAX_CONCURRENCY, load_settings
+from appliance.errors import ConfigError
 from appliance.observe import DeadLetter, Observer
 from appliance.states import TaskState
 
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 DEADLINE = 60.0  # seconds for the whole burst; the demo normally needs a few
 STOP_GRACE = 15.0  # seconds for the supervisor's warm shutdown before it is killed
 POLL = 0.1
+# The burst must finish within DEADLINE on a small host (~700 tasks/s on two cores).
+MAX_TASKS = 100_000
 
 # One task per behaviour the demo shows; names match `appliance.demo`.
 SPECIALS = ("demo.flaky", "demo.always_fails", "demo.sleepy", "demo.progress")
@@ -74,24 +77,23 @@ def register(commands: Commands) -> None:
     )
     parser.add_argument(
         "--tasks",
-        type=positive_int,
+        type=bounded_int(1, MAX_TASKS),
         default=1000,
         metavar="N",
-        help="how many demo.add tasks in the burst (default: 1000)",
+        help=f"how many demo.add tasks in the burst, at most {MAX_TASKS} (default: 1000)",
     )
     parser.add_argument(
         "--concurrency",
-        type=positive_int,
+        type=bounded_int(1, MAX_CONCURRENCY),
         default=4,
         metavar="N",
-        help="worker children (default: 4)",
+        help=f"worker children, at most {MAX_CONCURRENCY} (default: 4)",
     )
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    directory = Path(args.dir).resolve()
-    _wipe(directory)
+    directory = _prepare(args.dir)
     url = f"sqlite:///{directory / 'demo.db'}"
     env = {k: v for k, v in os.environ.items() if k not in _ISOLATE} | {"STEM_BROKER_URL": url}
     from appliance.demo import stem  # the demo app; imported only by this command
@@ -114,6 +116,18 @@ def run(args: argparse.Namespace) -> int:
     if summary.problems:
         output.log_tail(log_path)
     return 0 if not summary.problems else 1
+
+
+def _prepare(text: str) -> Path:
+    """The demo's directory, created, with its old demo.* files gone; a directory that
+    cannot be used is a ConfigError naming it (one line, exit 78), not an OSError."""
+    try:
+        directory = Path(text).resolve()
+        _wipe(directory)
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError("command line", "--dir", f"cannot use {text!r}: {reason}") from None
+    return directory
 
 
 def _wipe(directory: Path) -> None:

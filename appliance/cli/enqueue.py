@@ -12,6 +12,7 @@ from appliance.cli.common import (
     add_json_flag,
     json_object,
     opened,
+    priority,
     seconds,
     store_flags,
 )
@@ -37,9 +38,17 @@ def register(commands: Commands) -> None:
     )
     parser.add_argument("--queue", metavar="Q", help="queue (default: the task's, or default)")
     parser.add_argument(
-        "--countdown", type=seconds, metavar="S", help="run no earlier than S seconds from now"
+        "--countdown",
+        type=seconds,
+        metavar="S",
+        help="run no earlier than S seconds from now (at most 10 years)",
     )
-    parser.add_argument("--priority", type=int, metavar="P", help="higher runs first")
+    parser.add_argument(
+        "--priority",
+        type=priority,
+        metavar="P",
+        help="higher runs first (a 32-bit signed integer)",
+    )
     add_app_flag(parser, required=False, text="check the name and args against this app")
     add_json_flag(parser)
     parser.set_defaults(handler=run)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from appliance import __version__
 from appliance.cli import demo, dlq, enqueue, observe, worker
-from appliance.cli.common import Parser, report
+from appliance.cli.common import Parser, check_argv, report
 from appliance.states import ExitCode
 
 GROUPS = (worker, enqueue, observe, dlq, demo)
@@ -31,6 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one `stem` command; returns its exit code (never raises for user errors)."""
     parser = build_parser()
     try:
+        check_argv(sys.argv[1:] if argv is None else argv)
         args = parser.parse_args(argv)
         code: int = args.handler(args)
         return code

@@ -9,6 +9,7 @@ from appliance.cli.common import (
     CliError,
     Commands,
     Parser,
+    non_negative_int,
     opened,
     positive_int,
     store_command,
@@ -39,7 +40,9 @@ def register(commands: Commands) -> None:
     listing.add_argument(
         "--limit", type=positive_int, default=50, metavar="N", help="at most N tasks (default: 50)"
     )
-    listing.add_argument("--offset", type=int, default=0, metavar="N", help="skip N tasks")
+    listing.add_argument(
+        "--offset", type=non_negative_int, default=0, metavar="N", help="skip N tasks"
+    )
     listing.set_defaults(handler=run_tasks_list)
     show = _leaf(tasks_sub, "show", "one task: its message and its stored state and result")
     show.add_argument("--id", required=True, metavar="ID", help="the task id")

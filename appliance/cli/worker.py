@@ -9,7 +9,7 @@ from appliance.cli.common import (
     add_app_flag,
     build_settings,
     open_app,
-    positive_int,
+    setting,
     store_flags,
 )
 from appliance.logs import configure_logging
@@ -33,11 +33,16 @@ def register(commands: Commands) -> None:
     run.add_argument("--pool", metavar="NAME", help="run only this pool of the config")
     run.add_argument(
         "--concurrency",
-        type=positive_int,
+        type=setting("concurrency"),
         metavar="N",
-        help="children per pool (default: the number of CPUs)",
+        help="children per pool, at most 1024 (default: the number of CPUs)",
     )
-    run.add_argument("--queues", metavar="A,B", help="queues to consume (default: default)")
+    run.add_argument(
+        "--queues",
+        type=setting("queues"),
+        metavar="A,B",
+        help="queues to consume (default: default)",
+    )
     run.set_defaults(handler=run_worker)
 
 

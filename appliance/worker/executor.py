@@ -16,7 +16,7 @@ from typing import Any
 
 from appliance.context import TaskContext, TaskRuntime, current_task
 from appliance.envelope import Envelope, dumps_json
-from appliance.errors import Reject, Retry, SoftTimeLimitExceeded
+from appliance.errors import Reject, ResultTooLarge, Retry, SoftTimeLimitExceeded
 from appliance.states import OutcomeStatus
 from appliance.tasks import Task
 from appliance.worker.ipc import ErrorFields, Outcome
@@ -61,7 +61,7 @@ class Executor:
         error: ErrorFields | None = None
         try:
             value = self._call(task, ctx, dict(envelope.args))
-            status, error = self._check_value(value)
+            status, error = self._check_value(value, task.stem.settings.max_result_bytes)
         except Retry as exc:
             status, countdown, error = (
                 OutcomeStatus.RETRY,
@@ -103,12 +103,23 @@ class Executor:
         return self._loop.run_until_complete(_with_soft_limit(coro, soft))
 
     @staticmethod
-    def _check_value(value: Any) -> tuple[OutcomeStatus, ErrorFields | None]:
+    def _check_value(value: Any, max_bytes: int) -> tuple[OutcomeStatus, ErrorFields | None]:
+        """SUCCESS for a value that can be stored as the result; else a failure of the
+        attempt (retried like any other) saying why."""
         try:
-            dumps_json(value)
+            size = len(dumps_json(value))
         except (TypeError, ValueError) as exc:
             message = f"task returned a value that is not JSON-serialisable: {exc}"
             return OutcomeStatus.FAILED, ErrorFields("TypeError", message)
+        if size > max_bytes:
+            # Capped like arguments are: one huge result would sit in the result store
+            # (Redis memory, the SQLite file) for its whole TTL and cross the child's pipe.
+            message = (
+                f"task returned a result of {size} bytes as JSON, above the {max_bytes}-byte "
+                "limit (max_result_bytes); store it elsewhere (a file, an object store, a "
+                "database row) and return a reference to it"
+            )
+            return OutcomeStatus.FAILED, ErrorFields(ResultTooLarge.__name__, message)
         return OutcomeStatus.SUCCESS, None
 
 

@@ -19,9 +19,11 @@ Why it looks like this (measured on the target machine, see docs/architecture.md
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -126,6 +128,13 @@ def check_local_filesystem(directory: Path, mountinfo: Path = MOUNTINFO) -> None
         )
 
 
+# Errors that say the path can never work (as opposed to a disk that is failing now).
+_PATH_ERRORS = frozenset({
+    errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.EROFS,
+    errno.EISDIR, errno.ELOOP,
+})  # fmt: skip
+
+
 def _prepare_files(path: Path, mountinfo: Path) -> None:
     """Create the directory (0o700) and an empty owner-only database file if missing."""
     parent = path.parent
@@ -140,11 +149,21 @@ def _prepare_files(path: Path, mountinfo: Path) -> None:
     except FileExistsError:
         return
     except OSError as exc:
-        raise BrokerUnavailable(
-            f"{path}: cannot create the database ({exc.strerror or exc}); choose a path on a "
+        reason = (
+            f"cannot create the database file ({exc.strerror or exc}); choose a path on a "
             "local disk in a directory this user can write"
-        ) from None
+        )
+        if exc.errno in _PATH_ERRORS:  # the path itself is wrong: a config error
+            raise ConfigError("broker_url", str(path), reason) from None
+        raise BrokerUnavailable(f"{path}: {reason}") from None
     os.close(fd)  # SQLite gives -wal and -shm the mode of this file
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:  # missing, or a path that cannot name a file (too long, not a dir)
+        return False
 
 
 # PRAGMA application_id of every database this appliance creates ("STEM" in ASCII), so
@@ -325,7 +344,7 @@ def connect(
     raises `StoreMissing` where there is none."""
     if create:
         _prepare_files(target.path, mountinfo)
-    elif not target.path.is_file():
+    elif not _is_file(target.path):
         raise StoreMissing(
             f"no Stem database at {target.path} (nothing has been enqueued there yet, or "
             "the --broker URL or config names another file)"
