@@ -116,6 +116,10 @@ class WorkerProcess:
 
     def stop(self) -> None:
         """Warm stop, then kill the whole session if it lingers."""
+        notify = getattr(self, "_notify", None)
+        if notify is not None and notify.fileno() >= 0:  # launched, never waited for
+            notify.close()
+            self.notify_path.unlink(missing_ok=True)
         if self.proc is None:
             return
         if self.proc.poll() is None:

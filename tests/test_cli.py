@@ -189,15 +189,15 @@ def test_observe_queues(tmp_path: Path, url: str, app: Stem) -> None:
     app.enqueue("a.task", queue="alpha")
     app.enqueue("a.task", queue="beta", countdown=60)
     lines = ok(cli(tmp_path, url, "observe", "queues")).splitlines()
-    assert lines[0].split() == ["QUEUE", "READY", "DELAYED", "IN-FLIGHT", "DEAD"]
+    assert lines[0].split() == ["QUEUE", "READY", "DELAYED", "IN-FLIGHT", "DEAD", "PAUSED"]
     assert [line.split() for line in lines[1:]] == [
-        ["alpha", "1", "0", "0", "0"],
-        ["beta", "0", "1", "0", "0"],
+        ["alpha", "1", "0", "0", "0", "-"],
+        ["beta", "0", "1", "0", "0", "-"],
     ]
     stats = as_json(cli(tmp_path, url, "observe", "queues", "--json"))
     assert stats == [
-        {"queue": "alpha", "ready": 1, "delayed": 0, "in_flight": 0, "dead": 0},
-        {"queue": "beta", "ready": 0, "delayed": 1, "in_flight": 0, "dead": 0},
+        {"queue": "alpha", "ready": 1, "delayed": 0, "in_flight": 0, "dead": 0, "paused": False},
+        {"queue": "beta", "ready": 0, "delayed": 1, "in_flight": 0, "dead": 0, "paused": False},
     ]
 
 

@@ -37,6 +37,14 @@ LEAVES = [
 def test_the_command_tree_is_what_the_spec_names() -> None:
     assert LEAVES == [
         "worker run",
+        "worker ping",
+        "worker stats",
+        "worker inspect",
+        "worker revoke",
+        "worker pause",
+        "worker resume",
+        "worker shutdown",
+        "worker status",
         "enqueue",
         "observe queues",
         "observe workers",
@@ -46,6 +54,7 @@ def test_the_command_tree_is_what_the_spec_names() -> None:
         "dlq show",
         "dlq replay",
         "dlq purge",
+        "health",
         "demo",
     ]
 

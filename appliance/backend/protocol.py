@@ -60,10 +60,29 @@ class TaskResult:
 
 
 @dataclass(frozen=True, slots=True)
+class ChildInfo:
+    """One child slot of a supervisor, as its last beat saw it (the TUI's Workers view)."""
+
+    slot: int
+    pool: str
+    pid: int
+    state: str  # starting | idle | running | exiting | empty
+    task_id: str | None = None
+    task: str | None = None  # the task's name
+    runtime_s: float | None = None  # of the task running
+    soft_limit_s: float | None = None
+    hard_limit_s: float | None = None
+    progress: float | None = None  # percent
+    rss: int | None = None  # bytes
+    beat_age_s: float | None = None  # since the child last said it was alive
+    tasks_done: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class WorkerHeartbeat:
     """What one supervisor publishes about itself (SPEC 3), replaced on every beat."""
 
-    id: str  # the supervisor's `Consumer.name` (host:pid:starttime): unique per process
+    id: str  # the worker's name (`stem worker run --name`, default HOST:PID): unique
     host: str
     pid: int
     pools: tuple[str, ...]
@@ -75,6 +94,11 @@ class WorkerHeartbeat:
     started_at: float  # epoch seconds
     version: str  # stem-appliance version
     sent_at: float  # epoch seconds, when this beat was written
+    consumer: str = ""  # the process (`Consumer.name`: host:pid:starttime)
+    status: str = "serving"  # serving | draining | store unreachable since ... | starting
+    paused: tuple[str, ...] = ()  # queues this worker is not claiming from
+    children: tuple[ChildInfo, ...] = ()
+    interval_s: float = 0.0  # seconds between beats (a beat older than ~2 of these is late)
 
 
 # One codec per record, shared by both stores (Redis values and SQLite BLOB columns).
@@ -100,10 +124,18 @@ def encode_heartbeat(heartbeat: WorkerHeartbeat) -> bytes:
 
 def decode_heartbeat(raw: bytes) -> WorkerHeartbeat:
     data: dict[str, Any] = orjson.loads(raw)
+    data = {k: v for k, v in data.items() if k in _HEARTBEAT_FIELDS}  # a newer writer's extras
     # JSON has no tuples: restore them, so a decoded beat equals (and hashes like) the sent one.
     return WorkerHeartbeat(
-        **data | {"pools": tuple(data["pools"]), "queues": tuple(data["queues"])}
-    )
+        **data | {
+            "pools": tuple(data["pools"]), "queues": tuple(data["queues"]),
+            "paused": tuple(data.get("paused", ())),
+            "children": tuple(ChildInfo(**c) for c in data.get("children", ())),
+        }
+    )  # fmt: skip
+
+
+_HEARTBEAT_FIELDS = frozenset(f.name for f in fields(WorkerHeartbeat))
 
 
 def check_ttl(ttl: float) -> float:

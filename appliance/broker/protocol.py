@@ -14,6 +14,7 @@ Vocabulary
 
 from __future__ import annotations
 
+import enum
 import os
 import socket
 from collections.abc import Sequence
@@ -22,6 +23,14 @@ from typing import Any, Protocol
 
 from appliance.envelope import Envelope
 from appliance.states import DeadLetterReason, SettleKind
+
+
+class Wake(enum.Flag):
+    """What a wake-up said: new messages may be due, a control request was sent."""
+
+    NONE = 0
+    MESSAGES = enum.auto()
+    CONTROL = enum.auto()
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +83,15 @@ def consumer_gone(owner: str, me: Consumer) -> bool:
         return True
     except psutil.AccessDenied:
         return False  # another user's live process
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """One line of `stem health`: what was checked, whether it passed, and the figure."""
+
+    name: str
+    ok: bool
+    detail: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +149,7 @@ class QueueStats:
     delayed: int = 0  # waiting for not_before
     in_flight: int = 0  # leased
     dead: int = 0  # in the DLQ
+    paused: bool = False  # workers do not claim from it (`Broker.pause`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,11 +243,12 @@ class Broker(Protocol):
 
     def wake_fd(self, queues: Sequence[str]) -> int | None:
         """A file descriptor that turns readable when new messages may be due in
-        `queues`, for a select loop; None if this adapter can only be polled."""
+        `queues`, or a control request was sent (`Stores.control`), for a select loop;
+        None if this adapter can only be polled."""
         ...
 
-    def clear_wake(self) -> None:
-        """Consume pending wake-ups after `wake_fd` turned readable."""
+    def clear_wake(self) -> Wake:
+        """Consume pending wake-ups after `wake_fd` turned readable; what they were."""
         ...
 
     def durability_warnings(self) -> list[str]:
@@ -246,16 +266,38 @@ class Broker(Protocol):
         flushed. None when all is well."""
         ...
 
+    def health_checks(self) -> list[HealthCheck]:
+        """What `stem health` should say about this store beyond reachability: SQLite its
+        integrity (`quick_check`) and WAL size; Redis its durability settings and memory.
+        Each check names itself; none raises for a reachable store."""
+        ...
+
     def idle(self) -> None:
         """Upkeep for a consumer with nothing to do. SQLite checkpoints the WAL into the
         database and truncates it, so it cannot grow without bound under steady load;
         stores that need no upkeep do nothing. Never raises for a busy store."""
         ...
 
+    # --- pausing queues ----------------------------------------------------------------
+
+    def pause(self, queue: str) -> bool:
+        """Mark `queue` paused (stored: every worker on this store, and one started later,
+        stops claiming from it; its messages stay). False if it already was."""
+        ...
+
+    def resume(self, queue: str) -> bool:
+        """Unpause `queue`. False if it was not paused."""
+        ...
+
+    def paused(self) -> dict[str, float]:
+        """The paused queues, each with when it was paused (epoch seconds)."""
+        ...
+
     # --- observation and the DLQ -----------------------------------------------------
 
     def queue_stats(self) -> list[QueueStats]:
-        """Counts per queue (every queue that holds messages or dead letters)."""
+        """Counts per queue (every queue that holds messages or dead letters, or is
+        paused), sorted by queue name."""
         ...
 
     def list_messages(

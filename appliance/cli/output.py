@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from appliance.backend.protocol import WorkerHeartbeat
     from appliance.broker.protocol import MessageInfo, QueueStats
     from appliance.cli.demo import DemoSummary
+    from appliance.control.client import Answer, CallResult
+    from appliance.health import HealthReport
     from appliance.observe import DeadLetter, DeadLetterPage, TaskDetail
 
 EMPTY = "-"
@@ -76,6 +78,11 @@ def say(text: str, out: TextIO | None = None) -> None:
     (out or sys.stdout).write(text + "\n")
 
 
+def note(text: str) -> None:
+    """A remark beside the output (stderr), never part of what scripts parse."""
+    sys.stderr.write(f"stem: note: {text}\n")
+
+
 # --- observe ------------------------------------------------------------------------
 
 
@@ -84,8 +91,9 @@ def queues(stats: Sequence[QueueStats], as_json: bool) -> None:
         return print_json(list(stats))
     if not stats:
         return say("no messages waiting, in flight or dead")
-    rows = [(s.queue, s.ready, s.delayed, s.in_flight, s.dead) for s in stats]
-    say(table(("QUEUE", "READY", "DELAYED", "IN-FLIGHT", "DEAD"), rows))
+    rows = [(s.queue, s.ready, s.delayed, s.in_flight, s.dead, "paused" if s.paused else "")
+            for s in stats]  # fmt: skip
+    say(table(("QUEUE", "READY", "DELAYED", "IN-FLIGHT", "DEAD", "PAUSED"), rows))
 
 
 def workers(beats: Sequence[WorkerHeartbeat], as_json: bool) -> None:
@@ -94,13 +102,48 @@ def workers(beats: Sequence[WorkerHeartbeat], as_json: bool) -> None:
     if not beats:
         return say("no workers alive")
     rows = [
-        (b.host, b.pid, ",".join(b.pools), ",".join(b.queues), b.concurrency, b.in_flight,
-         b.processed, b.failed, when(b.started_at), f"{max(0.0, time.time() - b.sent_at):.1f}s")
+        (b.id, b.host, b.pid, b.status, ",".join(b.queues), ",".join(b.paused), b.concurrency,
+         b.in_flight, b.processed, b.failed, when(b.started_at), beat_age(b))
         for b in beats
     ]  # fmt: skip
-    headers = ("HOST", "PID", "POOLS", "QUEUES", "CHILDREN", "IN-FLIGHT", "PROCESSED",
-               "FAILED", "STARTED", "BEAT AGE")  # fmt: skip
+    headers = ("WORKER", "HOST", "PID", "STATUS", "QUEUES", "PAUSED", "CHILDREN", "IN-FLIGHT",
+               "PROCESSED", "FAILED", "STARTED", "BEAT AGE")  # fmt: skip
     say(table(headers, rows))
+
+
+def beat_age(beat: WorkerHeartbeat) -> str:
+    """Seconds since the worker's last beat, marked "late" past two of its intervals."""
+    age = max(0.0, time.time() - beat.sent_at)
+    late = beat.interval_s and age > 2 * beat.interval_s
+    return f"{age:.1f}s late" if late else f"{age:.1f}s"
+
+
+def health(report: HealthReport, as_json: bool) -> None:
+    if as_json:
+        return print_json(report)
+    rows = [("ok" if c.ok else "FAIL", c.name, c.detail) for c in report.checks]
+    say(table(("", "CHECK", "DETAIL"), rows))
+    if report.healthy:
+        say("healthy")
+
+
+# --- control ------------------------------------------------------------------------
+
+
+def control_result(result: CallResult, as_json: bool, shape: str) -> None:
+    """A control command's answers: each worker's reply (`shape` picks the fields and
+    the table); who did not answer goes to stderr, one line each."""
+    if as_json and shape == "ping":
+        print_json([{"worker": a.worker, "latency_ms": round(a.latency_ms, 2)}
+                    for a in result.answers])  # fmt: skip
+    elif as_json:
+        print_json([a.reply | {"worker": a.worker} for a in result.answers])
+    else:
+        say(_CONTROL_TABLES.get(shape, _plain_answers)(result.answers))
+    for missing in result.missing:
+        sys.stderr.write(
+            f"stem: no answer from {missing.worker} (last beat {missing.beat_age_s:.1f}s ago)\n"
+        )
 
 
 def messages(items: Sequence[MessageInfo], as_json: bool) -> None:
@@ -340,3 +383,33 @@ def log_tail(path: Path, lines: int = 30) -> None:
         return
     say(f"\nlast lines of {path}:", sys.stderr)
     say("\n".join(tail), sys.stderr)
+
+
+def _ping_table(answers: Sequence[Answer]) -> str:
+    return table(("WORKER", "LATENCY"), [(a.worker, f"{a.latency_ms:.1f} ms") for a in answers])
+
+
+def _stats_table(answers: Sequence[Answer]) -> str:
+    rows = [(r["worker"], r["host"], r["pid"], ",".join(r["queues"]), r["concurrency"],
+             r["in_flight"], r["processed"], r["failed"], ",".join(r["paused"]) or EMPTY)
+            for r in (a.reply for a in answers)]  # fmt: skip
+    return table(("WORKER", "HOST", "PID", "QUEUES", "CHILDREN", "IN-FLIGHT", "PROCESSED",
+                  "FAILED", "PAUSED"), rows)  # fmt: skip
+
+
+def _inspect_table(answers: Sequence[Answer]) -> str:
+    rows = [
+        (a.worker, t["task_id"], t["name"], f"{t['runtime_s']:.1f}s", f"{t['lease_age_s']:.1f}s")
+        for a in answers for t in a.reply.get("active", [])
+    ]  # fmt: skip
+    if not rows:
+        return "no tasks running"
+    return table(("WORKER", "TASK", "NAME", "RUNNING", "LEASE AGE"), rows)
+
+
+def _plain_answers(answers: Sequence[Answer]) -> str:
+    lines = [f"{a.worker}: {a.reply.get('error') or 'ok'}" for a in answers]
+    return "\n".join(lines)
+
+
+_CONTROL_TABLES = {"ping": _ping_table, "stats": _stats_table, "inspect": _inspect_table}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from appliance.cli import control
 from appliance.cli.common import (
     Commands,
     add_app_flag,
@@ -13,6 +14,7 @@ from appliance.cli.common import (
     store_flags,
 )
 from appliance.logs import configure_logging
+from appliance.units import check_name
 
 
 def register(commands: Commands) -> None:
@@ -43,7 +45,19 @@ def register(commands: Commands) -> None:
         metavar="A,B",
         help="queues to consume (default: default)",
     )
+    run.add_argument(
+        "--name", metavar="NAME", type=_worker_name,
+        help="this worker's id for control commands and status (default: HOST:PID)",
+    )  # fmt: skip
     run.set_defaults(handler=run_worker)
+    control.register(sub)
+
+
+def _worker_name(text: str) -> str:
+    try:
+        return check_name(text, "the worker name")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def run_worker(args: argparse.Namespace) -> int:
@@ -57,4 +71,4 @@ def run_worker(args: argparse.Namespace) -> int:
     # this command, and every other command stays quick to start.
     from appliance.worker.supervisor import Supervisor
 
-    return int(Supervisor(stem, stem.settings.pools).run())
+    return int(Supervisor(stem, stem.settings.pools, name=args.name).run())

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from appliance.backend.protocol import ResultBackend
     from appliance.broker.protocol import Broker
     from appliance.config import Settings
+    from appliance.control.protocol import ControlChannel
     from appliance.envelope import EnvelopeCodec
 
 SCHEMES = ("sqlite", "redis", "rediss")
@@ -56,6 +57,7 @@ class Stores:
     broker: Broker
     backend: ResultBackend
     unit_of_work: UnitOfWork
+    control: ControlChannel  # requests to live workers and their replies (the broker's store)
     closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     def close(self) -> None:
@@ -97,7 +99,7 @@ def open_stores(
             yield
 
     return Stores(
-        broker_store.broker, backend_store.backend, both,
+        broker_store.broker, backend_store.backend, both, broker_store.control,
         [broker_store.close, backend_store.close],
     )  # fmt: skip
 

@@ -21,6 +21,9 @@ class KillReason:
 COLD_SHUTDOWN = KillReason("WorkerLostError", "cold shutdown", counts_as_task_failure=False)
 # Killed for a limit another task broke (it finished as the kill landed): uncounted too.
 BYSTANDER = KillReason("WorkerLostError", "killed for another task", counts_as_task_failure=False)
+# Killed because the task it held was revoked: that task ends REVOKED, never retried; the
+# others it held go back uncounted.
+REVOKED = KillReason("TaskRevokedError", "revoked", counts_as_task_failure=False)
 
 
 def protocol_violation(detail: str) -> KillReason:

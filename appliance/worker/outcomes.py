@@ -115,14 +115,22 @@ def dead_before_run(
     return Settled(Settlement.dead_letter(delivery, info), result, TaskEvent.DEAD)
 
 
-def expired(delivery: Delivery, envelope: Envelope, *, default_ttl: float) -> Settled:
-    """A delivery past its `expires` time is cancelled, not run."""
+REVOKED_BEFORE_RUN = "revoked before it could run"
+REVOKED_TERMINATED = "revoked and terminated while it ran"
+EXPIRED = "expired before it could run"
+
+
+def revoked(
+    delivery: Delivery, envelope: Envelope, why: str, *, worker: str = "", default_ttl: float
+) -> Settled:
+    """Cancel a delivery for good, not retried: revoked (before or while it ran) or past
+    its `expires` time. `result()` raises `TaskRevokedError` saying which."""
     now = time.time()
     result = TaskResult(
         task_id=envelope.id, state=TaskState.REVOKED, name=envelope.name,
-        queue=envelope.queue, attempt=envelope.attempt, finished_at=now,
-        error=ErrorInfo("TaskRevokedError", "expired before it could run"),
-        meta=envelope.meta, expires_at=now + default_ttl,
+        queue=envelope.queue, attempt=envelope.attempt, worker=worker, finished_at=now,
+        error=ErrorInfo("TaskRevokedError", why), meta=envelope.meta,
+        expires_at=now + default_ttl,
     )  # fmt: skip
     return Settled(Settlement.ack(delivery), result, TaskEvent.REVOKED)
 
@@ -177,7 +185,7 @@ def triage(
             f"delivered {delivery.deliveries} times without finishing", default_ttl=default_ttl,
         )  # fmt: skip
     if envelope.expires is not None and envelope.expires < time.time():
-        return expired(delivery, envelope, default_ttl=default_ttl)
+        return revoked(delivery, envelope, EXPIRED, default_ttl=default_ttl)
     return envelope, task
 
 

@@ -91,6 +91,10 @@ class Pool:
     def queues(self) -> tuple[str, ...]:
         return self.settings.queues
 
+    def claimable_queues(self, paused: set[str]) -> tuple[str, ...]:
+        """The pool's queues that are not paused (`stem worker pause`)."""
+        return tuple(q for q in self.settings.queues if q not in paused)
+
     def depth(self) -> int:
         """Deliveries a child may hold: the running one plus ~3 ms of short tasks."""
         extra = int(PREFETCH_WINDOW_S / max(self.avg_task_s, 1e-6))

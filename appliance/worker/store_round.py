@@ -50,6 +50,7 @@ class StoreRound:
         # short one is taken over in time if this worker stalls; the first renewal
         # extends the others to their own.
         self.claim_lease = claim_lease
+        self.paused: set[str] = set()  # queues not to claim from (the supervisor refreshes it)
         self.pending: list[Settled] = []
         self.counts: Counter[TaskEvent] = Counter()
         self.retry_at = 0.0  # monotonic: no store call before this while failing
@@ -113,9 +114,10 @@ class StoreRound:
             if not self.wants_claim(pool, now):
                 continue
             free = pool.free_capacity()
+            queues = pool.claimable_queues(self.paused)
             try:
                 deliveries = broker.claim(
-                    pool.queues, free, consumer=self.consumer, lease=self.claim_lease
+                    queues, free, consumer=self.consumer, lease=self.claim_lease
                 )
             except BrokerError as exc:
                 return claimed, exc
@@ -124,7 +126,7 @@ class StoreRound:
             if not pool.maybe_ready:
                 pool.next_poll = now + POLL_S
                 with contextlib.suppress(BrokerError):  # only a hint for when to look again
-                    due = broker.next_due(pool.queues)
+                    due = broker.next_due(queues) if queues else None
                     if due is not None:
                         pool.next_poll = min(pool.next_poll, now + max(0.0, due - time.time()))
         return claimed, None

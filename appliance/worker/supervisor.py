@@ -25,17 +25,20 @@ from collections.abc import Callable, Sequence
 from appliance import __version__
 from appliance.app import Stem
 from appliance.backend.protocol import WorkerHeartbeat
-from appliance.broker.protocol import Consumer
-from appliance.config import PoolSettings
+from appliance.broker.protocol import Consumer, Wake, consumer_gone
+from appliance.config import PoolSettings, concurrency_warning
+from appliance.control.server import ControlServer
 from appliance.errors import (
     BrokerBusy,
     BrokerError,
     BrokerFull,
     BrokerUnavailable,
+    ConfigError,
     StemError,
     StoreReplaced,
 )
 from appliance.states import ExitCode, TaskEvent
+from appliance.worker.commands import WorkerCommands
 from appliance.worker.duties import Duties
 from appliance.worker.hygiene import become_subreaper, start_undertaker
 from appliance.worker.pool import Pool
@@ -50,8 +53,10 @@ log = logging.getLogger("stem.worker")
 # keeps enforcing time limits and heartbeats.
 STORE_BUSY_WAIT_S = 0.25
 RECOVER_S = 1.0
+CONTROL_POLL_S = 1.0  # read control requests at least this often (a poke may be lost)
+FLAGS_S = 2.0  # reload paused queues and revokes at least this often
 PURGE_S = 60.0
-WORKER_BEAT_S = 5.0  # the supervisor's record in the backend; it expires after 3 beats
+WORKER_BEAT_S = 2.0  # the supervisor's record in the backend; it expires after 3 beats
 IDLE_UPKEEP_S = 10.0  # checkpoint the SQLite WAL at most this often, and only when idle
 ORPHAN_SWEEP_S = 5.0  # look for escaped task processes (also after every child exit)
 IDENTITY_S = 2.0  # check that the store still holds the data we opened
@@ -66,8 +71,11 @@ class Supervisor:
     """Runs pools of children for one `Stem` until told to stop. `run()` returns the
     process exit code."""
 
-    def __init__(self, stem: Stem, pools: Sequence[PoolSettings]) -> None:
+    def __init__(
+        self, stem: Stem, pools: Sequence[PoolSettings], *, name: str | None = None
+    ) -> None:
         self.stem = stem
+        self.name = name  # the worker id (`--name`); HOST:PID when None
         self.settings = stem.settings
         self.pools: list[Pool] = []
         first = 0
@@ -82,6 +90,10 @@ class Supervisor:
         self.duties = Duties()
         self._next_scan = 0.0  # monotonic: the next heartbeat-table scan
         self.exit_code = ExitCode.OK
+        # Stored in the store by `stem worker pause` / `revoke`, refreshed from there
+        # every few seconds and at once on a control request.
+        self.paused: set[str] = set()
+        self.revoked: set[str] = set()
 
     # --- life cycle --------------------------------------------------------------------
 
@@ -106,6 +118,14 @@ class Supervisor:
             settle=self.round.settle, worker_name=self.worker_name,
             supervisor_id=self.consumer.name, supervisor_pid=self.consumer.pid,
         )  # fmt: skip
+        self.tree.revoked = self.revoked
+        self.round.paused = self.paused
+        self.refresh_flags(time.monotonic())
+        self.control = ControlServer(
+            self.stores.control, self.worker_name, WorkerCommands(self).handlers()
+        )
+        if warning := concurrency_warning(self.settings.pools, os.cpu_count() or 1):
+            log.warning("%s", warning)
         self._plan_duties()
         try:
             self.tree.spawn_missing(time.monotonic())
@@ -139,7 +159,7 @@ class Supervisor:
         worker started before its Redis comes up instead of crash-looping under systemd.
         False if a stop signal arrived meanwhile."""
         self.stores = self.stem.open_stores(busy_wait=STORE_BUSY_WAIT_S)
-        self.worker_name = f"{self.consumer.host}:{self.consumer.pid}"
+        self.worker_name = self.name or f"{self.consumer.host}:{self.consumer.pid}"
         self.round = StoreRound(self.stores, self.consumer, self.pools, claim_lease_for(self.stem))
         broker = self.stores.broker
         pause = 0.5
@@ -148,6 +168,7 @@ class Supervisor:
             try:
                 wake_fd = broker.wake_fd(self.queues)
                 broker.watch_identity()  # learn which data set this is
+                self._check_name_is_free()
                 recovered = broker.recover(self.consumer)
                 break
             except BrokerFull as exc:
@@ -169,7 +190,20 @@ class Supervisor:
             self._watch(wake_fd, lambda mask: self._on_wake())
         return True
 
+    def _check_name_is_free(self) -> None:
+        """Two live workers must not share a name (control requests target it)."""
+        for beat in self.stores.backend.list_workers():
+            if beat.id != self.worker_name or beat.consumer in ("", self.consumer.name):
+                continue
+            if not consumer_gone(beat.consumer, self.consumer):
+                raise ConfigError(
+                    "--name", self.worker_name, f"a worker of that name is running already "
+                    f"(pid {beat.pid} on {beat.host}); give each worker a name of its own",
+                )  # fmt: skip
+
     def _plan_duties(self) -> None:
+        self.duties.every(CONTROL_POLL_S, self._poll_control)
+        self.duties.every(FLAGS_S, self.refresh_flags)
         self.duties.every(RECOVER_S, self._recover)
         self.duties.every(PURGE_S, self._purge_expired)
         self.duties.every(IDLE_UPKEEP_S, self._idle_upkeep)
@@ -192,7 +226,7 @@ class Supervisor:
         self.accepting = False
         self.tree.close()  # their tasks go back uncounted
         self.round.settle_before_exit()
-        self.round.guarded(lambda: self.stores.backend.remove_worker(self.consumer.name))
+        self.round.guarded(lambda: self.stores.backend.remove_worker(self.worker_name))
         signal.set_wakeup_fd(-1)
         self.stores.close()
         os.close(self.undertaker_fd)  # the undertaker sweeps once more, then exits
@@ -234,9 +268,12 @@ class Supervisor:
         return max(0.0, min(deadlines) - now)
 
     def _on_wake(self) -> None:
-        self.stores.broker.clear_wake()
-        for pool in self.pools:
-            pool.maybe_ready = True
+        woke = self.stores.broker.clear_wake()
+        if Wake.CONTROL in woke:
+            self._poll_control(time.monotonic())
+        if Wake.MESSAGES in woke:
+            for pool in self.pools:
+                pool.maybe_ready = True
 
     # --- signals and shutdown ------------------------------------------------------------
 
@@ -248,13 +285,13 @@ class Supervisor:
         for signum in received:
             if signum in (signal.SIGTERM, signal.SIGINT):
                 if self.accepting:
-                    self._begin_warm_shutdown()
+                    self.begin_warm_shutdown()
                 else:
-                    self._cold_shutdown("second stop signal")
+                    self.cold_shutdown("second stop signal")
             elif signum == signal.SIGQUIT:
-                self._cold_shutdown("SIGQUIT")
+                self.cold_shutdown("SIGQUIT")
 
-    def _begin_warm_shutdown(self) -> None:
+    def begin_warm_shutdown(self) -> None:
         grace = max(p.settings.shutdown_grace for p in self.pools)
         log.info("warm shutdown: finishing running tasks (grace %gs)", grace)
         self.notifier.send("STOPPING=1", "STATUS=warm shutdown")
@@ -262,7 +299,7 @@ class Supervisor:
         self.draining_until = time.monotonic() + grace
         self.tree.drain()
 
-    def _cold_shutdown(self, why: str) -> None:
+    def cold_shutdown(self, why: str) -> None:
         log.warning("cold shutdown (%s): killing children, returning their tasks", why)
         self.notifier.send("STOPPING=1", "STATUS=cold shutdown")
         self.accepting = False
@@ -273,10 +310,29 @@ class Supervisor:
         if self.accepting:
             return
         if self.draining_until is not None and now >= self.draining_until and not self.cold:
-            self._cold_shutdown("grace period over")
+            self.cold_shutdown("grace period over")
         self.tree.release_idle()
 
     # --- chores --------------------------------------------------------------------------
+
+    def _poll_control(self, now: float) -> None:
+        self.round.guarded(self.control.poll)
+
+    def refresh_flags(self, now: float) -> None:
+        """Reload paused queues and live revokes from the store."""
+        paused = self.round.guarded(self.stores.broker.paused)
+        revoked = self.round.guarded(self.stores.backend.list_revoked)
+        if paused is not None and set(paused) != self.paused:
+            changed = set(paused) ^ self.paused
+            self.paused.clear()
+            self.paused.update(paused)
+            log.info("paused queues now: %s", ", ".join(sorted(self.paused)) or "none")
+            if changed - self.paused:  # resumed: claim from them again now
+                for pool in self.pools:
+                    pool.maybe_ready = True
+        if revoked is not None:
+            self.revoked.clear()
+            self.revoked.update(revoked)
 
     def _recover(self, now: float) -> None:
         if self.round.guarded(lambda: self.stores.broker.recover(self.consumer)):
@@ -298,7 +354,7 @@ class Supervisor:
         except StoreReplaced as exc:
             log.error("stopping: %s", exc)
             self.exit_code = ExitCode.UNAVAILABLE  # systemd restarts it on the new file
-            self._cold_shutdown("the database was replaced")
+            self.cold_shutdown("the database was replaced")
             return
         except BrokerError as exc:
             self.round.failed(exc)
@@ -312,15 +368,26 @@ class Supervisor:
     def _ping_watchdog(self, now: float) -> None:
         self.notifier.send("WATCHDOG=1")
 
+    def status(self) -> str:
+        """One short phrase: serving, draining, or what is wrong."""
+        if not self.accepting:
+            return "cold shutdown" if self.cold else "draining (warm shutdown)"
+        if self.round.failures:
+            return f"store failing: {self.round.failures} rounds in a row"
+        return "serving"
+
     def _publish_heartbeat(self, now: float) -> None:
         """The worker record `stem worker status` and the TUI read (SPEC section 3)."""
         counts = self.round.counts
         beat = WorkerHeartbeat(
-            id=self.consumer.name, host=self.consumer.host, pid=self.consumer.pid,
+            id=self.worker_name, host=self.consumer.host, pid=self.consumer.pid,
             pools=tuple(p.settings.name for p in self.pools), queues=tuple(self.queues),
             concurrency=self.tree.table.header.slots, in_flight=self.tree.in_flight(),
             processed=sum(counts[e] for e in FINISHED), failed=counts[TaskEvent.DEAD],
             started_at=self.consumer.started, version=__version__, sent_at=time.time(),
+            consumer=self.consumer.name, status=self.status(),
+            paused=tuple(sorted(self.paused & set(self.queues))),
+            children=self.tree.children_info(), interval_s=WORKER_BEAT_S,
         )  # fmt: skip
         self.round.guarded(
             lambda: self.stores.backend.put_worker_heartbeat(beat, 3 * WORKER_BEAT_S)

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 
 from appliance.app import Stem
+from appliance.backend.protocol import ChildInfo
 from appliance.broker.protocol import Delivery
 from appliance.states import OutcomeStatus, SlotState
 from appliance.worker import outcomes
@@ -23,6 +24,7 @@ from appliance.worker.ipc import ChildMessage, Progress, ProtocolError, dispatch
 from appliance.worker.limits import (
     BYSTANDER,
     COLD_SHUTDOWN,
+    REVOKED,
     KillReason,
     check_memory,
     check_slot,
@@ -67,6 +69,7 @@ class ProcessTree:
         self.blocked_signals = tuple(blocked_signals)
         self.orphans_found = 0  # escaped grandchildren killed (adopted as subreaper)
         self.claim_lease = claim_lease_for(stem)
+        self.revoked: set[str] = set()  # task ids never to run (the supervisor refreshes it)
         self.pipes = ChildPipes(selector)
         self.children: dict[int, Child] = {}  # pid -> child
         self.table = HeartbeatTable(sum(p.settings.concurrency for p in pools))
@@ -126,6 +129,12 @@ class ProcessTree:
             self.settle(verdict)
             return
         envelope, task = verdict
+        if envelope.id in self.revoked:
+            self.settle(outcomes.revoked(
+                delivery, envelope, outcomes.REVOKED_BEFORE_RUN, worker=self.worker_name,
+                default_ttl=self._default_ttl,
+            ))  # fmt: skip
+            return
         child = pool.pick_child()
         if child is None:  # capacity vanished (a child died meanwhile): give it back
             self.settle(outcomes.released(delivery))
@@ -233,6 +242,16 @@ class ProcessTree:
 
     def _recover(self, child: Child, dispatch: Dispatch, running: bool, code: int) -> None:
         kill = child.kill
+        if kill is REVOKED:
+            if dispatch.seq == child.killed_seq:  # the revoked task itself: never retried
+                why = outcomes.REVOKED_TERMINATED if running else outcomes.REVOKED_BEFORE_RUN
+                self.settle(outcomes.revoked(
+                    dispatch.delivery, dispatch.envelope, why, worker=self.worker_name,
+                    default_ttl=self._default_ttl,
+                ))  # fmt: skip
+            else:  # held behind it, or interrupted for it: back uncounted
+                self.settle(outcomes.released(dispatch.delivery))
+            return
         if kill is not None and kill.counts_as_task_failure and dispatch.seq != child.killed_seq:
             # The task the kill was meant for finished just before it landed: this one
             # had just started and broke no limit.
@@ -294,6 +313,29 @@ class ProcessTree:
             log.warning("killing process %d: left behind by a task (its parent is gone)", pid)
             self.orphans_found += 1
             kill_tree(pid)
+
+    # --- revokes -------------------------------------------------------------------------
+
+    def revoke(self, task_ids: set[str], *, terminate: bool) -> list[str]:
+        """Stop revoked tasks this worker holds: one waiting in a child's pipe (prefetched)
+        would run before the child hears of the revoke, so its child is killed and what
+        else it held goes back uncounted; a running one is killed only with `terminate`.
+        Returns the revoked task ids whose child was killed."""
+        killed = []
+        for child in list(self.children.values()):
+            if child.kill is not None:
+                continue
+            slot = self.table.slots[child.index]
+            for dispatch in child.outstanding.values():
+                if dispatch.envelope.id not in task_ids:
+                    continue
+                running = slot.state == SlotState.RUNNING and slot.seq == dispatch.seq
+                if running and not terminate:
+                    continue  # it runs to its end; a retry of it will not run
+                self.kill(child, REVOKED, dispatch.seq)
+                killed.append(dispatch.envelope.id)
+                break
+        return killed
 
     # --- shutdown ------------------------------------------------------------------------
 
@@ -357,6 +399,40 @@ class ProcessTree:
             (d.renew_at for c in self.children.values() if c.kill is None
              for d in c.outstanding.values()),
             default=float("inf"),
+        )  # fmt: skip
+
+    def children_info(self) -> tuple[ChildInfo, ...]:
+        """Every slot as it is now, for the worker's heartbeat record (the TUI)."""
+        now = time.monotonic()
+        found = []
+        for pool in self.pools:
+            for index in pool.slot_indexes:
+                child = pool.children.get(index)
+                found.append(self._slot_info(pool, index, child, now))
+        return tuple(found)
+
+    def _slot_info(self, pool: Pool, index: int, child: Child | None, now: float) -> ChildInfo:
+        name = pool.settings.name
+        if child is None:
+            return ChildInfo(index, name, 0, "empty")
+        slot = self.table.slots[index]
+        state = SlotState(slot.state).name.lower()
+        dispatch = child.outstanding.get(slot.seq) if slot.state == SlotState.RUNNING else None
+        try:
+            rss: int | None = child.rss()
+        except Exception:  # psutil: gone or not readable; the reaper handles it
+            rss = None
+        if dispatch is None:
+            return ChildInfo(index, name, child.pid, state, rss=rss,
+                             beat_age_s=round(now - slot.last_beat, 3),
+                             tasks_done=slot.tasks_done)  # fmt: skip
+        options = dispatch.task.options
+        return ChildInfo(
+            index, name, child.pid, state, task_id=dispatch.envelope.id,
+            task=dispatch.envelope.name, runtime_s=round(now - slot.started, 3),
+            soft_limit_s=options.soft_time_limit, hard_limit_s=options.hard_time_limit,
+            progress=slot.progress if slot.progress >= 0 else None, rss=rss,
+            beat_age_s=round(now - slot.last_beat, 3), tasks_done=slot.tasks_done,
         )  # fmt: skip
 
     def in_flight(self) -> int:

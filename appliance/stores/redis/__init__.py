@@ -12,6 +12,7 @@ from appliance.stores import Stores
 from appliance.stores.redis.backend import RedisBackend
 from appliance.stores.redis.broker import RedisBroker
 from appliance.stores.redis.conn import connect
+from appliance.stores.redis.control import RedisControl
 from appliance.stores.redis.keys import Keys
 from appliance.stores.redis.session import RedisSession
 
@@ -26,6 +27,6 @@ def open_store(url: str, settings: Settings, codec: EnvelopeCodec) -> Stores:
     keys = Keys(settings.namespace)
     broker = RedisBroker(url, session, keys, codec)
     backend = RedisBackend(url, session, keys)
-    return Stores(
-        broker, backend, session.unit_of_work, [broker.close, backend.close, session.close]
-    )
+    control = RedisControl(session, keys)
+    closers = [broker.close, backend.close, session.close]
+    return Stores(broker, backend, session.unit_of_work, control, closers)

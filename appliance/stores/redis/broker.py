@@ -34,9 +34,11 @@ from appliance.broker.protocol import (
     Consumer,
     DeadLetterEntry,
     Delivery,
+    HealthCheck,
     MessageInfo,
     QueueStats,
     Settlement,
+    Wake,
     consumer_gone,
 )
 from appliance.envelope import EnvelopeCodec
@@ -122,6 +124,26 @@ class RedisBroker:
         self._checked_durability = True
         for warning in durability_warnings(self.client):
             log.warning("Redis at %s: %s", self.session.outage.where, warning)
+
+    def health_checks(self) -> list[HealthCheck]:
+        with self._guard("checking health"):
+            started = time.monotonic()
+            self.client.ping()
+            latency = (time.monotonic() - started) * 1000
+            warnings = durability_warnings(self.client)
+            try:
+                memory: Any = self.client.info("memory")
+            except redis.ResponseError:  # an ACL without INFO: nothing to say about memory
+                memory = {}
+        used, limit = int(memory.get("used_memory", 0)), int(memory.get("maxmemory", 0))
+        share = f"{used / 2**20:.1f} MiB" + (f" of {limit / 2**20:.0f} MiB" if limit else "")
+        return [
+            HealthCheck("redis latency", latency < 100, f"PING {latency:.1f} ms"),
+            HealthCheck(
+                "durability", not warnings, "; ".join(warnings) or "appendonly, noeviction"
+            ),
+            HealthCheck("redis memory", not limit or used < 0.9 * limit, share),
+        ]
 
     def durability_warnings(self) -> list[str]:
         """Startup check: why acknowledged enqueues could be lost (see `conn`)."""
@@ -313,7 +335,7 @@ class RedisBroker:
         return min(scores) if scores else None
 
     def wake_fd(self, queues: Sequence[str]) -> int | None:
-        channels = sorted(self.keys.wake(q) for q in queues)
+        channels = sorted({*(self.keys.wake(q) for q in queues), self.keys.wake_control})
         if self._wake is None:
             self._wake = RedisWake(connect(self.url, retry=False), channels)
         elif self._wake.channels != channels:
@@ -321,18 +343,42 @@ class RedisBroker:
         self._wake.subscribe()
         return self._wake.fd
 
-    def clear_wake(self) -> None:
-        if self._wake is not None:
-            self._wake.drain()
+    def clear_wake(self) -> Wake:
+        if self._wake is None:
+            return Wake.NONE
+        seen = self._wake.drain()
+        woke = Wake.CONTROL if self.keys.wake_control in seen else Wake.NONE
+        if seen - {self.keys.wake_control}:
+            woke |= Wake.MESSAGES
+        return woke
 
     # --- observation ------------------------------------------------------------------------
 
+    # --- pausing queues ------------------------------------------------------------------
+
+    def pause(self, queue: str) -> bool:
+        with self._guard("pausing a queue"):
+            return bool(self.client.hsetnx(self.keys.paused, queue, repr(time.time())))
+
+    def resume(self, queue: str) -> bool:
+        with self._guard("resuming a queue"):
+            return bool(self.client.hdel(self.keys.paused, queue))
+
+    def paused(self) -> dict[str, float]:
+        with self._guard("reading paused queues"):
+            raw: Any = self.client.hgetall(self.keys.paused)
+        return {text(queue): float(at) for queue, at in raw.items()}
+
     def queue_stats(self) -> list[QueueStats]:
         with self._guard("queue_stats"):
-            queues = self._queues()
+            paused = self.paused()
+            queues = sorted({*self._queues(), *paused})
             rows = self._stats(args=[*self._head, repr(time.time()), *queues]) if queues else []
-        stats = [QueueStats(q, *map(int, row)) for q, row in zip(queues, rows, strict=True)]
-        return [s for s in stats if s.ready or s.delayed or s.in_flight or s.dead]
+        stats = []
+        for queue, row in zip(queues, rows, strict=True):
+            ready, delayed, in_flight, dead = map(int, row)
+            stats.append(QueueStats(queue, ready, delayed, in_flight, dead, queue in paused))
+        return [s for s in stats if s.ready or s.delayed or s.in_flight or s.dead or s.paused]
 
     def list_messages(
         self, queue: str | None = None, *, limit: int = 50, offset: int = 0

@@ -16,6 +16,10 @@ Layout (P = "<namespace>:"):
 | P tasks                     | hash   | task id -> where its message is (see `location`)     |
 | P consumers                 | hash   | consumer name -> the lease (seconds) it last used    |
 | P wake:<queue>              | pubsub | channel: "messages may be due in <queue>"            |
+| P wake:control              | pubsub | channel: "a control request was sent"                |
+| P control                   | stream | control requests: id, target, command, args, sent_at |
+| P control:reply:<id>        | hash   | worker id -> its reply (JSON), PEXPIRE with the TTL  |
+| P paused                    | hash   | queue -> when it was paused (paused queues only)     |
 | P dlq                       | zset   | every dead-letter id, scored by dead_at              |
 | P dlq:q:<queue>             | zset   | dead-letter ids of one original queue, by dead_at    |
 | P dlq:entry                 | hash   | dead-letter id -> JSON record (reason, error, times) |
@@ -79,6 +83,9 @@ class Keys:
         # `worker:<id>` keys without SCAN; members whose key expired are trimmed on write.
         self.workers = f"{p}workers"
         self.epoch = f"{p}epoch"  # string: a random token naming this data set
+        self.wake_control = f"{p}wake:control"  # pubsub: a control request was sent
+        self.control = f"{p}control"  # stream: control requests (trimmed by age)
+        self.paused = f"{p}paused"  # hash: paused queue -> paused_at
 
     def stream(self, queue: str, band: int) -> str:
         """Stream: the ready and leased messages of `queue` in one priority band."""
@@ -118,6 +125,11 @@ class Keys:
         JSON of each finished member (HSETNX: a duplicate report keeps the first). The
         finished count is HLEN - 1. The key carries the group's TTL."""
         return f"{self.prefix}group:{group_id}"
+
+    def control_reply(self, request_id: str) -> str:
+        """Hash: worker id -> that worker's reply (JSON) to one control request; the key
+        expires with the request's TTL."""
+        return f"{self.prefix}control:reply:{request_id}"
 
     def worker(self, worker_id: str) -> str:
         """String: the last `WorkerHeartbeat` of one supervisor as JSON; native PX TTL."""

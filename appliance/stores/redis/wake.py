@@ -56,17 +56,21 @@ class RedisWake:
         self.sock_fd = None
         self.next_try = time.monotonic() + self.RETRY_EVERY
 
-    def drain(self) -> None:
-        """Read every pending message without blocking."""
+    def drain(self) -> set[str]:
+        """Read every pending message without blocking; the channels they came on."""
+        seen: set[str] = set()
         if self.sock_fd is None:
             self.maybe_resubscribe()
-            return
+            return seen
         try:
-            while self.pubsub.get_message(timeout=0) is not None:
-                pass
+            while (message := self.pubsub.get_message(timeout=0)) is not None:
+                channel = message.get("channel")
+                if isinstance(channel, bytes):
+                    seen.add(channel.decode())
             self._point_at_socket()
         except (redis.ConnectionError, redis.TimeoutError, OSError):
             self._go_quiet()
+        return seen
 
     def maybe_resubscribe(self) -> None:
         if self.sock_fd is None and time.monotonic() >= self.next_try:

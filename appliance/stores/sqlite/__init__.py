@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from appliance.stores import Stores
 from appliance.stores.sqlite.backend import SqliteBackend
 from appliance.stores.sqlite.broker import SqliteBroker
+from appliance.stores.sqlite.control import SqliteControl
 from appliance.stores.sqlite.db import BUSY_DEADLINE
 from appliance.stores.sqlite.schema import open_current
 
@@ -35,4 +36,7 @@ def open_store(
     )  # fmt: skip
     broker = SqliteBroker(db, url, codec)
     backend = SqliteBackend(db, url)
-    return Stores(broker, backend, db.unit_of_work, [broker.close, backend.close, db.close])
+    control = SqliteControl(db, broker.waker)
+    return Stores(
+        broker, backend, db.unit_of_work, control, [broker.close, backend.close, db.close]
+    )

@@ -31,9 +31,11 @@ from appliance.broker.protocol import (
     Consumer,
     DeadLetterEntry,
     Delivery,
+    HealthCheck,
     MessageInfo,
     QueueStats,
     Settlement,
+    Wake,
     consumer_gone,
 )
 from appliance.envelope import Envelope, EnvelopeCodec
@@ -41,7 +43,7 @@ from appliance.errors import BrokerError, StoreReplaced
 from appliance.states import SettleKind
 from appliance.stores.common import QueueRotation, replay_of
 from appliance.stores.sqlite.db import Database, translate
-from appliance.stores.sqlite.wake import SqliteWaker
+from appliance.stores.sqlite.wake import CONTROL, MESSAGES, SqliteWaker
 
 # The row a claim, settle or observation touches is always found through an index
 # (see schema.py); `test_sqlite_broker.py` checks the claim plan.
@@ -100,6 +102,9 @@ _COUNT_DELAYED = (
 )
 _COUNT_LEASED = "SELECT queue, COUNT(*) FROM messages WHERE state = 'leased' GROUP BY queue"
 _COUNT_DEAD = "SELECT queue, COUNT(*) FROM dead_letters GROUP BY queue"
+_PAUSED = "SELECT queue, paused_at FROM paused_queues"
+_PAUSE = "INSERT INTO paused_queues (queue, paused_at) VALUES (?, ?) ON CONFLICT DO NOTHING"
+_RESUME = "DELETE FROM paused_queues WHERE queue = ?"
 _MESSAGE_COLUMNS = (
     "COALESCE(task_id, ''), name, queue, priority, attempt, deliveries, state, "
     "not_before, lease_until, owner"
@@ -199,6 +204,9 @@ def _state(env: Envelope, now: float) -> str:
     return "delayed" if env.not_before is not None and env.not_before > now else "ready"
 
 
+# A WAL that stays above this was not checkpointed: a reader keeps an old snapshot open
+# ("Write-Ahead Logging" section 6), and it grows without bound until that reader goes.
+WAL_HEALTHY_BYTES = 256 * 2**20
 MAX_LEASE_S = 86400.0  # leases are renewed while held, so none needs to be longer
 
 
@@ -386,8 +394,35 @@ class SqliteBroker:
         spurious wake-up costs one empty claim)."""
         return self._waker.listen()
 
-    def clear_wake(self) -> None:
-        self._waker.drain()
+    def clear_wake(self) -> Wake:
+        seen = self._waker.drain()
+        woke = Wake.NONE
+        if MESSAGES[0] in seen:
+            woke |= Wake.MESSAGES
+        if CONTROL[0] in seen:
+            woke |= Wake.CONTROL
+        return woke
+
+    @property
+    def waker(self) -> SqliteWaker:
+        """The wake-up sockets, shared with the control channel of the same file."""
+        return self._waker
+
+    # --- pausing queues --------------------------------------------------------------
+
+    def pause(self, queue: str) -> bool:
+        count: int = self._db.write(
+            lambda conn: conn.execute(_PAUSE, (queue, time.time())).rowcount
+        )
+        return count > 0
+
+    def resume(self, queue: str) -> bool:
+        count: int = self._db.write(lambda conn: conn.execute(_RESUME, (queue,)).rowcount)
+        return count > 0
+
+    def paused(self) -> dict[str, float]:
+        rows = self._db.read(lambda conn: conn.execute(_PAUSED).fetchall())
+        return {queue: paused_at for queue, paused_at in rows}
 
     # --- observation -----------------------------------------------------------------
 
@@ -411,7 +446,13 @@ class SqliteBroker:
                 add(queue, "in_flight", leased)
             for queue, dead in conn.execute(_COUNT_DEAD):
                 add(queue, "dead", dead)
-            return [QueueStats(queue, **values) for queue, values in sorted(counts.items())]
+            paused = {row[0] for row in conn.execute(_PAUSED)}
+            for queue in paused:
+                counts.setdefault(queue, {})
+            return [
+                QueueStats(queue, **values, paused=queue in paused)
+                for queue, values in sorted(counts.items())
+            ]
 
         return self._db.read(work)
 
@@ -500,6 +541,25 @@ class SqliteBroker:
             "live database (nor its -wal and -shm); restart the worker to serve the file "
             "that is there now"
         )
+
+    def health_checks(self) -> list[HealthCheck]:
+        result = self._db.read(lambda conn: conn.execute("PRAGMA quick_check").fetchall())
+        problems = [row[0] for row in result if row[0] != "ok"]
+        try:
+            wal = os.stat(f"{self.path}-wal").st_size
+        except FileNotFoundError:
+            wal = 0
+        durable = not self.durability_warnings()
+        return [
+            HealthCheck("sqlite integrity", not problems,
+                        "quick_check ok" if not problems else "; ".join(problems[:3])),
+            HealthCheck("sqlite wal", wal <= WAL_HEALTHY_BYTES,
+                        f"{wal / 2**20:.1f} MiB (checkpointed when workers are idle; "
+                        f"over {WAL_HEALTHY_BYTES / 2**20:.0f} MiB means a reader holds it)"),
+            HealthCheck("durability", True,
+                        f"synchronous={self._db.target.synchronous}" + (
+                            "" if durable else " (survives crashes, not power loss)")),
+        ]  # fmt: skip
 
     def idle(self) -> None:
         # TRUNCATE waits for nothing: if a reader holds an old snapshot it checkpoints

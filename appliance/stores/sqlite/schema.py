@@ -188,12 +188,52 @@ _PRIMITIVES = (
 )
 
 
+# The control channel (appliance/control) and paused queues (0004).
+# control_requests   one row per request; `seq` is the order every worker reads in from
+#                    its own cursor (a fan-out: no worker consumes a row for another)
+#   target           '*' (every live worker) or one worker id
+#   args             JSON object
+# control_replies    one row per (request, worker) that answered; reply is JSON
+# paused_queues      one row per paused queue; claims skip them
+_CONTROL = (
+    """
+    CREATE TABLE control_requests (
+        seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+        id         TEXT NOT NULL UNIQUE,
+        target     TEXT NOT NULL,
+        command    TEXT NOT NULL,
+        args       BLOB NOT NULL,
+        sent_at    REAL NOT NULL,
+        expires_at REAL NOT NULL
+    )
+    """,
+    "CREATE INDEX control_requests_expires_at ON control_requests (expires_at)",
+    """
+    CREATE TABLE control_replies (
+        request_id TEXT NOT NULL,
+        worker     TEXT NOT NULL,
+        reply      BLOB NOT NULL,
+        replied_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        PRIMARY KEY (request_id, worker)
+    ) WITHOUT ROWID
+    """,
+    "CREATE INDEX control_replies_expires_at ON control_replies (expires_at)",
+    """
+    CREATE TABLE paused_queues (
+        queue     TEXT PRIMARY KEY,
+        paused_at REAL NOT NULL
+    )
+    """,
+)
+
 # (name, statements) in order. Append new steps; never edit an applied one.
 STEPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("0001_initial", _INITIAL),
     ("0002_backend_primitives", _PRIMITIVES),
     # The file's mark (see db.APPLICATION_ID): read commands refuse unmarked files.
     ("0003_application_id", (f"PRAGMA application_id = {APPLICATION_ID}",)),
+    ("0004_control", _CONTROL),
 )
 
 

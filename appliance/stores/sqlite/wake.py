@@ -12,7 +12,8 @@ from pathlib import Path
 
 import psutil
 
-WAKE = b"\x01"
+MESSAGES = b"\x01"  # a wake-up byte: messages may be due
+CONTROL = b"\x02"  # a wake-up byte: a control request was sent
 _SUN_PATH_MAX = 107  # bytes of a unix socket path, NUL excluded (Linux sun_path is 108)
 
 
@@ -78,7 +79,7 @@ class SqliteWaker:
             self._dirfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
         return f"/proc/self/fd/{self._dirfd}/{name}"
 
-    def poke(self) -> None:
+    def poke(self, what: bytes = MESSAGES) -> None:
         try:
             mtime = os.stat(self.dir).st_mtime_ns
             now = time.monotonic()
@@ -95,18 +96,21 @@ class SqliteWaker:
             return  # see the class docstring: the fallback poll covers it
         for address in self._targets:
             try:
-                self._sender.sendto(WAKE, address)
+                self._sender.sendto(what, address)
             except OSError:
                 # ENOENT/ECONNREFUSED: the listener is gone; EAGAIN: it already has a
                 # wake-up queued. Anything else is still no reason to fail the enqueue.
                 continue
 
-    def drain(self) -> None:
+    def drain(self) -> bytes:
+        """Read every pending wake-up; the distinct bytes they carried."""
         if self._listener is None:
-            return
+            return b""
+        seen = bytearray()
         with contextlib.suppress(BlockingIOError):
-            while self._listener.recv(64):
-                pass
+            while data := self._listener.recv(64):
+                seen += data
+        return bytes(set(seen))
 
     def close(self) -> None:
         if self._listener is not None:
