@@ -37,6 +37,10 @@ LEAVES = [
 def test_the_command_tree_is_what_the_spec_names() -> None:
     assert LEAVES == [
         "worker run",
+        "worker multi start",
+        "worker multi stop",
+        "worker multi restart",
+        "worker multi status",
         "enqueue",
         "observe queues",
         "observe workers",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from appliance.cli import multi
 from appliance.cli.common import (
     Commands,
     add_app_flag,
@@ -38,7 +39,9 @@ def register(commands: Commands) -> None:
         help="children per pool (default: the number of CPUs)",
     )
     run.add_argument("--queues", metavar="A,B", help="queues to consume (default: default)")
+    run.add_argument("--name", metavar="NAME", help="the worker's id, default HOST:PID")
     run.set_defaults(handler=run_worker)
+    multi.register(sub)
 
 
 def run_worker(args: argparse.Namespace) -> int:
