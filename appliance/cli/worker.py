@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from appliance.cli import control
+from appliance.cli import control, multi
 from appliance.cli.common import (
     Commands,
     add_app_flag,
@@ -51,6 +51,7 @@ def register(commands: Commands) -> None:
     )  # fmt: skip
     run.set_defaults(handler=run_worker)
     control.register(sub)
+    multi.register(sub)
 
 
 def _worker_name(text: str) -> str:
