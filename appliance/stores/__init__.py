@@ -78,8 +78,10 @@ def open_stores(
     """The broker of `settings.broker_url` and the backend of `settings.backend_url`; on
     one store they share a connection and one unit of work.
 
-    `busy_wait` caps how long one SQLite call waits for other writers before it raises
-    `BrokerBusy` (the supervisor must not stall behind a producer's big batch).
+    `busy_wait` is for an owner whose loop must never stall (the supervisor): it caps
+    how long one SQLite call waits for other writers before it raises `BrokerBusy`
+    (a producer's big batch), and gives Redis calls a short timeout and one quick
+    retry instead of two seconds of back-off (the loop backs off by itself).
     `create=False` is for reads: an SQLite store is only opened if it exists (never
     created, migrated or switched to WAL), so a look never changes a file.
     """
@@ -113,4 +115,4 @@ def _open_one(
         return sqlite.open_store(url, settings, codec, busy_wait=busy_wait, create=create)
     from appliance.stores import redis
 
-    return redis.open_store(url, settings, codec)
+    return redis.open_store(url, settings, codec, quick=busy_wait is not None)

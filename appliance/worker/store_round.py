@@ -55,6 +55,7 @@ class StoreRound:
         self.counts: Counter[TaskEvent] = Counter()
         self.retry_at = 0.0  # monotonic: no store call before this while failing
         self.failures = 0
+        self.failing_since: float | None = None  # wall clock of the first failure in a row
 
     # --- settling --------------------------------------------------------------------
 
@@ -94,12 +95,17 @@ class StoreRound:
         except BrokerError as exc:
             self.failed(exc)
             return []
-        self.pending = self.pending[len(batch) :]
         if claim_error is not None:
-            self.failed(claim_error)  # what was claimed before it still runs
-        elif self.failures:
+            # What was claimed before the failure still runs. The settlements may not have
+            # been sent (Redis sends them with the claim), so they stay pending and go
+            # again: settling twice changes nothing, dropping them would re-run tasks.
+            self.failed(claim_error)
+            return claimed
+        self.pending = self.pending[len(batch) :]
+        if self.failures:
             log.info("store reachable again; settled %d deliveries", len(batch))
             self.failures = 0
+            self.failing_since = None
         return claimed
 
     def wants_claim(self, pool: Pool, now: float) -> bool:
@@ -186,6 +192,7 @@ class StoreRound:
 
     def failed(self, exc: Exception) -> None:
         if not self.failures:
+            self.failing_since = time.time()
             if isinstance(exc, BrokerBusy):  # normal contention: a producer's big batch
                 log.info("store busy (%s); retrying shortly", exc)
             else:

@@ -60,6 +60,8 @@ WORKER_BEAT_S = 2.0  # the supervisor's record in the backend; it expires after 
 IDLE_UPKEEP_S = 10.0  # checkpoint the SQLite WAL at most this often, and only when idle
 ORPHAN_SWEEP_S = 5.0  # look for escaped task processes (also after every child exit)
 IDENTITY_S = 2.0  # check that the store still holds the data we opened
+STATUS_S = 2.0  # systemd STATUS= (when it changed) and EXTEND_TIMEOUT_USEC while draining
+FINAL_GRACE_S = 15.0  # beyond the drain: killing children and settling what is left
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 FINISHED = (TaskEvent.SUCCESS, TaskEvent.DEAD, TaskEvent.REVOKED)
@@ -94,6 +96,7 @@ class Supervisor:
         # every few seconds and at once on a control request.
         self.paused: set[str] = set()
         self.revoked: set[str] = set()
+        self._withheld = False  # the watchdog ping is being withheld (no live child)
 
     # --- life cycle --------------------------------------------------------------------
 
@@ -212,6 +215,7 @@ class Supervisor:
         self.duties.every(IDENTITY_S, self._watch_identity)
         if self.notifier.watchdog_interval:
             self.duties.every(self.notifier.watchdog_interval, self._ping_watchdog)
+        self.duties.every(STATUS_S, self._report_status)
 
     def _stop_requested_within(self, seconds: float) -> bool:
         if not self.selector.select(seconds):
@@ -365,8 +369,40 @@ class Supervisor:
                 "the end, but nothing will retry them if they fail)", lost, self.tree.in_flight(),
             )  # fmt: skip
 
-    def _ping_watchdog(self, now: float) -> None:
-        self.notifier.send("WATCHDOG=1")
+    def _ping_watchdog(self, now: float) -> float | None:
+        """WATCHDOG=1 from the loop itself (so a wedged loop is restarted), and only while
+        a child is alive and beating, or a shutdown is under way: a pool whose every
+        child dies at start (a crash loop, backing off) gets no ping, so systemd restarts
+        the service. A store outage is no reason: a restart would not cure it."""
+        if self.tree.live_children(now) or not self.accepting:
+            self._withheld = False
+            self.notifier.send("WATCHDOG=1")
+            return None
+        if not self._withheld:
+            self._withheld = True
+            log.error("withholding the systemd watchdog: no child is alive (crash loop?)")
+        return min(1.0, self.notifier.watchdog_interval or 1.0)  # ping as soon as one lives
+
+    def _report_status(self, now: float) -> float | None:
+        """STATUS= for `systemctl status`: the pool, or what is wrong."""
+        self.notifier.status(self.status_line(now))
+        if self.draining_until is not None and not self.cold:
+            # A long drain: ask systemd for time beyond TimeoutStopSec as it goes.
+            remaining = max(0.0, self.draining_until - now) + FINAL_GRACE_S
+            self.notifier.send(f"EXTEND_TIMEOUT_USEC={int(remaining * 1e6)}")
+        return None
+
+    def status_line(self, now: float) -> str:
+        tree, counts = self.tree, self.round.counts
+        pool = (
+            f"{tree.live_children(now)}/{tree.table.header.slots} children, "
+            f"{tree.in_flight()} in flight, {sum(counts[e] for e in FINISHED)} processed"
+        )
+        since = self.round.failing_since
+        if since is not None:
+            stamp = time.strftime("%H:%M:%S", time.localtime(since))
+            return f"store unreachable since {stamp}; {pool}"
+        return f"{self.status()}; {pool}"
 
     def status(self) -> str:
         """One short phrase: serving, draining, or what is wrong."""

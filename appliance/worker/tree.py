@@ -43,6 +43,7 @@ IDLE_SCAN_S = 0.5
 MEMORY_SCAN_S = 0.05  # one /proc read per child running a task with max_memory
 FORK_RETRY_S = 5.0
 SPAWN_STEP = 16  # children forked per loop turn (about 2 ms each here)
+_SERVING = (SlotState.IDLE, SlotState.RUNNING)
 
 
 class ProcessTree:
@@ -434,6 +435,20 @@ class ProcessTree:
             progress=slot.progress if slot.progress >= 0 else None, rss=rss,
             beat_age_s=round(now - slot.last_beat, 3), tasks_done=slot.tasks_done,
         )  # fmt: skip
+
+    def live_children(self, now: float) -> int:
+        """Children that are up and beating: what the systemd watchdog vouches for."""
+        alive = 0
+        for child in self.children.values():
+            slot = self.table.slots[child.index]
+            timeout = child.pool.settings.heartbeat_timeout
+            if slot.state == SlotState.STARTING:  # forked, not yet beating: young is fine
+                beating = now - child.spawned_at < timeout
+            else:
+                beating = slot.state in _SERVING and now - slot.last_beat < timeout
+            if child.kill is None and beating:
+                alive += 1
+        return alive
 
     def in_flight(self) -> int:
         return sum(len(c.outstanding) for c in self.children.values())

@@ -21,9 +21,12 @@ if TYPE_CHECKING:
     from appliance.envelope import EnvelopeCodec
 
 
-def open_store(url: str, settings: Settings, codec: EnvelopeCodec) -> Stores:
-    """Broker and backend on the server of `url` (lazy: nothing is sent yet)."""
-    session = RedisSession(url, connect(url))
+def open_store(
+    url: str, settings: Settings, codec: EnvelopeCodec, *, quick: bool = False
+) -> Stores:
+    """Broker and backend on the server of `url` (lazy: nothing is sent yet); `quick`
+    for the supervisor, whose calls must never stall its loop (`conn.connect`)."""
+    session = RedisSession(url, connect(url, quick=quick))
     keys = Keys(settings.namespace)
     broker = RedisBroker(url, session, keys, codec)
     backend = RedisBackend(url, session, keys)
