@@ -100,6 +100,7 @@ class Stem:
             overrides["result_backend_url"] = result_backend
         self.settings = replace(base, **overrides)
         self.registry: dict[str, Task] = {}
+        self.schedules: dict[str, Any] = {}  # name -> beat.spec.ScheduleEntry (`schedule`)
         self.codec = EnvelopeCodec(self.settings.max_payload_bytes)
         # False for reads (the CLI's observe commands, the TUI): stores are opened only
         # if they exist, never created or migrated (`open_stores(create=False)`).
@@ -162,6 +163,21 @@ class Stem:
             raise ValueError(f"a different task is already registered as {task.name!r}")
         self.registry[task.name] = task
         return task
+
+    def schedule(self, name: str, task: str, **options: Any) -> Any:
+        """Declare a Beat schedule: `every=SECONDS`, `cron="m h dom mon dow"`, `at=datetime`
+        or `solar="sunset"` with `latitude`/`longitude` (exactly one), and `args`,
+        `queue`, `priority`, `jitter`, `timezone`, `enabled`, `catch_up` (SPEC section 2).
+        Checked now (a `ConfigError` naming the entry); Beat applies it to the store when
+        it starts. Returns the `ScheduleEntry`."""
+        from appliance.beat.spec import ScheduleEntry
+
+        entry = ScheduleEntry.from_options(name, task, **options)
+        known = self.schedules.get(name)
+        if known is not None and known != entry:
+            raise ValueError(f"a different schedule is already declared as {name!r}")
+        self.schedules[name] = entry
+        return entry
 
     def get_task(self, name: str) -> Task:
         try:

@@ -163,3 +163,56 @@ def _dead_letter(entry: DeadLetterEntry) -> DeadLetter:
         args=args,
         raw=raw,
     )
+
+
+# --- schedules (Beat) -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleView:
+    """One Beat entry for `stem schedule list`, `stem observe schedules` and the TUI."""
+
+    name: str
+    task: str
+    spec: str
+    enabled: bool
+    next_run: str | None  # ISO 8601 UTC of the next slot, None when there is none
+    last_run: str | None  # the last slot dispatched (ISO 8601 UTC)
+    last_run_at: float | None  # when it was dispatched (epoch seconds)
+    last_error: str | None
+    runs: int  # runs recorded (the newest ones are kept)
+    drift_ms: dict[str, float] | None  # p50, p99, max of the recorded dispatches
+    origin: str
+
+
+def schedule_views(stem: Stem, limit: int = 200) -> list[ScheduleView]:
+    """Every stored Beat entry with its next slot and the drift of its recent runs."""
+    from datetime import UTC, datetime
+
+    from appliance.beat.calendar import format_slot, next_slot
+
+    now = datetime.now(UTC)
+    views = []
+    schedules = stem.stores.schedules
+    for stored in schedules.entries():
+        entry = stored.entry
+        upcoming = next_slot(entry, now) if stored.enabled else None
+        runs = schedules.runs(entry.name, limit)
+        drifts = sorted(r.drift_ms for r in runs if r.drift_ms is not None)
+        views.append(ScheduleView(
+            entry.name, entry.task, entry.spec, stored.enabled,
+            format_slot(upcoming) if upcoming else None,
+            format_slot(stored.last_slot) if stored.last_slot else None, stored.last_run_at,
+            stored.last_error or None, len(runs), _drift(drifts), stored.origin,
+        ))  # fmt: skip
+    return views
+
+
+def _drift(ordered: list[float]) -> dict[str, float] | None:
+    if not ordered:
+        return None
+
+    def pick(pct: float) -> float:
+        return ordered[min(len(ordered) - 1, int(pct / 100 * len(ordered)))]
+
+    return {"p50": round(pick(50), 2), "p99": round(pick(99), 2), "max": round(ordered[-1], 2)}

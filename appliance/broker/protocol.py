@@ -203,6 +203,14 @@ class Broker(Protocol):
         """
         ...
 
+    def enqueue_guarded(self, envelope: Envelope, key: str, ttl: float) -> str | None:
+        """Store one message only if the guard `key` is free: take the guard (its value:
+        the envelope's task id, for `ttl` seconds) and store the message, atomically (one
+        transaction, one script); or store nothing and return the task id the guard
+        holds. Unique tasks and Beat's slots are guards; `ResultBackend.get_key` reads
+        one and `delete_key` releases it (the guards live in its keyspace)."""
+        ...
+
     def claim(
         self, queues: Sequence[str], limit: int, *, consumer: Consumer, lease: float
     ) -> list[Delivery]:

@@ -19,6 +19,7 @@ from appliance.errors import UnsupportedBroker
 
 if TYPE_CHECKING:
     from appliance.backend.protocol import ResultBackend
+    from appliance.beat.store import ScheduleStore
     from appliance.broker.protocol import Broker
     from appliance.config import Settings
     from appliance.control.protocol import ControlChannel
@@ -58,6 +59,7 @@ class Stores:
     backend: ResultBackend
     unit_of_work: UnitOfWork
     control: ControlChannel  # requests to live workers and their replies (the broker's store)
+    schedules: ScheduleStore  # Beat's entries and runs (the broker's store)
     closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     def close(self) -> None:
@@ -102,7 +104,7 @@ def open_stores(
 
     return Stores(
         broker_store.broker, backend_store.backend, both, broker_store.control,
-        [broker_store.close, backend_store.close],
+        broker_store.schedules, [broker_store.close, backend_store.close],
     )  # fmt: skip
 
 

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from appliance import __version__
 from appliance.app import Stem
 from appliance.backend.protocol import WorkerHeartbeat
+from appliance.beat.scheduler import Beat, start_beat
 from appliance.broker.protocol import Consumer, Wake, consumer_gone
 from appliance.config import PoolSettings, concurrency_warning
 from appliance.control.server import ControlServer
@@ -74,10 +75,17 @@ class Supervisor:
     process exit code."""
 
     def __init__(
-        self, stem: Stem, pools: Sequence[PoolSettings], *, name: str | None = None
+        self,
+        stem: Stem,
+        pools: Sequence[PoolSettings],
+        *,
+        name: str | None = None,
+        beat: bool = False,
     ) -> None:
         self.stem = stem
         self.name = name  # the worker id (`--name`); HOST:PID when None
+        self.beat_wanted = beat or stem.settings.beat_enabled
+        self.beat: Beat | None = None
         self.settings = stem.settings
         self.pools: list[Pool] = []
         first = 0
@@ -129,6 +137,14 @@ class Supervisor:
         )
         if warning := concurrency_warning(self.settings.pools, os.cpu_count() or 1):
             log.warning("%s", warning)
+        if self.beat_wanted:
+            try:
+                self.beat = start_beat(self.stem, self.stores)
+            except StemError as exc:
+                log.error("cannot start Beat: %s", exc)
+                self.tree.close()
+                self.stores.close()
+                return int(ExitCode.CONFIG)
         self._plan_duties()
         try:
             self.tree.spawn_missing(time.monotonic())
@@ -216,6 +232,8 @@ class Supervisor:
         if self.notifier.watchdog_interval:
             self.duties.every(self.notifier.watchdog_interval, self._ping_watchdog)
         self.duties.every(STATUS_S, self._report_status)
+        if self.beat is not None:
+            self.duties.every(1.0, self.beat.tick)
 
     def _stop_requested_within(self, seconds: float) -> bool:
         if not self.selector.select(seconds):
@@ -228,6 +246,8 @@ class Supervisor:
     def _close(self) -> None:
         """Kill what is left, settle what is known, release shared memory and stores."""
         self.accepting = False
+        if self.beat is not None:
+            self.beat.stop()
         self.tree.close()  # their tasks go back uncounted
         self.round.settle_before_exit()
         self.round.guarded(lambda: self.stores.backend.remove_worker(self.worker_name))

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from appliance.stores import Stores
 from appliance.stores.redis.backend import RedisBackend
+from appliance.stores.redis.beat import RedisSchedules
 from appliance.stores.redis.broker import RedisBroker
 from appliance.stores.redis.conn import connect
 from appliance.stores.redis.control import RedisControl
@@ -31,5 +32,6 @@ def open_store(
     broker = RedisBroker(url, session, keys, codec)
     backend = RedisBackend(url, session, keys)
     control = RedisControl(session, keys)
+    schedules = RedisSchedules(session, keys, broker)
     closers = [broker.close, backend.close, session.close]
-    return Stores(broker, backend, session.unit_of_work, control, closers)
+    return Stores(broker, backend, session.unit_of_work, control, schedules, closers)

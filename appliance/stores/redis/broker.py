@@ -41,7 +41,7 @@ from appliance.broker.protocol import (
     Wake,
     consumer_gone,
 )
-from appliance.envelope import EnvelopeCodec
+from appliance.envelope import Envelope, EnvelopeCodec
 from appliance.states import SettleKind
 from appliance.stores.common import QueueRotation, replay_of
 from appliance.stores.redis import keys as rk
@@ -81,7 +81,9 @@ class RedisBroker:
         self.client = session.client
         self.keys = keys
         self._head: list[Any] = [self.keys.prefix, rk.GROUP]
+        self.head = self._head  # the first two arguments of every script (prefix, group)
         self._enqueue = session.script(scripts.source(scripts.ENQUEUE))
+        self._enqueue_guarded = session.script(scripts.source(scripts.ENQUEUE_GUARDED))
         self._claim = session.script(scripts.source(scripts.CLAIM))
         self._settle = session.script(scripts.source(scripts.SETTLE))
         self._extend = session.script(scripts.source(scripts.EXTEND))
@@ -163,17 +165,31 @@ class RedisBroker:
         now = time.time()
         args = list(self._head)
         for envelope in envelopes:
-            due = envelope.not_before is not None and envelope.not_before > now
-            args += [
-                envelope.queue, rk.band_of(envelope.priority), envelope.id,
-                self.codec.encode(envelope),
-                repr(envelope.not_before) if due else "", os.urandom(6).hex() if due else "",
-            ]  # fmt: skip
+            args += self.message_args(envelope, now)
         with self._guard("enqueue"):
             self.session.load_scripts()
             if not self._checked_durability:
                 self._warn_about_durability()
             self._enqueue(args=args)
+
+    def message_args(self, envelope: Envelope, now: float) -> list[Any]:
+        """The six script arguments of one new message (see ENQUEUE)."""
+        due = envelope.not_before is not None and envelope.not_before > now
+        return [
+            envelope.queue, rk.band_of(envelope.priority), envelope.id,
+            self.codec.encode(envelope),
+            repr(envelope.not_before) if due else "", os.urandom(6).hex() if due else "",
+        ]  # fmt: skip
+
+    def enqueue_guarded(self, envelope: Envelope, key: str, ttl: float) -> str | None:
+        args = [*self._head, key, max(1, int(ttl * 1000)), envelope.id,
+                *self.message_args(envelope, time.time())]  # fmt: skip
+        with self._guard("enqueue"):
+            self.session.load_scripts()
+            if not self._checked_durability:
+                self._warn_about_durability()
+            reply: Any = self._enqueue_guarded(args=args)
+        return None if reply[0] == 1 else text(reply[1] or b"")
 
     def claim(
         self, queues: Sequence[str], limit: int, *, consumer: Consumer, lease: float

@@ -20,6 +20,9 @@ Layout (P = "<namespace>:"):
 | P control                   | stream | control requests: id, target, command, args, sent_at |
 | P control:reply:<id>        | hash   | worker id -> its reply (JSON), PEXPIRE with the TTL  |
 | P paused                    | hash   | queue -> when it was paused (paused queues only)     |
+| P schedules                 | set    | names of the Beat entries stored                     |
+| P schedule:<name>           | hash   | entry JSON, enabled, origin, applied_at, last_* |
+| P schedule:runs:<name>      | list   | the entry's runs (JSON), newest first, trimmed       |
 | P dlq                       | zset   | every dead-letter id, scored by dead_at              |
 | P dlq:q:<queue>             | zset   | dead-letter ids of one original queue, by dead_at    |
 | P dlq:entry                 | hash   | dead-letter id -> JSON record (reason, error, times) |
@@ -86,6 +89,7 @@ class Keys:
         self.wake_control = f"{p}wake:control"  # pubsub: a control request was sent
         self.control = f"{p}control"  # stream: control requests (trimmed by age)
         self.paused = f"{p}paused"  # hash: paused queue -> paused_at
+        self.schedules = f"{p}schedules"  # set: Beat entry names
 
     def stream(self, queue: str, band: int) -> str:
         """Stream: the ready and leased messages of `queue` in one priority band."""
@@ -131,6 +135,15 @@ class Keys:
         expires with the request's TTL."""
         return f"{self.prefix}control:reply:{request_id}"
 
+    def schedule(self, name: str) -> str:
+        """Hash: one Beat entry (its JSON table, the operator's enabled flag, origin,
+        applied_at, and the last slot dispatched, when, and the last error)."""
+        return f"{self.prefix}schedule:{name}"
+
+    def schedule_runs(self, name: str) -> str:
+        """List: the runs of one Beat entry as JSON, newest first (LPUSH + LTRIM)."""
+        return f"{self.prefix}schedule:runs:{name}"
+
     def worker(self, worker_id: str) -> str:
         """String: the last `WorkerHeartbeat` of one supervisor as JSON; native PX TTL."""
         return f"{self.prefix}worker:{worker_id}"
@@ -165,6 +178,8 @@ local function k_delayed(q) return P .. 'delayed:' .. q end
 local function k_delayed_payload(q) return P .. 'delayed-payload:' .. q end
 local function k_wake(q) return P .. 'wake:' .. q end
 local function k_dlq_queue(q) return P .. 'dlq:q:' .. q end
+local function k_schedule(name) return P .. 'schedule:' .. name end
+local function k_schedule_runs(name) return P .. 'schedule:runs:' .. name end
 local function loc_stream(q, band, id) return 's|' .. band .. '|' .. id .. '|' .. q end
 local function loc_delayed(q, band, nonce) return 'd|' .. band .. '|' .. nonce .. '|' .. q end
 """

@@ -68,6 +68,42 @@ for q in pairs(woken) do redis.call('PUBLISH', k_wake(q), '1') end
 return 0
 """
 
+ENQUEUE_GUARDED = """#!lua
+-- ARGV: prefix, group, guard key (under kv:), guard TTL in ms, guard value, then one
+-- message (queue, band, task, payload, score or '', nonce). The guard and the message
+-- are taken and stored together, or neither: returns {1} when stored, else {0, holder}.
+local guard = P .. 'kv:' .. ARGV[3]
+if not redis.call('SET', guard, ARGV[5], 'NX', 'PX', ARGV[4]) then
+  return {0, redis.call('GET', guard)}
+end
+local q, band, task, payload, score = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+if score == '' then add_ready(q, band, task, payload, 0, '')
+else add_delayed(q, band, ARGV[11], task, payload, score) end
+redis.call('SADD', k_queues, q)
+redis.call('PUBLISH', k_wake(q), '1')
+return {1}
+"""
+
+BEAT_DISPATCH = """#!lua
+-- ARGV: prefix, group, entry name, slot, guard key (under kv:), guard TTL in ms, now,
+-- run JSON, runs kept, then one message (queue, band, task, payload, score, nonce).
+-- The slot's guard, the message, the entry's last slot and its run record: all, or
+-- nothing when another instance holds the guard. Returns 1 when dispatched, else 0.
+local name, slot, now = ARGV[3], ARGV[4], ARGV[7]
+if not redis.call('SET', P .. 'kv:' .. ARGV[5], ARGV[12], 'NX', 'PX', ARGV[6]) then
+  return 0
+end
+local q, band, task, payload, score = ARGV[10], ARGV[11], ARGV[12], ARGV[13], ARGV[14]
+if score == '' then add_ready(q, band, task, payload, 0, '')
+else add_delayed(q, band, ARGV[15], task, payload, score) end
+redis.call('SADD', k_queues, q)
+redis.call('PUBLISH', k_wake(q), '1')
+redis.call('HSET', k_schedule(name), 'last_slot', slot, 'last_run_at', now, 'last_error', '')
+redis.call('LPUSH', k_schedule_runs(name), ARGV[8])
+redis.call('LTRIM', k_schedule_runs(name), 0, tonumber(ARGV[9]) - 1)
+return 1
+"""
+
 CLAIM = """#!lua flags=allow-oom
 -- ARGV: prefix, group, now, consumer, limit, (unused), sweep 0|1, lease, queues...
 local now, consumer, limit = ARGV[3], ARGV[4], tonumber(ARGV[5])

@@ -51,6 +51,13 @@ _INSERT = (
     "INSERT INTO messages (task_id, name, queue, priority, state, not_before, attempt, "
     "enqueued_at, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+# Guards live in the backend's `kv` table (the same file): a live row wins.
+_TAKE_GUARD = """
+INSERT INTO kv (key, value, expires_at) VALUES (:key, :value, :expires_at)
+ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at
+    WHERE kv.expires_at < :now
+"""
+_GUARD_HOLDER = "SELECT value FROM kv WHERE key = ? AND expires_at >= ?"
 _PROMOTE = (
     "UPDATE messages SET state = 'ready' WHERE state = 'delayed' AND queue = ? AND not_before <= ?"
 )
@@ -267,7 +274,25 @@ class SqliteBroker:
         # (5,000 rows, the largest batch `Stem.enqueue_many` sends: ~40 ms here).
         rows = [_message_row(env, now, self.codec) for env in envelopes]
         self._db.write(lambda conn: conn.executemany(_INSERT, rows))
-        self._waker.poke()
+        self._db.on_commit(self._waker.poke)
+
+    def enqueue_guarded(self, envelope: Envelope, key: str, ttl: float) -> str | None:
+        row = _message_row(envelope, time.time(), self.codec)  # encoded outside the lock
+
+        def work(conn: sqlite3.Connection) -> str | None:
+            now = time.time()
+            guard = {"key": key, "value": envelope.id.encode(), "expires_at": now + ttl,
+                     "now": now}  # fmt: skip
+            if conn.execute(_TAKE_GUARD, guard).rowcount == 0:
+                held = conn.execute(_GUARD_HOLDER, (key, now)).fetchone()
+                return bytes(held[0]).decode() if held else ""
+            conn.execute(_INSERT, row)
+            return None
+
+        holder = self._db.write(work)
+        if holder is None:
+            self._db.on_commit(self._waker.poke)
+        return holder
 
     def _enqueue_in(self, connection: Any, rows: list[tuple[Any, ...]]) -> None:
         """Transactional outbox: insert in the caller's transaction; the caller commits."""
@@ -334,7 +359,7 @@ class SqliteBroker:
             plan.add(settlement, now, self.codec)
         self._db.write(plan.apply)
         if plan.frees_messages:
-            self._waker.poke()
+            self._db.on_commit(self._waker.poke)
 
     def extend(self, deliveries: Sequence[Delivery], lease: float) -> list[Delivery]:
         """Push still-held leases to now + `lease`; lost leases are left alone and
@@ -374,7 +399,7 @@ class SqliteBroker:
 
         count = self._db.write(work)
         if count:
-            self._waker.poke()
+            self._db.on_commit(self._waker.poke)
         return count
 
     def next_due(self, queues: Sequence[str]) -> float | None:
@@ -513,7 +538,7 @@ class SqliteBroker:
             return task_ids
 
         task_ids = self._db.write(work)
-        self._waker.poke()
+        self._db.on_commit(self._waker.poke)
         return task_ids
 
     def dlq_purge(self, queue: str | None = None) -> int:

@@ -205,6 +205,7 @@ class Database:
         # check_same_thread=False plus this lock: a TUI may read from a worker thread.
         self._lock = threading.RLock()
         self._unit_depth = 0  # > 0 inside unit_of_work(): writes join its transaction
+        self._after_commit: list[Callable[[], None]] = []
 
     @contextlib.contextmanager
     def unit_of_work(self) -> Iterator[None]:
@@ -232,6 +233,18 @@ class Database:
                 raise
             finally:
                 self._unit_depth = 0
+                committed, self._after_commit = self._after_commit, []
+            for action in committed:  # only reached when the COMMIT went through
+                action()
+
+    def on_commit(self, action: Callable[[], None]) -> None:
+        """Run `action` once what was just written is committed: now outside a unit of
+        work, after its COMMIT inside one (wake-ups must not reach a listener before
+        the rows they announce can be seen)."""
+        if self._unit_depth:
+            self._after_commit.append(action)
+        else:
+            action()
 
     @property
     def path(self) -> Path:

@@ -227,6 +227,39 @@ _CONTROL = (
     """,
 )
 
+# Beat (0005): the schedules every instance dispatches, and their runs. A slot's guard
+# is a `kv` row "beat:<name>:<slot>": its insert, the message, `last_slot` and the run
+# row are one transaction (`stores/sqlite/beat.py`).
+# schedules      entry: the entry's table as JSON (`ScheduleEntry.to_table`); enabled:
+#                the operator's word; applied_at: the catch-up baseline before a run
+# schedule_runs  one row per dispatched (or failed) slot, trimmed per entry
+_BEAT = (
+    """
+    CREATE TABLE schedules (
+        name        TEXT PRIMARY KEY,
+        entry       BLOB NOT NULL,
+        enabled     INTEGER NOT NULL,
+        origin      TEXT NOT NULL,
+        applied_at  REAL NOT NULL,
+        last_slot   TEXT,
+        last_run_at REAL,
+        last_error  TEXT
+    )
+    """,
+    """
+    CREATE TABLE schedule_runs (
+        id            INTEGER PRIMARY KEY AUTOINCREMENT,
+        name          TEXT NOT NULL,
+        slot          TEXT NOT NULL,
+        dispatched_at REAL NOT NULL,
+        task_id       TEXT,
+        drift_ms      REAL,
+        error         TEXT
+    )
+    """,
+    "CREATE INDEX schedule_runs_name ON schedule_runs (name, id)",
+)
+
 # (name, statements) in order. Append new steps; never edit an applied one.
 STEPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("0001_initial", _INITIAL),
@@ -234,6 +267,7 @@ STEPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # The file's mark (see db.APPLICATION_ID): read commands refuse unmarked files.
     ("0003_application_id", (f"PRAGMA application_id = {APPLICATION_ID}",)),
     ("0004_control", _CONTROL),
+    ("0005_beat", _BEAT),
 )
 
 
