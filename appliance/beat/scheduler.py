@@ -170,8 +170,11 @@ def start_beat(stem: Stem, stores: Stores) -> Beat:
     the start (`ConfigError` naming it) with nothing half-applied."""
     settings = stem.settings
     if settings.beat_grace < 2 * settings.beat_lease:
-        raise ConfigError(settings.source, "[beat] grace", "must be at least two leases long "
-                          f"(lease {settings.beat_lease:g}s, grace {settings.beat_grace:g}s)")  # fmt: skip
+        raise ConfigError(
+            settings.source, "[beat] grace",
+            f"must be at least two leases long (lease {settings.beat_lease:g}s, "
+            f"grace {settings.beat_grace:g}s)",
+        )  # fmt: skip
     beat = Beat(stem, stores, lease=settings.beat_lease,
                 grace=timedelta(seconds=settings.beat_grace))  # fmt: skip
     entries = [*stem.schedules.values(), *settings.schedules]
