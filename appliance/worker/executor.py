@@ -53,6 +53,7 @@ class Executor:
             id=envelope.id, name=envelope.name, attempt=envelope.attempt,
             args=envelope.args, meta=envelope.meta, headers=envelope.headers,
             queue=envelope.queue, root_id=envelope.root_id or envelope.id, runtime=runtime,
+            parent_id=envelope.parent_id,
         )  # fmt: skip
         started, clock = time.time(), time.monotonic()
         token = current_task.set(ctx)
@@ -60,7 +61,7 @@ class Executor:
         value: Any = None
         error: ErrorFields | None = None
         try:
-            value = self._call(task, ctx, dict(envelope.args))
+            value = self._call(task, ctx, _arguments(task, envelope))
             status, error = self._check_value(value, task.stem.settings.max_result_bytes)
         except Retry as exc:
             status, countdown, error = (
@@ -121,6 +122,22 @@ class Executor:
             )
             return OutcomeStatus.FAILED, ErrorFields(ResultTooLarge.__name__, message)
         return OutcomeStatus.SUCCESS, None
+
+
+def _arguments(task: Task, envelope: Envelope) -> dict[str, Any]:
+    """The handler's keyword arguments: the args, and `previous` for a link, a chain's
+    later step (the result before it) or a chord's callback (every member's value, in
+    member order, read from the store now: no message grows with the chord)."""
+    args = dict(envelope.args)
+    flow = envelope.flow
+    if flow is None or not flow.get("takes_previous"):
+        return args
+    chord = flow.get("chord_of")
+    if chord is not None:
+        args["previous"] = task.stem.broker.chord_values(str(chord["id"]), int(chord["size"]))
+    else:
+        args["previous"] = envelope.previous
+    return args
 
 
 class _ArgumentMismatch(Exception):

@@ -87,6 +87,7 @@ class StoreRound:
             with self.stores.unit_of_work():
                 if batch:
                     results = [s.result for s in batch if s.result is not None]
+                    results += [more for s in batch for more in s.more]
                     if results:
                         self.stores.backend.store(results)
                     self.stores.broker.settle([s.settlement for s in batch])
