@@ -95,6 +95,10 @@ class _PerProcess:
             self._value.close()
         self._value, self._pid = None, -1
 
+    def before_fork(self) -> None:
+        if self._pid == os.getpid() and self._value is not None:
+            self._value.before_fork()
+
 
 class Stem:
     """An application: its tasks, its broker and backend, and enqueue."""
@@ -153,6 +157,10 @@ class Stem:
 
     def close(self) -> None:
         self._stores.close()
+
+    def before_fork(self) -> None:
+        """Ready this process's stores for a fork() (see `Stores.before_fork`)."""
+        self._stores.before_fork()
 
     # --- registration ----------------------------------------------------------------
 

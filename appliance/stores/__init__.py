@@ -61,6 +61,14 @@ class Stores:
     control: ControlChannel  # requests to live workers and their replies (the broker's store)
     schedules: ScheduleStore  # Beat's entries and runs (the broker's store)
     closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
+    # Called before this process forks (the supervisor, before each batch of children):
+    # an SQLite store closes its connection so a child inherits no SQLite state
+    # (`Database.close_for_fork`); the next use reopens it.
+    fork_guards: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    def before_fork(self) -> None:
+        for guard in self.fork_guards:
+            guard()
 
     def close(self) -> None:
         """Release everything opened for these stores (each adapter's own resources, then
@@ -105,6 +113,7 @@ def open_stores(
     return Stores(
         broker_store.broker, backend_store.backend, both, broker_store.control,
         broker_store.schedules, [broker_store.close, backend_store.close],
+        [*broker_store.fork_guards, *backend_store.fork_guards],
     )  # fmt: skip
 
 

@@ -130,6 +130,7 @@ class Supervisor:
             supervisor_id=self.consumer.name, supervisor_pid=self.consumer.pid,
         )  # fmt: skip
         self.tree.revoked = self.revoked
+        self.tree.before_fork = self._before_fork
         self.round.paused = self.paused
         self.refresh_flags(time.monotonic())
         self.control = ControlServer(
@@ -161,6 +162,12 @@ class Supervisor:
         counts = ", ".join(f"{count} {event}" for event, count in sorted(self.round.counts.items()))
         log.info("supervisor %d stopped: %s", os.getpid(), counts or "no tasks")
         return int(self.exit_code)
+
+    def _before_fork(self) -> None:
+        """No SQLite connection of this process may be open when it forks a child
+        (`Database.close_for_fork`): its stores' and the app's own, if it opened any."""
+        self.stores.before_fork()
+        self.stem.before_fork()
 
     def _install_signals(self) -> None:
         self.selector = selectors.DefaultSelector()

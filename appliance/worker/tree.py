@@ -79,6 +79,8 @@ class ProcessTree:
         self._touched: set[Child] = set()  # children with dispatches not yet written
         self._next_memory_scan = 0.0
         self._default_ttl = stem.settings.result_ttl
+        # Set by the supervisor to its stores' `before_fork` (and the app's own stores').
+        self.before_fork: Callable[[], None] = lambda: None
 
     # --- spawning ------------------------------------------------------------------------
 
@@ -86,6 +88,8 @@ class ProcessTree:
         """Fork children into empty slots, at most `SPAWN_STEP` per loop turn: a pool of
         hundreds must not hold the loop (limits, settles, signals) while it forks."""
         budget = SPAWN_STEP
+        if any(pool.empty_slots(now) for pool in self.pools):
+            self.before_fork()  # no SQLite state may cross into a child
         for pool in self.pools:
             for index in pool.empty_slots(now)[:budget]:
                 pool.respawn_at.pop(index, None)

@@ -40,4 +40,6 @@ def open_store(
     control = SqliteControl(db, broker.waker)
     schedules = SqliteSchedules(db, broker)
     closers = [broker.close, backend.close, db.close]
-    return Stores(broker, backend, db.unit_of_work, control, schedules, closers)
+    return Stores(
+        broker, backend, db.unit_of_work, control, schedules, closers, [db.close_for_fork]
+    )
