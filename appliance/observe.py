@@ -30,6 +30,15 @@ class TaskDetail:
     state: TaskState
     message: MessageInfo | None  # waiting or in flight
     result: TaskResult | None  # stored state, value or error
+    # Lineage and canvas (`Broker.task_record`), read for `task_show` only.
+    parent_id: str | None = None
+    root_id: str | None = None
+    children: tuple[str, ...] = ()
+    canvas: dict[str, Any] | None = (
+        None  # {kind: chain|group|chord|chord callback, id, index, size}
+    )
+    duplicates: int = 0  # enqueues of this unique task that returned its handle instead
+    last_duplicate_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +96,9 @@ class Observer:
 
     def task_show(self, task_id: str) -> TaskDetail | None:
         """The merged view of a task, or None when neither store knows the id."""
-        detail = read_task(self.stem.stores, task_id)
-        return None if detail.message is None and detail.result is None else detail
+        detail = read_task(self.stem.stores, task_id, with_record=True)
+        known = detail.message or detail.result or detail.parent_id or detail.children
+        return detail if known else None
 
     def dlq_list(
         self, queue: str | None = None, page: int = 1, page_size: int = 20
@@ -125,16 +135,23 @@ class Observer:
         return self.stem.broker.dlq_purge(queue)
 
 
-def read_task(stores: Stores, task_id: str) -> TaskDetail:
+def read_task(stores: Stores, task_id: str, *, with_record: bool = False) -> TaskDetail:
     """What the stores hold about a task and its state (`derive_state`): the one read
     behind `TaskHandle.state()`, `stem observe tasks show` and the TUI. The message is
-    read first, then the result (see `derive_state` for why the order matters)."""
+    read first, then the result (see `derive_state` for why the order matters), then
+    (`with_record`) its lineage and canvas place."""
     message = stores.broker.find_message(task_id)
     result = stores.backend.get(task_id)
     state = derive_state(
         message.state if message is not None else None, result.state if result else None
     )
-    return TaskDetail(task_id, state, message, result)
+    record = stores.broker.task_record(task_id) if with_record else None
+    if record is None:
+        return TaskDetail(task_id, state, message, result)
+    return TaskDetail(
+        task_id, state, message, result, record.parent_id, record.root_id, record.children,
+        record.canvas, record.duplicates, record.last_duplicate_at,
+    )  # fmt: skip
 
 
 def _dead_letter(entry: DeadLetterEntry) -> DeadLetter:

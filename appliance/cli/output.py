@@ -258,9 +258,30 @@ def task(detail: TaskDetail, as_json: bool) -> None:
         ]
     if result is not None:
         pairs += _result_pairs(result, with_name=message is None)
+    pairs += _lineage_pairs(detail)
     say(fields_block(pairs))
     if result is not None and result.error is not None and result.error.traceback:
         say("\n" + result.error.traceback.rstrip())
+
+
+def _lineage_pairs(detail: TaskDetail) -> list[tuple[str, Any]]:
+    """Parent, root, children, canvas place and duplicates, for the tasks that have them."""
+    pairs: list[tuple[str, Any]] = []
+    if detail.parent_id:
+        pairs.append(("parent", detail.parent_id))
+    if detail.root_id and detail.root_id != detail.parent_id:
+        pairs.append(("root", detail.root_id))
+    canvas = detail.canvas
+    if canvas:
+        place = "" if canvas.get("index") is None else f"{int(canvas['index']) + 1} of "
+        pairs.append(("canvas", f"{canvas['kind']} {canvas['id']}: {place}{canvas['size']}"))
+    if detail.children:
+        shown = ", ".join(detail.children[:5])
+        more = f" and {len(detail.children) - 5} more" if len(detail.children) > 5 else ""
+        pairs.append((f"children ({len(detail.children)})", shown + more))
+    if detail.duplicates:
+        pairs.append(("duplicates", f"{detail.duplicates}, last {when(detail.last_duplicate_at)}"))
+    return pairs
 
 
 def _result_pairs(result: Any, *, with_name: bool) -> list[tuple[str, Any]]:

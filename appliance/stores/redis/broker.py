@@ -249,15 +249,16 @@ class RedisBroker:
         with self._guard("reading a task record"):
             pipe = self.client.pipeline(transaction=False)
             pipe.hgetall(self.keys.record(task_id))
-            pipe.zrange(self.keys.children(task_id), 0, -1)
+            pipe.lrange(self.keys.children(task_id), 0, -1)
             fields, children = pipe.execute()
         if not fields and not children:
             return None
         got = {text(k): text(v) for k, v in fields.items()}
         canvas = got.get("canvas")
+        kids = tuple(dict.fromkeys(text(c) for c in children))  # once each, in order
         return TaskRecord(
             task_id, got.get("parent"), got.get("root"),
-            orjson.loads(canvas) if canvas else None, tuple(text(c) for c in children),
+            orjson.loads(canvas) if canvas else None, kids,
             int(got.get("dups", 0)), float(got["dup_at"]) if "dup_at" in got else None,
         )  # fmt: skip
 

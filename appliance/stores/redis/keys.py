@@ -40,7 +40,7 @@ Layout (P = "<namespace>:"):
 | P chord:<id>                | hash   | size, done, and the callback (q, band, task, payload)|
 | P chord:<id>:values         | hash   | member index -> its result value (JSON), HSETNX      |
 | P record:<task id>          | hash   | parent, root, canvas (JSON), dups, dup_at; PX TTL    |
-| P children:<task id>        | zset   | ids of the tasks it enqueued (score 0: id order)     |
+| P children:<task id>        | list   | ids of the tasks it enqueued, in order (RPUSH)       |
 
 Stream entries carry `p` (the encoded envelope, verbatim), `t` (the task id, so claims
 and settles never parse JSON), `b` (the delivery-count base carried over by a release;
@@ -161,7 +161,7 @@ class Keys:
         return f"{self.prefix}record:{task_id}"
 
     def children(self, task_id: str) -> str:
-        """Sorted set: the ids of the tasks a task enqueued (all score 0: id order)."""
+        """List: the ids of the tasks a task enqueued, in enqueue order."""
         return f"{self.prefix}children:{task_id}"
 
     def worker(self, worker_id: str) -> str:

@@ -85,7 +85,7 @@ local function add_record(i, ttl)
   local k = k_record(task)
   if parent ~= '' then
     redis.call('HSET', k, 'parent', parent)
-    redis.call('ZADD', k_children(parent), 0, task)
+    redis.call('RPUSH', k_children(parent), task)
     redis.call('PEXPIRE', k_children(parent), ttl)
   end
   if root ~= '' then redis.call('HSET', k, 'root', root) end
