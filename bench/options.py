@@ -89,8 +89,10 @@ def bench_rate(stem: Stem, tmp: Path, url: str, seconds: float) -> dict[str, obj
         "error_pct": round(abs(rate - 10.0) / 10.0 * 100, 2),
         "fast_drain_with_limited_per_s": round(drain_rate(fast_with), 1),
         "fast_drain_alone_per_s": round(drain_rate(fast_alone), 1),
-        "fast_tail_s": [round(fast_with[-1] - fast_with[0], 2),
-                        round(fast_alone[-1] - fast_alone[0], 2)],
+        "fast_tail_s": [
+            round(fast_with[-1] - fast_with[0], 2),
+            round(fast_alone[-1] - fast_alone[0], 2),
+        ],
     }
 
 

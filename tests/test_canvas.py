@@ -208,9 +208,7 @@ def test_a_signature_survives_json() -> None:
 # --- chaos ------------------------------------------------------------------------------------
 
 
-def test_chords_complete_exactly_once_under_kills(
-    stem: Stem, spawn: Spawn, tmp_path: Path
-) -> None:
+def test_chords_complete_exactly_once_under_kills(stem: Stem, spawn: Spawn, tmp_path: Path) -> None:
     """50 chords of 20 members while a random child is SIGKILLed every 200 ms and the
     supervisor is SIGKILLed and restarted once: every callback runs exactly once, with
     the right inputs."""

@@ -73,7 +73,9 @@ def ledger(tmp_path: Path) -> list[list[str]]:
         ({"unique": True, "unique_key": 42}, TypeError, "template string or a callable"),
     ],
 )
-def test_bad_options_fail_at_definition(options: dict[str, object], error: type, match: str) -> None:
+def test_bad_options_fail_at_definition(
+    options: dict[str, object], error: type, match: str
+) -> None:
     with pytest.raises(error, match=match):
         Stem(broker="sqlite:////nonexistent/never.db").task("t.bad", **options)
 
@@ -92,7 +94,7 @@ def test_bad_enqueue_options_fail_before_storing(tmp_path: Path) -> None:
         stem.enqueue("c.fast", link={"name": "c.note"})
     with pytest.raises(TypeError, match="headers must map strings"):
         stem.enqueue("c.fast", headers={"n": 1})  # type: ignore[dict-item]
-    with pytest.raises(ValueError, match="unique_key .* does not fit"):
+    with pytest.raises(ValueError, match=r"unique_key .* does not fit"):
         Stem(broker=url).task("t.keyed", unique=True, unique_key="{missing}")(
             lambda ctx: None
         ).enqueue()
@@ -119,8 +121,6 @@ def test_the_unique_key_ignores_headers_and_order(tmp_path: Path) -> None:
 
 # --- on real supervisors ------------------------------------------------------------------------
 
-pytestmark_process = pytest.mark.process
-
 
 @pytest.mark.process
 def test_two_producers_racing_a_unique_task_get_one_run(
@@ -135,8 +135,9 @@ def test_two_producers_racing_a_unique_task_get_one_run(
     )
     env = {"STEM_BROKER_URL": store_url, "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
     producers = [
-        subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env,
-                         stdout=subprocess.PIPE, text=True)  # fmt: skip
+        subprocess.Popen(
+            [sys.executable, "-c", script], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
+        )
         for _ in range(2)
     ]
     outputs = [p.communicate(timeout=60)[0].split() for p in producers]
@@ -193,9 +194,7 @@ def test_a_per_tenant_limit_limits_each_tenant_apart(
 
 
 @pytest.mark.process
-def test_an_expired_delivery_is_revoked_not_run(
-    stem: Stem, spawn: Spawn, tmp_path: Path
-) -> None:
+def test_an_expired_delivery_is_revoked_not_run(stem: Stem, spawn: Spawn, tmp_path: Path) -> None:
     handle = stem.enqueue("c.fast", {"n": 1}, countdown=1.5, expires=1.0)
     keeper = stem.enqueue("c.fast", {"n": 2}, expires=60)
     spawn().start()

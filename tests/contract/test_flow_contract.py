@@ -7,6 +7,7 @@ same semantics."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 
@@ -98,7 +99,7 @@ def test_limited_messages_are_booked_into_slots_and_others_still_claimed(
     booked = [broker.find_message(e.id) for e in limited[1:]]
     assert all(m is not None and m.state == "delayed" for m in booked)
     slots = sorted(m.not_before for m in booked if m is not None and m.not_before)
-    gaps = [b - a for a, b in zip(slots, slots[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(slots)]
     assert len(slots) == 3 and all(abs(gap - 0.4) < 0.01 for gap in gaps), slots
     # Each runs in its slot, once, and its wait was not an attempt.
     started = time.time()
@@ -201,8 +202,9 @@ def chord_of(size: int) -> tuple[str, list[Envelope], Envelope]:
     callback = envelope("tests.callback", flow={"chord_of": {"id": chord_id, "size": size},
                                                 "takes_previous": True})  # fmt: skip
     members = [
-        envelope(flow={"chord": {"id": chord_id, "index": i, "size": size,
-                                 "callback": callback.id}})  # fmt: skip
+        envelope(
+            flow={"chord": {"id": chord_id, "index": i, "size": size, "callback": callback.id}}
+        )
         for i in range(size)
     ]
     return chord_id, members, callback
