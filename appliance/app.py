@@ -14,15 +14,19 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
+from appliance import signals
 from appliance.config import Settings, load_settings
 from appliance.context import current_task
 from appliance.envelope import Envelope, EnvelopeCodec, new_task_id, to_raw
 from appliance.errors import NotRegistered
 from appliance.observe import read_task
 from appliance.ratelimit import limiter_key
+from appliance.signals import configure as configure_signals
 from appliance.states import TaskState
 from appliance.stores import Stores, open_stores
 from appliance.tasks import Task, TaskHandle, TaskHandler, TaskOptions
+from appliance.telemetry import NOOP, Telemetry
+from appliance.telemetry import load as load_telemetry
 from appliance.units import MAX_SECONDS, check_name, check_priority, check_seconds
 
 if TYPE_CHECKING:
@@ -127,12 +131,17 @@ class Stem:
         self._stores = _PerProcess(
             lambda: open_stores(self.settings, self.codec, create=self.create_stores)
         )
+        self._telemetry: Telemetry = NOOP
+        self._telemetry_pid = -1
+        configure_signals(self.settings.signals_enabled or None, self.settings.signals_disabled)
 
     def configure(self, settings: Settings) -> None:
         """Replace the settings (the CLI applies flags and env this way); reopens stores."""
         self.close()
         self.settings = settings
         self.codec = EnvelopeCodec(settings.max_payload_bytes)
+        self._telemetry_pid = -1
+        configure_signals(settings.signals_enabled or None, settings.signals_disabled)
 
     # --- stores ----------------------------------------------------------------------
 
@@ -161,6 +170,16 @@ class Stem:
     def before_fork(self) -> None:
         """Ready this process's stores for a fork() (see `Stores.before_fork`)."""
         self._stores.before_fork()
+
+    @property
+    def telemetry(self) -> Telemetry:
+        """This process's telemetry (`appliance.telemetry.load`): the no-op unless
+        `STEM_OTLP_ENDPOINT` is set. Made once per process (a forked child makes its own
+        after `setup_child`)."""
+        if self._telemetry_pid != os.getpid():
+            self._telemetry = load_telemetry(self.settings)
+            self._telemetry_pid = os.getpid()
+        return self._telemetry
 
     # --- registration ----------------------------------------------------------------
 
@@ -262,7 +281,44 @@ class Stem:
         """Store built envelopes (`build_envelope`): the one path every enqueue takes
         (tasks, canvas members, Beat's runs go through the broker the same way). Returns
         one handle per envelope, in order: a unique task's duplicate gets the first id."""
+        telemetry = self.telemetry
+        if telemetry.enabled and len(envelopes) == 1 and connection is None:
+            only = envelopes[0]  # the span covers the write, as a reader expects
+            with telemetry.enqueue_span(only.id, only.name, only.queue, only.attempt):
+                traced = replace(only, headers=telemetry.inject(only.headers))
+                _before_publish(traced)
+                return self._publish([traced])
+        return self._publish(self.announce(envelopes), connection=connection)
+
+    def announce(self, envelopes: Sequence[Envelope]) -> list[Envelope]:
+        """Envelopes about to be stored: each gets its enqueue span's trace context in
+        its headers (telemetry on), and `before_task_publish` fires for each."""
+        telemetry = self.telemetry
+        if telemetry.enabled:
+            traced = []
+            for e in envelopes:
+                with telemetry.enqueue_span(e.id, e.name, e.queue, e.attempt):
+                    traced.append(replace(e, headers=telemetry.inject(e.headers)))
+            envelopes = traced
+        if signals.before_task_publish.receivers:
+            for e in envelopes:
+                _before_publish(e)
+        return list(envelopes)
+
+    def announced(self, envelopes: Sequence[Envelope]) -> None:
+        """`after_task_publish` for envelopes the broker now holds."""
+        if signals.after_task_publish.receivers:
+            for e in envelopes:
+                signals.after_task_publish.send(signals.AfterTaskPublish(
+                    task_id=e.id, name=e.name, queue=e.queue, attempt=e.attempt,
+                    not_before=e.not_before, headers=e.headers,
+                ))  # fmt: skip
+
+    def _publish(
+        self, envelopes: Sequence[Envelope], *, connection: Any = None
+    ) -> list[TaskHandle]:
         ids = [envelope.id for envelope in envelopes]
+        stored: list[Envelope] = []
         plain: list[Envelope] = []
         for position, envelope in enumerate(envelopes):
             guard = unique_guard(envelope)
@@ -276,10 +332,13 @@ class Stem:
                 )
             holder = self.broker.enqueue_guarded(envelope, *guard, note_duplicate=True)
             ids[position] = holder or envelope.id
+            if holder is None:
+                stored.append(envelope)
         if connection is not None:
             self.broker.enqueue(plain, connection=connection)
         else:
             self._store_in_chunks(plain)
+        self.announced([*stored, *plain])
         return [TaskHandle(task_id, self) for task_id in ids]
 
     def _store_in_chunks(self, envelopes: Sequence[Envelope]) -> None:
@@ -402,6 +461,15 @@ class Stem:
 
 
 _DEFAULT_OPTIONS = TaskOptions()  # for names not registered here (frozen, checked once)
+
+
+def _before_publish(e: Envelope) -> None:
+    if signals.before_task_publish.receivers:
+        signals.before_task_publish.send(signals.BeforeTaskPublish(
+            task_id=e.id, name=e.name, queue=e.queue, attempt=e.attempt, args=e.args,
+            meta=e.meta, headers=e.headers, priority=e.priority, not_before=e.not_before,
+            expires=e.expires, parent_id=e.parent_id, root_id=e.root_id,
+        ))  # fmt: skip
 
 
 def unique_guard(envelope: Envelope) -> tuple[str, float] | None:

@@ -334,7 +334,9 @@ class Chord:
                 member.build(app, lineage=None, flow={"chord": place}, expects_previous=False)
             )
         ttl = max(CHORD_TTL_MIN_S, app.settings.result_ttl)
-        app.broker.enqueue_chord(chord_id, [_started_now(e) for e in built], callback, ttl)
+        stored = app.announce([_started_now(e) for e in built])
+        app.broker.enqueue_chord(chord_id, stored, callback, ttl)
+        app.announced(stored)
         return TaskHandle(callback.id, app)
 
 

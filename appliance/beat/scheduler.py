@@ -21,8 +21,9 @@ import socket
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
+from appliance import signals
 from appliance.beat.calendar import DEFAULT_GRACE, dispatch_at, format_slot, plan
 from appliance.beat.spec import ScheduleEntry, validate_entries
 from appliance.beat.store import StoredSchedule
@@ -133,14 +134,18 @@ class Beat:
         from appliance.app import EnqueueRequest
 
         headers = {HEADER_SCHEDULE: entry.name, HEADER_SCHEDULED_FOR: format_slot(slot)}
+        if signals.schedule_entry_due.receivers:
+            signals.schedule_entry_due.send(signals.ScheduleEntryDue(**_place(entry, slot)))
         try:
             envelope = self.stem.build_envelope(EnqueueRequest(
                 entry.task, entry.args, headers=headers, queue=entry.queue,
                 priority=entry.priority,
             ))  # fmt: skip
+            envelope = self.stem.announce([envelope])[0]
         except (TypeError, ValueError) as exc:  # the task refuses these arguments
             log.error("schedule %s: slot %s not dispatched: %s", entry.name, slot, exc)
             self.stores.schedules.record_failure(entry.name, slot, f"{type(exc).__name__}: {exc}")
+            _failed(entry, slot, exc)
             return
         drift_ms = (time.time() - dispatch_at(entry, slot).timestamp()) * 1000
         guard_ttl = 2 * self.grace.total_seconds() + entry.jitter + 60
@@ -151,8 +156,14 @@ class Beat:
                 self.dispatched += 1
                 log.debug("schedule %s: slot %s -> task %s (drift %.1f ms)",
                           entry.name, slot, envelope.id, drift_ms)  # fmt: skip
+                self.stem.announced([envelope])
+                if signals.schedule_entry_dispatched.receivers:
+                    signals.schedule_entry_dispatched.send(signals.ScheduleEntryDispatched(
+                        **_place(entry, slot), task_id=envelope.id, drift=drift_ms / 1000
+                    ))  # fmt: skip
         except StemError as exc:  # the store failed: the slot is still due next tick
             log.warning("schedule %s: slot %s not dispatched yet: %s", entry.name, slot, exc)
+            _failed(entry, slot, exc)
 
     def stop(self) -> None:
         """Give the lease up at once, so another instance leads without waiting it out."""
@@ -162,6 +173,26 @@ class Beat:
             except StemError as exc:
                 log.warning("could not release the leader lease (%s); it expires by itself", exc)
             self.leader = False
+
+
+class _Place(TypedDict):
+    entry: str
+    task: str
+    queue: str
+    scheduled_for: float
+
+
+def _place(entry: ScheduleEntry, slot: datetime) -> _Place:
+    """The fields every schedule signal carries."""
+    return {"entry": entry.name, "task": entry.task, "queue": entry.queue or "",
+            "scheduled_for": slot.timestamp()}  # fmt: skip
+
+
+def _failed(entry: ScheduleEntry, slot: datetime, exc: Exception) -> None:
+    if signals.schedule_entry_failed.receivers:
+        signals.schedule_entry_failed.send(signals.ScheduleEntryFailed(
+            **_place(entry, slot), error_type=type(exc).__name__, message=str(exc)
+        ))  # fmt: skip
 
 
 def start_beat(stem: Stem, stores: Stores) -> Beat:

@@ -19,6 +19,7 @@ from appliance.errors import DecodeError
 from appliance.retry import Decision, decide
 from appliance.states import DeadLetterReason, OutcomeStatus, SettleKind, TaskEvent, TaskState
 from appliance.tasks import Task
+from appliance.telemetry import PREVIOUS_ATTEMPT_HEADER
 from appliance.worker.ipc import ErrorFields, Outcome
 from appliance.worker.limits import BYSTANDER, COLD_SHUTDOWN, KillReason
 
@@ -31,6 +32,7 @@ class Settled:
     result: TaskResult | None
     event: TaskEvent
     more: tuple[TaskResult, ...] = ()  # results of other tasks it decided (`flow`)
+    runtime: float | None = None  # seconds the attempt ran, when it ran (metrics)
 
 
 def _error(fields: ErrorFields | None) -> ErrorInfo:
@@ -82,18 +84,25 @@ def from_outcome(
             else TaskResult(state=TaskState.SUCCESS, value=outcome.value, **common)
         )
         follow, more = flow.after_success(envelope, outcome.value, now, default_ttl)
-        return Settled(Settlement.ack(delivery, follow), result, TaskEvent.SUCCESS, more)
+        return Settled(
+            Settlement.ack(delivery, follow), result, TaskEvent.SUCCESS, more, outcome.runtime
+        )
     error = _error(outcome.error)
     if decision.kind is SettleKind.RETRY:
         assert decision.not_before is not None
         retry = TaskResult(state=TaskState.RETRY, error=error, **common)
-        settlement = Settlement.retry(delivery, envelope.next_attempt(decision.not_before))
-        return Settled(settlement, retry, TaskEvent.RETRY)
+        following = envelope.next_attempt(decision.not_before)
+        if outcome.traceparent:  # the next attempt's span links to this one
+            headers = {**following.headers, PREVIOUS_ATTEMPT_HEADER: outcome.traceparent}
+            following = replace(following, headers=headers)
+        settlement = Settlement.retry(delivery, following)
+        return Settled(settlement, retry, TaskEvent.RETRY, runtime=outcome.runtime)
     reason = decision.reason or DeadLetterReason.EXHAUSTED
     dead = TaskResult(state=TaskState.DEAD, error=error, **common)
     info = DeadLetterInfo(reason, error.type, error.message, error.traceback)
     follow, more = flow.after_failure(envelope, error, now, default_ttl, failed=True)
-    return Settled(Settlement.dead_letter(delivery, info, follow), dead, TaskEvent.DEAD, more)
+    settlement = Settlement.dead_letter(delivery, info, follow)
+    return Settled(settlement, dead, TaskEvent.DEAD, more, outcome.runtime)
 
 
 def dead_before_run(

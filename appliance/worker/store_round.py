@@ -23,6 +23,7 @@ from appliance.broker.protocol import Consumer, Delivery
 from appliance.errors import BrokerBusy, BrokerError
 from appliance.states import TaskEvent
 from appliance.stores import Stores
+from appliance.worker.events import SupervisorEvents
 from appliance.worker.outcomes import Settled
 from appliance.worker.pool import Dispatch, Pool
 
@@ -56,6 +57,7 @@ class StoreRound:
         self.retry_at = 0.0  # monotonic: no store call before this while failing
         self.failures = 0
         self.failing_since: float | None = None  # wall clock of the first failure in a row
+        self.events = SupervisorEvents()  # the supervisor sets its own
 
     # --- settling --------------------------------------------------------------------
 
@@ -63,6 +65,7 @@ class StoreRound:
         """Queue a settlement (and its result) for the next round."""
         self.pending.append(settled)
         self.counts[settled.event] += 1
+        self.events.settled(settled)
         result = settled.result
         if settled.event in (TaskEvent.RETRY, TaskEvent.DEAD) and result and result.error:
             log.info(
@@ -164,6 +167,7 @@ class StoreRound:
             except BrokerError as exc:
                 self.failed(exc)
                 return
+            self.events.lease_renewals(len(dispatches) - len(lost))
             for dispatch in dispatches:
                 dispatch.renew_at = now + min(lease, dispatch.task.options.visibility_timeout) / 3
                 dispatch.lease_end = now + lease

@@ -22,7 +22,7 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 
-from appliance import __version__
+from appliance import __version__, telemetry
 from appliance.app import Stem
 from appliance.backend.protocol import WorkerHeartbeat
 from appliance.beat.scheduler import Beat, start_beat
@@ -38,9 +38,11 @@ from appliance.errors import (
     StemError,
     StoreReplaced,
 )
+from appliance.logs import set_worker
 from appliance.states import ExitCode, TaskEvent
 from appliance.worker.commands import WorkerCommands
 from appliance.worker.duties import Duties
+from appliance.worker.events import SupervisorEvents
 from appliance.worker.hygiene import become_subreaper, start_undertaker
 from appliance.worker.pool import Pool
 from appliance.worker.store_round import POLL_S, StoreRound
@@ -112,6 +114,13 @@ class Supervisor:
         """Open stores, fork the pools, serve until shutdown; the exit code."""
         faulthandler.enable()  # a fatal signal (SIGBUS, SIGSEGV) still leaves a log line
         self.consumer = Consumer.this_process()
+        self.worker_name = self.name or f"{self.consumer.host}:{self.consumer.pid}"
+        set_worker(self.worker_name)
+        self.telemetry = telemetry.NOOP
+        self.events = SupervisorEvents(self.worker_name)
+        pool_names = tuple(p.settings.name for p in self.pools)
+        size = sum(p.settings.concurrency for p in self.pools)
+        self.events.worker_init(pool_names, tuple(self.queues), size)
         # First, before any store or child exists: the undertaker kills what tasks
         # leave behind if this process is SIGKILLed; as subreaper it adopts escapees.
         self.undertaker_fd = start_undertaker(self.consumer.name)
@@ -132,6 +141,20 @@ class Supervisor:
         self.tree.revoked = self.revoked
         self.tree.before_fork = self._before_fork
         self.round.paused = self.paused
+        try:
+            self.telemetry = telemetry.load(self.settings)
+        except StemError as exc:
+            log.error("cannot start: %s", exc)
+            self.tree.close()
+            self.stores.close()
+            return int(ExitCode.CONFIG)
+        self.events = SupervisorEvents(self.worker_name, self.telemetry)
+        self.tree.events = self.round.events = self.events
+        if self.telemetry.enabled:
+            self.telemetry.start_metrics(
+                worker=self.worker_name, depth=self.stores.broker.queue_stats,
+                pools=self.tree.pool_loads,
+            )  # fmt: skip
         self.refresh_flags(time.monotonic())
         self.control = ControlServer(
             self.stores.control, self.worker_name, WorkerCommands(self).handlers()
@@ -150,6 +173,7 @@ class Supervisor:
         try:
             self.tree.spawn_missing(time.monotonic())
             self.notifier.send("READY=1", f"STATUS=serving {','.join(self.queues)}")
+            self.events.worker_ready(pool_names, tuple(self.queues), size)
             log.info(
                 "supervisor %d ready: %d children, queues %s, broker %s",
                 os.getpid(), self.tree.table.header.slots, ",".join(self.queues),
@@ -185,7 +209,6 @@ class Supervisor:
         worker started before its Redis comes up instead of crash-looping under systemd.
         False if a stop signal arrived meanwhile."""
         self.stores = self.stem.open_stores(busy_wait=STORE_BUSY_WAIT_S)
-        self.worker_name = self.name or f"{self.consumer.host}:{self.consumer.pid}"
         self.round = StoreRound(self.stores, self.consumer, self.pools, claim_lease_for(self.stem))
         broker = self.stores.broker
         pause = 0.5
@@ -258,6 +281,12 @@ class Supervisor:
         self.tree.close()  # their tasks go back uncounted
         self.round.settle_before_exit()
         self.round.guarded(lambda: self.stores.backend.remove_worker(self.worker_name))
+        counts = self.round.counts
+        self.events.worker_shutdown(
+            "cold" if self.cold else "warm", sum(counts[e] for e in FINISHED),
+            counts[TaskEvent.DEAD],
+        )  # fmt: skip
+        self.telemetry.shutdown()
         signal.set_wakeup_fd(-1)
         self.stores.close()
         os.close(self.undertaker_fd)  # the undertaker sweeps once more, then exits
@@ -279,6 +308,7 @@ class Supervisor:
         tree.flush()
         self.round.renew(tree.renewals_due(now), now)
         self.duties.run_due(now)
+        self.telemetry.tick(now)
         self._progress_shutdown(now)
 
     def _timeout(self) -> float:
@@ -455,6 +485,8 @@ class Supervisor:
         self.round.guarded(
             lambda: self.stores.backend.put_worker_heartbeat(beat, 3 * WORKER_BEAT_S)
         )
+        self.events.worker_heartbeat(beat.in_flight, beat.processed, beat.failed,
+                                     len(self.tree.children))  # fmt: skip
 
 
 def _record_only(signum: int, frame: object) -> None:

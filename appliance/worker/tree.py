@@ -16,8 +16,10 @@ from appliance.app import Stem
 from appliance.backend.protocol import ChildInfo
 from appliance.broker.protocol import Delivery
 from appliance.states import OutcomeStatus, SlotState
+from appliance.telemetry import PoolLoad
 from appliance.worker import outcomes
 from appliance.worker.child import ChildSetup, child_main
+from appliance.worker.events import SupervisorEvents
 from appliance.worker.heartbeat import HeartbeatTable
 from appliance.worker.hygiene import kill_tree, orphans
 from appliance.worker.ipc import ChildMessage, Progress, ProtocolError, dispatch_frame
@@ -81,6 +83,7 @@ class ProcessTree:
         self._default_ttl = stem.settings.result_ttl
         # Set by the supervisor to its stores' `before_fork` (and the app's own stores').
         self.before_fork: Callable[[], None] = lambda: None
+        self.events = SupervisorEvents(worker_name)  # the supervisor sets its own
 
     # --- spawning ------------------------------------------------------------------------
 
@@ -121,6 +124,7 @@ class ProcessTree:
         self.children[pid] = child
         self.pipes.watch(child, lambda mask: self._on_pipe(child, mask))
         log.debug("child %d spawned in pool %s slot %d", pid, pool.settings.name, index)
+        self.events.child_spawned(pool.settings.name, index, pid)
 
     # --- dispatching ---------------------------------------------------------------------
 
@@ -150,6 +154,7 @@ class ProcessTree:
             self.seq, delivery, envelope, task, now + first_renewal, now + self.claim_lease
         )
         child.sent += 1
+        self.events.received(envelope, pool.settings.name, delivery)
         if not child.outbox:
             self._touched.add(child)
         child.outbox += dispatch_frame(self.seq, delivery.payload)
@@ -232,6 +237,12 @@ class ProcessTree:
         child.outstanding.clear()
         if unexpected:
             log.warning("child %d exited with %s", child.pid, describe_exit(code))
+        reason = child.kill.message if child.kill else ("crashed" if unexpected else "recycled")
+        self.events.child_died(
+            pool.settings.name, child.index, child.pid, code, reason,
+            expected=not unexpected and child.kill in (None, COLD_SHUTDOWN),
+            task_id=running.envelope.id if running else None,
+        )  # fmt: skip
         pool.mark_lifetime(child, unexpected)
         if self.accepting:
             pool.respawn_at[child.index] = time.monotonic() + respawn_delay(pool.early_deaths)
@@ -310,6 +321,10 @@ class ProcessTree:
         log.warning("killing child %d: %s", child.pid, reason.message)
         child.kill, child.killed_seq, child.closing = reason, seq, True
         kill_tree(child.pid)
+        held = child.outstanding.get(seq)
+        if reason.error_type == "TimeLimitExceeded" and held is not None:
+            limit = held.task.options.hard_time_limit or 0.0
+            self.events.hard_timeout(held.envelope, limit, child.pid)
 
     def kill_orphans(self, now: float | None = None) -> None:
         """Kill the processes re-parented to the supervisor that it did not fork: the
@@ -453,6 +468,14 @@ class ProcessTree:
             if child.kill is None and beating:
                 alive += 1
         return alive
+
+    def pool_loads(self) -> list[PoolLoad]:
+        """Each pool's size and its children busy now (the telemetry gauges)."""
+        return [
+            PoolLoad(pool.settings.name, pool.settings.concurrency,
+                     sum(1 for c in pool.children.values() if c.outstanding))
+            for pool in self.pools
+        ]  # fmt: skip
 
     def in_flight(self) -> int:
         return sum(len(c.outstanding) for c in self.children.values())
