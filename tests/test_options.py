@@ -168,9 +168,10 @@ def test_a_rate_limit_is_shared_by_two_supervisors(
     times = sorted(float(p[4]) for p in ledger(tmp_path) if p[0] == "limited")
     assert len(times) == 30
     # Slots are 0.1 s apart; a run starts when its slot has come and a child claims it,
-    # so a late claim (a loaded host) can bring two runs close, never more into a second.
+    # so a late claim (a loaded host) can bring a few runs close, never many into a second
+    # (no limit at all would run all 30 within the first tenth of a second).
     busiest = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
-    assert busiest <= 12, times
+    assert busiest <= 14, times
     assert 2.8 <= times[-1] - times[0] <= 3.5, times[-1] - times[0]
     assert fast_done < times[-1]  # other tasks drained meanwhile: no head-of-line blocking
     pids = {p[3] for p in ledger(tmp_path) if p[0] == "limited"}

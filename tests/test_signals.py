@@ -35,13 +35,25 @@ def success(name: str = "email.send", task_id: str = "t-1") -> TaskSuccess:
     )  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def clean_registry() -> Iterator[None]:
-    """Each test starts and ends with nothing connected and every signal on."""
-    yield
+def _disconnect_all() -> None:
     for signal in signals.ALL:
         for handler, _ in list(signal._connected):
             signal.disconnect(handler)
+
+
+@pytest.fixture(autouse=True)
+def clean_registry() -> Iterator[None]:
+    """Each test starts with nothing connected and every signal on, and leaves the
+    registry as it found it: other test modules import apps that connect handlers at
+    import time (tests/apps/signals_app.py), which must neither leak in nor be lost."""
+    saved = {signal: list(signal._connected) for signal in signals.ALL}
+    _disconnect_all()
+    signals.configure()
+    yield
+    _disconnect_all()
+    for signal, connected in saved.items():
+        for handler, sender in connected:
+            signal.connect(handler, sender=sender)
     signals.configure()
 
 

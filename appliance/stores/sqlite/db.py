@@ -389,10 +389,13 @@ def connect(
             f"no Stem database at {target.path} (nothing has been enqueued there yet, or "
             "the --broker URL or config names another file)"
         )
-    conn = _open(target)
+    conn = _open(target, check=False)
     db = Database(conn, target, busy_deadline)
     try:
-        # Switching a new file to WAL takes a lock, so it can meet SQLITE_BUSY.
+        # Both under the busy retry: while another process makes a new file WAL (a
+        # lock) or creates its schema, even reading its header meets SQLITE_BUSY
+        # (measured: two `worker multi start` supervisors opening one new file).
+        db.autocommit(lambda conn: check_ours(conn, target.path))
         db.autocommit(lambda conn: _configure(conn, target))
     except BaseException:
         conn.close()
@@ -400,8 +403,8 @@ def connect(
     return db
 
 
-def _open(target: SqliteTarget) -> sqlite3.Connection:
-    """A connection to the existing file of `target`, checked to be ours."""
+def _open(target: SqliteTarget, *, check: bool = True) -> sqlite3.Connection:
+    """A connection to the existing file of `target`, checked to be ours (`check`)."""
     conn: sqlite3.Connection | None = None
     try:
         # mode=rw: a read must not create the file it was pointed at.
@@ -409,7 +412,8 @@ def _open(target: SqliteTarget) -> sqlite3.Connection:
             f"file:{quote(str(target.path))}?mode=rw", uri=True, isolation_level=None,
             timeout=0, check_same_thread=False,
         )  # fmt: skip
-        check_ours(conn, target.path)
+        if check:
+            check_ours(conn, target.path)
     except sqlite3.Error as exc:
         if conn is not None:
             conn.close()
