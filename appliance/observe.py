@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from appliance.app import Stem
     from appliance.backend.protocol import TaskResult, WorkerHeartbeat
     from appliance.broker.protocol import Broker, DeadLetterEntry, MessageInfo, QueueStats
+    from appliance.envelope import Envelope
     from appliance.stores import Stores
     from appliance.stores.sqlite.broker import SqliteBroker
 
@@ -147,6 +148,12 @@ class Observer:
     def dlq_purge_entries(self, entry_ids: Sequence[str]) -> int:
         """Delete the chosen dead letters for good; returns how many were deleted."""
         return _purge_entries(self.stem.broker, entry_ids)
+
+    def dlq_envelope(self, entry_id: str) -> Envelope | None:
+        """A dead letter's whole envelope (meta, headers, parent and root ids, retry
+        settings) for the detail view; None if it is gone or does not decode."""
+        entry = self.stem.broker.dlq_get(entry_id)
+        return self.stem.codec.peek(entry.payload) if entry is not None else None
 
 
 def read_task(stores: Stores, task_id: str) -> TaskDetail:

@@ -85,3 +85,18 @@ def test_purge_entries_deletes_only_those_chosen(stem: Stem) -> None:
     assert observer.dlq_purge_entries([entries["b"]]) == 0
     assert observer.dlq_count() == 2 and observer.dlq_count("default") == 2
     assert [s.dead for s in observer.queue_stats()] == [2]
+
+
+def test_dlq_envelope_has_meta_and_lineage(stem: Stem) -> None:
+    stem.enqueue("a", args={"n": 1}, meta={"tenant": "t1"}, headers={"h": "v"})
+    info = DeadLetterInfo(DeadLetterReason.PERMANENT, "Reject", "no")
+    [delivery] = claim(stem, 1)
+    stem.broker.settle([Settlement.dead_letter(delivery, info)])
+    observer = Observer(stem)
+    [entry] = observer.dlq_list().entries
+    envelope = observer.dlq_envelope(entry.id)
+    assert envelope is not None
+    assert (envelope.meta, envelope.headers, envelope.args) == ({"tenant": "t1"}, {"h": "v"},
+                                                                {"n": 1})  # fmt: skip
+    assert envelope.parent_id is None
+    assert observer.dlq_envelope("no-such-entry") is None
