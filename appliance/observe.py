@@ -139,11 +139,14 @@ class Observer:
 
     def dlq_replay_entries(self, entry_ids: Sequence[str]) -> list[str]:
         """Replay the chosen dead letters (ids from `dlq_list`); returns the replayed
-        task ids, whose DEAD results are forgotten as `dlq_replay` does."""
-        task_ids = _replay_entries(self.stem.broker, entry_ids)
-        if task_ids:
-            self.stem.backend.forget(task_ids)
-        return task_ids
+        task ids, whose DEAD results are forgotten as `dlq_replay` does.
+
+        The results are forgotten before the messages go back (on SQLite in the same
+        transaction): a worker can run a replayed task at once, and forgetting after it
+        would delete the new result."""
+        entries = [e for e in map(self.stem.broker.dlq_get, entry_ids) if e is not None]
+        task_ids = [e.task_id for e in entries if e.task_id is not None]
+        return _replay_entries(self.stem.stores, [e.id for e in entries], task_ids)
 
     def dlq_purge_entries(self, entry_ids: Sequence[str]) -> int:
         """Delete the chosen dead letters for good; returns how many were deleted."""
@@ -250,16 +253,25 @@ def _dlq_find(
         offset += DLQ_SCAN_CHUNK
 
 
-def _replay_entries(broker: Broker, entry_ids: Sequence[str]) -> list[str]:
-    """Replay the chosen dead letters (each atomically; an id already gone is skipped).
+def _replay_entries(stores: Stores, entry_ids: Sequence[str], task_ids: list[str]) -> list[str]:
+    """Forget `task_ids`' results, then replay the chosen dead letters (each atomically;
+    an id already gone is skipped).
 
     Stopgap: the `Broker` port replays and purges by queue only, so this reaches into
     each adapter for the per-entry step its own `dlq_replay` takes. It belongs in the
     port as `dlq_replay_ids(ids)`; then this becomes one call."""
     from appliance.stores.sqlite.broker import SqliteBroker
 
+    broker = stores.broker
     if isinstance(broker, SqliteBroker):
-        return _sqlite_replay(broker, entry_ids)
+        with stores.unit_of_work():
+            if task_ids:
+                stores.backend.forget(task_ids)
+            replayed = _sqlite_replay(broker, entry_ids)
+        broker._waker.poke()  # after the commit, so the woken workers see the messages
+        return replayed
+    if task_ids:
+        stores.backend.forget(task_ids)
     replayed = []
     for entry_id in entry_ids:
         entry = broker.dlq_get(entry_id)
@@ -291,8 +303,7 @@ def _sqlite_replay(broker: SqliteBroker, entry_ids: Sequence[str]) -> list[str]:
                 task_ids.append(replay.task_id)
         return task_ids
 
-    task_ids = broker._db.write(work)
-    broker._waker.poke()
+    task_ids: list[str] = broker._db.write(work)
     return task_ids
 
 

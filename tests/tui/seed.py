@@ -12,6 +12,7 @@ from textual.pilot import Pilot
 from appliance.app import EnqueueRequest, Stem
 from appliance.backend.protocol import ChildInfo, ErrorInfo, TaskResult, WorkerHeartbeat
 from appliance.broker.protocol import Consumer, DeadLetterInfo, Settlement
+from appliance.envelope import peek_id
 from appliance.states import DeadLetterReason, TaskState
 from tui.app import StemTui
 from tui.screens.base import StemScreen
@@ -47,6 +48,8 @@ def dead_letters(
     while left:
         claimed = stem.broker.claim([queue], min(chunk, left), consumer=consumer, lease=60)
         assert claimed, "nothing to claim: the seeded tasks went elsewhere"
+        stray = {peek_id(d.payload) for d in claimed} - set(ids)
+        assert not stray, f"{queue} held other tasks first: seed dead letters before them"
         # One settle per delivery keeps the DLQ in claim order (its order is dead time).
         for delivery in claimed:
             stem.broker.settle([Settlement.dead_letter(delivery, info)])
