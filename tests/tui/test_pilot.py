@@ -204,9 +204,9 @@ def test_replay_from_the_detail_view(url: str, stem: Stem) -> None:
 
 
 def test_pause_and_resume_a_queue(url: str, stem: Stem) -> None:
+    dead_letters(stem, ["a"])
     stem.enqueue_many([("t", {})] * 3)
     stem.enqueue("t", queue="reports", countdown=60)
-    dead_letters(stem, ["a"])
 
     async def scenario(app: StemTui, pilot: Pilot[None]) -> None:
         await open_view(app, pilot, "2", QueuesScreen)
