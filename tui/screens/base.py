@@ -4,7 +4,7 @@ read-only rule, and the load (thread) / show (UI thread) split of a refresh."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar, cast
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -101,26 +101,40 @@ class StemScreen(Screen[None], Generic[D]):
 Row = tuple[str, Sequence[object]]  # a row key and its cells
 
 
-def refill(table: DataTable[Any], rows: Sequence[Row]) -> None:
-    """Replace a table's rows, keeping the cursor on the same key (a refresh must not
-    throw the operator's place away)."""
-    keep = highlighted_key(table)
-    table.clear()
-    for key, cells in rows:
-        table.add_row(*cells, key=key)
-    index = next((i for i, (key, _) in enumerate(rows) if key == keep), None)
-    if index is not None:
-        table.move_cursor(row=index, animate=False, scroll=False)
+class Table(DataTable[object]):
+    """A row-cursor table that refreshes in place (`refill`)."""
 
+    def __init__(self, *, id: str) -> None:
+        super().__init__(id=id, cursor_type="row")
+        self._rows: list[Row] = []
 
-def highlighted_key(table: DataTable[Any]) -> str | None:
-    if not table.row_count:
-        return None
-    try:
-        key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key
-    except Exception:  # CellDoesNotExist: an empty or shrunk table
-        return None
-    return key.value
+    def refill(self, rows: Sequence[Row]) -> None:
+        """Replace the rows, keeping the cursor on the same key (a refresh must not
+        throw the operator's place away); unchanged rows cost no redraw."""
+        if list(rows) == self._rows:
+            return
+        self._rows = list(rows)
+        keep = self.highlighted_key()
+        self.clear()
+        for key, cells in rows:
+            self.add_row(*cells, key=key)
+        index = next((i for i, (key, _) in enumerate(rows) if key == keep), None)
+        if index is not None:
+            self.move_cursor(row=index, animate=False, scroll=False)
+
+    def highlighted_key(self) -> str | None:
+        if not self.row_count:
+            return None
+        try:
+            key = self.coordinate_to_cell_key(self.cursor_coordinate).row_key
+        except Exception:  # CellDoesNotExist: an empty or shrunk table
+            return None
+        return key.value
+
+    def mark(self, column: int, value: object) -> None:
+        """Change one cell of the highlighted row (the next refresh redraws it all)."""
+        self.update_cell_at(self.cursor_coordinate._replace(column=column), value)
+        self._rows = []
 
 
 def styled(node: DOMNode, text: str, level: str) -> Text:

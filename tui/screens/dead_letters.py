@@ -20,7 +20,7 @@ from appliance.backend.protocol import WorkerHeartbeat
 from appliance.envelope import Envelope
 from appliance.observe import DeadLetter, DeadLetterFilter, DeadLetterPage
 from tui import format as fmt
-from tui.screens.base import Loader, StemScreen, highlighted_key, refill, styled
+from tui.screens.base import Loader, StemScreen, Table, styled
 from tui.source import Source
 
 PAGE_SIZE = 50
@@ -82,7 +82,7 @@ class DeadLettersScreen(StemScreen[DeadLetterPage]):
     def compose_body(self) -> ComposeResult:
         yield Input(placeholder="filter: queue:Q name:N reason:R (enter applies, escape "
                     "clears)", id="filter")  # fmt: skip
-        table: DataTable[object] = DataTable(id="dlq", cursor_type="row")
+        table = Table(id="dlq")
         table.add_columns(" ", "DEAD AT", "NAME", "QUEUE", "REASON", "ERROR", "TRIES")
         yield table
         yield Static("", id="dlq-line", classes="status", markup=False)
@@ -113,7 +113,7 @@ class DeadLettersScreen(StemScreen[DeadLetterPage]):
             ))
             for e in data.entries
         ]  # fmt: skip
-        refill(self.query_one("#dlq", DataTable), rows)
+        self.query_one("#dlq", Table).refill(rows)
         self._show_line()
 
     def _show_line(self) -> None:
@@ -126,7 +126,7 @@ class DeadLettersScreen(StemScreen[DeadLetterPage]):
         self.query_one("#dlq-line", Static).update(" · ".join(parts))
 
     def highlighted(self) -> DeadLetter | None:
-        key = highlighted_key(self.query_one("#dlq", DataTable))
+        key = self.query_one("#dlq", Table).highlighted_key()
         return next((e for e in self.page.entries if e.id == key), None)
 
     # --- filter and pages -------------------------------------------------------------
@@ -180,9 +180,8 @@ class DeadLettersScreen(StemScreen[DeadLetterPage]):
         if entry is None:
             return
         self.selection.toggle(entry.id)
-        table = self.query_one("#dlq", DataTable)
-        mark = "✓" if entry.id in self.selection.ids else " "
-        table.update_cell_at(table.cursor_coordinate._replace(column=0), mark)
+        table = self.query_one("#dlq", Table)
+        table.mark(0, "✓" if entry.id in self.selection.ids else " ")
         self._show_line()
         table.action_cursor_down()
 

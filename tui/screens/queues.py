@@ -15,7 +15,7 @@ from textual.widgets import DataTable, Sparkline, Static
 from appliance.backend.protocol import WorkerHeartbeat
 from appliance.broker.protocol import QueueStats
 from tui import format as fmt
-from tui.screens.base import Loader, StemScreen, highlighted_key, refill, styled
+from tui.screens.base import Loader, StemScreen, Table, styled
 from tui.source import Source
 from tui.throughput import WINDOW_S
 
@@ -39,7 +39,7 @@ class QueuesScreen(StemScreen[QueuesData]):
         self.data = QueuesData([], [], 0.0, 0.0, 0)
 
     def compose_body(self) -> ComposeResult:
-        table: DataTable[object] = DataTable(id="queues", cursor_type="row")
+        table = Table(id="queues")
         for label in ("QUEUE", "READY", "DELAYED", "IN FLIGHT", "DEAD", "STATE"):
             table.add_column(label, key=label)
         yield table
@@ -69,7 +69,7 @@ class QueuesScreen(StemScreen[QueuesData]):
             ))
             for s in data.stats
         ]  # fmt: skip
-        refill(self.query_one("#queues", DataTable), rows)
+        self.query_one("#queues", Table).refill(rows)
         minutes = WINDOW_S / 60
         self.query_one("#rate-title", Static).update(
             f"Throughput, all {data.workers} worker(s), last {minutes:.0f} min: "
@@ -83,7 +83,7 @@ class QueuesScreen(StemScreen[QueuesData]):
         )  # fmt: skip
 
     def selected(self) -> QueueStats | None:
-        key = highlighted_key(self.query_one("#queues", DataTable))
+        key = self.query_one("#queues", Table).highlighted_key()
         return next((s for s in self.data.stats if s.queue == key), None)
 
     @on(DataTable.RowSelected, "#queues")

@@ -15,7 +15,7 @@ from textual.widgets import DataTable, Static
 
 from appliance.backend.protocol import ChildInfo, WorkerHeartbeat
 from tui import format as fmt
-from tui.screens.base import Loader, Row, StemScreen, highlighted_key, refill, styled
+from tui.screens.base import Loader, Row, StemScreen, Table, styled
 from tui.source import Source
 
 
@@ -41,12 +41,12 @@ class WorkersScreen(StemScreen[WorkersData]):
 
     def compose_body(self) -> ComposeResult:
         yield Static("Supervisors", classes="section")
-        supervisors: DataTable[object] = DataTable(id="supervisors", cursor_type="row")
+        supervisors = Table(id="supervisors")
         supervisors.add_columns("WORKER", "PID", "STATE", "UP", "POOLS", "BUSY", "DONE",
                                 "FAILED", "BEAT")  # fmt: skip
         yield supervisors
         yield Static("Child slots", classes="section", id="slots-title")
-        slots: DataTable[object] = DataTable(id="slots", cursor_type="row")
+        slots = Table(id="slots")
         slots.add_columns("SLOT", "PID", "STATE", "TASK", "RUNTIME", "PROG", "RSS", "BEAT")
         yield slots
         yield Static("", id="slot-line", classes="status", markup=False)
@@ -63,8 +63,8 @@ class WorkersScreen(StemScreen[WorkersData]):
 
     def show(self, data: WorkersData) -> None:
         self.data = data
-        table: DataTable[object] = self.query_one("#supervisors", DataTable)
-        refill(table, [self._supervisor_row(b) for b in data.beats])
+        table = self.query_one("#supervisors", Table)
+        table.refill([self._supervisor_row(b) for b in data.beats])
         table.styles.height = min(len(data.beats), 5) + 1
         if not data.beats:
             self.query_one("#slots-title", Static).update("Child slots: no workers alive")
@@ -82,12 +82,12 @@ class WorkersScreen(StemScreen[WorkersData]):
         )  # fmt: skip
 
     def selected_worker(self) -> WorkerHeartbeat | None:
-        key = highlighted_key(self.query_one("#supervisors", DataTable))
+        key = self.query_one("#supervisors", Table).highlighted_key()
         return next((b for b in self.data.beats if b.id == key), None)
 
     def selected_child(self) -> ChildInfo | None:
         beat = self.selected_worker()
-        key = highlighted_key(self.query_one("#slots", DataTable))
+        key = self.query_one("#slots", Table).highlighted_key()
         if beat is None or key is None:
             return None
         return next((c for c in beat.children if _slot_key(c) == key), None)
@@ -99,7 +99,7 @@ class WorkersScreen(StemScreen[WorkersData]):
         if beat is not None:
             title = f"Child slots of {beat.id} ({beat.status}; queues {', '.join(beat.queues)})"
             self.query_one("#slots-title", Static).update(title)
-        refill(self.query_one("#slots", DataTable), [self._slot_row(c) for c in children])
+        self.query_one("#slots", Table).refill([self._slot_row(c) for c in children])
         self._show_slot_line()
 
     def _slot_row(self, child: ChildInfo) -> Row:
