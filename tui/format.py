@@ -77,28 +77,29 @@ def size(value: int | None) -> str:
     raise AssertionError("unreachable")
 
 
-def bar(part: float, whole: float, width: int = BAR_WIDTH) -> str:
-    """`part` of `whole` as a bar of block characters (the runtime against its limit)."""
-    fraction = 0.0 if whole <= 0 else min(1.0, max(0.0, part / whole))
-    eighths = round(fraction * width * 8)
-    full, rest = divmod(eighths, 8)
-    partial = " ▏▎▍▌▋▊▉"[rest] if rest else ""
-    return ("█" * full + partial).ljust(width, "·")
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """A runtime cell: `filled` of `width` bar cells against the hard limit (0 of 0
+    without one), the time as text, and its level."""
+
+    filled: int
+    width: int
+    label: str
+    level: str
 
 
-def runtime(child: ChildInfo) -> tuple[str, str]:
-    """The runtime cell and its level: a bar against the hard limit when there is one
-    (warn past the soft limit or 80% of the hard one), the bare time otherwise."""
+def runtime(child: ChildInfo, width: int = BAR_WIDTH) -> Runtime | None:
+    """The running task's time against its hard limit (warn past the soft limit or 80%
+    of the hard one); the bare time when it has no hard limit; None when idle."""
     if child.runtime_s is None:
-        return "", "ok"
+        return None
     if not child.hard_limit_s:
-        return seconds(child.runtime_s), "ok"
-    text = f"{bar(child.runtime_s, child.hard_limit_s)} {seconds(child.runtime_s)}/" + seconds(
-        child.hard_limit_s
-    )
+        return Runtime(0, 0, seconds(child.runtime_s), "ok")
+    fraction = min(1.0, max(0.0, child.runtime_s / child.hard_limit_s))
     over_soft = child.soft_limit_s is not None and child.runtime_s > child.soft_limit_s
-    level = "warn" if over_soft or child.runtime_s > 0.8 * child.hard_limit_s else "ok"
-    return text, level
+    level = "warn" if over_soft or fraction > 0.8 else "ok"
+    label = f"{seconds(child.runtime_s)}/{seconds(child.hard_limit_s)}"
+    return Runtime(round(fraction * width), width, label, level)
 
 
 def percent(value: float | None) -> str:

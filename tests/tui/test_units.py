@@ -52,12 +52,14 @@ def test_child_health_is_a_word_as_well_as_a_colour(
 
 def test_runtime_bar_against_the_hard_limit() -> None:
     half = ChildInfo(0, "p", 1, "running", "t", "n", runtime_s=5, hard_limit_s=10)
-    assert fmt.runtime(half) == ("█████····· 5.0s/10s", "ok")
+    assert fmt.runtime(half) == fmt.Runtime(5, 10, "5.0s/10s", "ok")
     over_soft = ChildInfo(0, "p", 1, "running", "t", "n", 6, soft_limit_s=5, hard_limit_s=10)
-    assert fmt.runtime(over_soft)[1] == "warn"
+    assert fmt.runtime(over_soft) == fmt.Runtime(6, 10, "6.0s/10s", "warn")
+    over_hard = ChildInfo(0, "p", 1, "running", "t", "n", runtime_s=25, hard_limit_s=10)
+    assert fmt.runtime(over_hard) == fmt.Runtime(10, 10, "25s/10s", "warn")
     no_limit = ChildInfo(0, "p", 1, "running", "t", "n", runtime_s=75)
-    assert fmt.runtime(no_limit) == ("1m15s", "ok")
-    assert fmt.bar(20, 10) == "█" * 10 and fmt.bar(1, 0) == "·" * 10
+    assert fmt.runtime(no_limit) == fmt.Runtime(0, 0, "1m15s", "ok")
+    assert fmt.runtime(ChildInfo(0, "p", 1, "idle")) is None
 
 
 def test_sizes_and_durations() -> None:

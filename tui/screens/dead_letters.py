@@ -118,7 +118,7 @@ class DeadLettersScreen(StemScreen[DeadLetterPage]):
 
     def _show_line(self) -> None:
         data = self.page
-        parts = [f"page {data.page}/{data.pages} ([ ])", f"{data.total:,} dead letter(s)"]
+        parts = [f"page {data.page}/{data.pages} ([ ] turn)", f"{data.total:,} dead letter(s)"]
         if self.selection.ids:
             parts.append(f"{len(self.selection.ids)} selected")
         if self.where != DeadLetterFilter():

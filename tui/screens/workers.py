@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
@@ -104,14 +105,22 @@ class WorkersScreen(StemScreen[WorkersData]):
 
     def _slot_row(self, child: ChildInfo) -> Row:
         health = fmt.child_health(child)
-        run, run_level = fmt.runtime(child)
         beat_level = "ok" if health.level == "ok" else health.level
         return _slot_key(child), (
             child.slot if len(self._pools()) == 1 else f"{child.pool}/{child.slot}",
             child.pid or "-", styled(self, health.word, health.level), child.task or "",
-            styled(self, run, run_level), fmt.percent(child.progress), fmt.size(child.rss),
+            self._runtime_cell(child), fmt.percent(child.progress), fmt.size(child.rss),
             styled(self, fmt.seconds(child.beat_age_s), beat_level),
         )  # fmt: skip
+
+    def _runtime_cell(self, child: ChildInfo) -> Text:
+        """The bar in the level's colour on a dim track, then the time."""
+        run = fmt.runtime(child)
+        if run is None:
+            return Text("")
+        cell = styled(self, "━" * run.filled, "good" if run.level == "ok" else run.level)
+        cell.append("━" * (run.width - run.filled), style="dim")
+        return cell.append(" ").append_text(styled(self, run.label, run.level))
 
     def _pools(self) -> set[str]:
         beat = self.selected_worker()
