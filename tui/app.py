@@ -139,13 +139,22 @@ class StemTui(App[None]):
 
     # --- actions -----------------------------------------------------------------------
 
-    def confirm_then_run(self, title: str, body: str, action: Callable[[Source], str]) -> None:
-        """The modal says what will happen; only `y` runs `action` (in a thread)."""
+    def confirm_then_run(
+        self,
+        title: str,
+        body: str,
+        action: Callable[[Source], str],
+        on_yes: Callable[[], None] | None = None,
+    ) -> None:
+        """The modal says what will happen; only `y` runs `action` (in a thread), and
+        `on_yes` (on the UI thread: a view forgetting its selection, say)."""
         if self.read_only:
             return
 
         def decided(yes: bool | None) -> None:
             if yes:
+                if on_yes is not None:
+                    on_yes()
                 self._act(title, action)
 
         self.push_screen(ConfirmModal(title, body), decided)

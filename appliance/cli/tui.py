@@ -5,9 +5,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from dataclasses import replace
 
-from appliance.cli.common import Commands, add_app_flag, build_settings, open_app, store_flags
+from appliance.cli.common import (
+    Commands,
+    UsageError,
+    add_app_flag,
+    build_settings,
+    open_app,
+    store_flags,
+)
 from appliance.logs import configure_logging
 
 MIN_REFRESH_S, MAX_REFRESH_S = 0.2, 3600.0
@@ -46,6 +54,12 @@ def refresh_seconds(text: str) -> float:
 def run(args: argparse.Namespace) -> int:
     settings = build_settings(args)
     stem = open_app(args, settings)
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        # In a pipe, a cron job or a script it would wait for keys nobody can press.
+        raise UsageError(
+            "stem tui needs a terminal (stdin and stdout are not both one); for scripts "
+            "use `stem observe ... --json`"
+        )
     from tui.app import StemTui
     from tui.source import Source
 

@@ -84,6 +84,7 @@ def test_cancelled_modals_change_nothing(url: str, stem: Stem) -> None:
                 await confirm(app, pilot, answer)
         await pilot.press("x")
         await confirm(app, pilot, "n")
+        assert "1 selected" in text_of(app, "#dlq-line")  # a cancelled R or x keeps it
         await open_view(app, pilot, "2", QueuesScreen)
         await pilot.press("p")
         await confirm(app, pilot, "escape")

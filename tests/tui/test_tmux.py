@@ -80,3 +80,13 @@ def test_stem_tui_in_tmux_against_a_live_worker(tmp_path: Path, tmux: Tmux) -> N
     finally:
         worker.stop()
         producer.close()
+
+
+def test_stem_tui_without_a_terminal_says_so(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "appliance", "tui", "--broker", f"sqlite:///{tmp_path}/s.db"],
+        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 2, done
+    assert done.stderr.startswith("stem: error: stem tui needs a terminal"), done.stderr
+    assert not (tmp_path / "s.db").exists()

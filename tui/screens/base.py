@@ -93,9 +93,15 @@ class StemScreen(Screen[None], Generic[D]):
         # False hides the key from the footer and refuses it.
         return not (action in self.ACTIONS and self.tui.read_only)
 
-    def act(self, title: str, body: str, action: Callable[[Source], str]) -> None:
+    def act(
+        self,
+        title: str,
+        body: str,
+        action: Callable[[Source], str],
+        on_yes: Callable[[], None] | None = None,
+    ) -> None:
         """Ask (the modal says `body`), then run `action` in a thread worker."""
-        self.tui.confirm_then_run(title, body, action)
+        self.tui.confirm_then_run(title, body, action, on_yes)
 
 
 Row = tuple[str, Sequence[object]]  # a row key and its cells

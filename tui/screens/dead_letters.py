@@ -5,6 +5,7 @@ highlighted entry, `space` selects, `R` replays the selection, `x` purges the se
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -55,6 +56,9 @@ class Selection:
 
     def toggle(self, entry_id: str) -> None:
         self.ids.symmetric_difference_update({entry_id})
+
+    def clear(self) -> None:
+        self.ids.clear()
 
 
 class DeadLettersScreen(StemScreen[DeadLetterPage]):
@@ -195,21 +199,23 @@ class DeadLettersScreen(StemScreen[DeadLetterPage]):
         if not ids:
             self.notify("nothing selected (space selects)", severity="warning")
             return
-        replay_entries(self, ids, f"the {len(ids)} selected dead letter(s)")
-        self.selection.ids.clear()
+        replay_entries(self, ids, f"the {len(ids)} selected dead letter(s)", self.selection.clear)
 
     def action_purge(self) -> None:
         ids = sorted(self.selection.ids)
         if ids:
-            purge_entries(self, ids, f"the {len(ids)} selected dead letter(s)")
-            self.selection.ids.clear()
+            purge_entries(
+                self, ids, f"the {len(ids)} selected dead letter(s)", self.selection.clear
+            )
             return
         entry = self.highlighted()
         if entry is not None:
             purge_entries(self, [entry.id], f"{entry.name} {entry.task_id} (queue {entry.queue})")
 
 
-def replay_entries(screen: StemScreen[Any], ids: list[str], what: str) -> None:
+def replay_entries(
+    screen: StemScreen[Any], ids: list[str], what: str, on_yes: Callable[[], None] | None = None
+) -> None:
     body = (f"Replay {what}: each goes back on its queue as a fresh first attempt and "
             "leaves the dead-letter queue; its DEAD result is forgotten.")  # fmt: skip
 
@@ -219,17 +225,19 @@ def replay_entries(screen: StemScreen[Any], ids: list[str], what: str) -> None:
         return f"replayed {len(task_ids)} dead letter(s)" + (
             f"; {gone} were already gone" if gone else "")  # fmt: skip
 
-    screen.act("Replay", body, replay)
+    screen.act("Replay", body, replay, on_yes)
 
 
-def purge_entries(screen: StemScreen[Any], ids: list[str], what: str) -> None:
+def purge_entries(
+    screen: StemScreen[Any], ids: list[str], what: str, on_yes: Callable[[], None] | None = None
+) -> None:
     body = (f"Purge {what}: deleted from the dead-letter queue for good (cannot be "
             "undone; their DEAD results stay as history).")  # fmt: skip
 
     def purge(source: Source) -> str:
         return f"purged {source.read(lambda o: o.dlq_purge_entries(ids)).value} dead letter(s)"
 
-    screen.act("Purge", body, purge)
+    screen.act("Purge", body, purge, on_yes)
 
 
 @dataclass(frozen=True, slots=True)
