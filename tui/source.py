@@ -74,7 +74,7 @@ class Source:
     def workers(self) -> list[WorkerHeartbeat]:
         """The live supervisors; every call also feeds the throughput history."""
         beats = self.read(lambda o: o.workers()).value
-        self.throughput.add(self.clock(), {b.id: b.processed for b in beats})
+        self.throughput.add(self.clock(), {b.id: (b.sent_at, b.processed) for b in beats})
         return beats
 
     def control(self) -> ControlClient:

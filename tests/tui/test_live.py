@@ -61,9 +61,9 @@ def test_replay_runs_the_task_and_revoke_terminate_kills_one(
             await pilot.press("down")
         await pilot.press("V")
         await confirm(app, pilot, "y")
-        await until(pilot, lambda: "answered:" in notes(app), timeout=10)
+        await until(pilot, lambda: "answered:" in notes(app), timeout=20)
 
-    drive(url, scenario, size=(120, 30), control_timeout=5.0)
+    drive(url, scenario, size=(120, 30), control_timeout=10.0)
     assert wait_until(lambda: producer.task_state(dead) is TaskState.SUCCESS, timeout=10)
     assert wait_until(lambda: producer.task_state(slow) is TaskState.REVOKED, timeout=10)
     assert slow not in worker.completions()  # killed, never finished
@@ -88,7 +88,7 @@ def test_pause_reaches_the_worker_and_shutdown_stops_it(
         await until(pilot, lambda: bool(rows(app, "#queues")))
         await pilot.press("p")
         await confirm(app, pilot, "y")
-        await until(pilot, lambda: "answered:" in notes(app), timeout=10)
+        await until(pilot, lambda: "answered:" in notes(app), timeout=20)
         assert "default paused" in notes(app)
 
         def paused() -> tuple[str, ...]:
@@ -106,6 +106,6 @@ def test_pause_reaches_the_worker_and_shutdown_stops_it(
         await until(pilot, lambda: worker.proc is not None and worker.proc.poll() is not None,
                     timeout=20)  # fmt: skip
 
-    drive(url, scenario, size=(120, 30), control_timeout=5.0)
+    drive(url, scenario, size=(120, 30), control_timeout=10.0)
     assert worker.wait(timeout=5) == 0
     assert producer.broker.paused().keys() == {"default"}

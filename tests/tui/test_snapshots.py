@@ -76,8 +76,9 @@ def app_for_snapshot() -> StemTui:
     # Ten minutes of throughput as successive heartbeat snapshots would leave it.
     processed = 0
     for step in range(60):
-        processed += (step * 7) % 23
-        source.throughput.add(time.time() - 600 + step * 10, {"edge-1": processed})
+        processed += 10 * ((step * 7) % 23)
+        at = time.time() - 600 + step * 10
+        source.throughput.add(at, {"edge-1": (at, processed)})
     # Refreshes come from the tests only: a frozen clock makes them identical anyway.
     return StemTui(source, refresh_s=3600)
 

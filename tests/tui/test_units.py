@@ -14,17 +14,19 @@ from tui.screens.dead_letters import describe, parse_filter
 from tui.throughput import Throughput
 
 
-def test_throughput_counts_changes_per_worker_and_survives_restarts() -> None:
+def test_throughput_is_each_workers_change_between_its_own_beats() -> None:
     tp = Throughput(window_s=100)
-    tp.add(0, {"a": 10})
-    tp.add(2, {"a": 30, "b": 500})  # b is new: its count covers an unknown span
-    tp.add(4, {"a": 5, "b": 520})  # a restarted: its count went down
-    tp.add(4, {"a": 99})  # the same instant again: ignored
-    tp.add(6, {"a": 9, "b": 520})
-    assert tp.rates() == [10.0, 10.0, 2.0]
-    assert (tp.now, tp.peak) == (2.0, 10.0)
-    tp.add(200, {"a": 9})
-    assert tp.rates() == [0.0]  # older samples left the window
+    tp.add(0, {"a": (0.0, 10)})
+    tp.add(1, {"a": (0.0, 10)})  # no new beat yet
+    tp.add(2, {"a": (2.0, 30), "b": (1.5, 500)})  # b is new: its count covers an unknown span
+    tp.add(3, {"a": (2.0, 30), "b": (1.5, 500)})  # the rates hold until the next beats
+    tp.add(3, {"a": (2.0, 30), "b": (1.5, 500)})  # the same instant again: one sample
+    tp.add(4, {"a": (4.0, 5), "b": (3.5, 520)})  # a restarted: its count went down
+    tp.add(6, {"b": (5.5, 520)})  # a is gone
+    assert tp.rates() == [0.0, 0.0, 10.0, 10.0, 10.0, 0.0]
+    assert (tp.now, tp.peak) == (0.0, 10.0)
+    tp.add(200, {"b": (199.5, 720)})
+    assert tp.rates() == [200 / 194]  # older samples left the window
 
 
 def test_worker_health_words() -> None:

@@ -118,6 +118,8 @@ class WorkersScreen(StemScreen[WorkersData]):
         run = fmt.runtime(child)
         if run is None:
             return Text("")
+        if not run.width:  # no hard limit: the time alone
+            return styled(self, run.label, run.level)
         cell = styled(self, "━" * run.filled, "good" if run.level == "ok" else run.level)
         cell.append("━" * (run.width - run.filled), style="dim")
         return cell.append(" ").append_text(styled(self, run.label, run.level))
