@@ -8,8 +8,11 @@ def send_email(ctx: TaskContext, to: str) -> dict: ...
 """
 
 from appliance.app import EnqueueRequest, Stem
+from appliance.canvas import GroupHandle, Signature, chain, chord, group
 from appliance.context import TaskContext
 from appliance.errors import (
+    ChainError,
+    ChordError,
     MemoryLimitExceeded,
     Reject,
     Retry,
@@ -27,14 +30,18 @@ from appliance.tasks import Task, TaskHandle, TaskHandler, TaskOptions
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChainError",
+    "ChordError",
     "DeadLetterReason",
     "EnqueueRequest",
     "ExponentialJitterRetryStrategy",
     "FixedRetryStrategy",
+    "GroupHandle",
     "MemoryLimitExceeded",
     "Reject",
     "Retry",
     "RetryStrategy",
+    "Signature",
     "SoftTimeLimitExceeded",
     "Stem",
     "StemError",
@@ -49,4 +56,7 @@ __all__ = [
     "TimeLimitExceeded",
     "WorkerLostError",
     "__version__",
+    "chain",
+    "chord",
+    "group",
 ]

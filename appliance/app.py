@@ -3,27 +3,36 @@ everything hangs off a `Stem` instance, and a decorator only registers."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import orjson
+
+from appliance import signals
 from appliance.config import Settings, load_settings
 from appliance.context import current_task
-from appliance.envelope import Envelope, EnvelopeCodec, new_task_id
+from appliance.envelope import Envelope, EnvelopeCodec, new_task_id, to_raw
 from appliance.errors import NotRegistered
 from appliance.observe import read_task
+from appliance.ratelimit import limiter_key
+from appliance.signals import configure as configure_signals
 from appliance.states import TaskState
 from appliance.stores import Stores, open_stores
 from appliance.tasks import Task, TaskHandle, TaskHandler, TaskOptions
+from appliance.telemetry import NOOP, Telemetry
+from appliance.telemetry import load as load_telemetry
 from appliance.units import MAX_SECONDS, check_name, check_priority, check_seconds
 
 if TYPE_CHECKING:
     from appliance.backend.protocol import ResultBackend
     from appliance.broker.protocol import Broker
+    from appliance.canvas import Signature
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -32,7 +41,7 @@ ENQUEUE_BATCH = 5000
 
 _ENQUEUE_OPTIONS = frozenset(
     {"args", "meta", "headers", "queue", "priority", "countdown", "eta", "expires",
-     "task_id", "connection"}
+     "task_id", "connection", "link", "link_error"}
 )  # fmt: skip
 
 
@@ -50,6 +59,16 @@ class EnqueueRequest:
     eta: datetime | float | None = None
     expires: datetime | float | None = None
     task_id: str | None = None
+    link: Any = None  # a Signature (or a list of them) enqueued after success
+    link_error: Any = None  # a Signature (or a list of them) enqueued after final failure
+
+
+@dataclass(frozen=True, slots=True)
+class Lineage:
+    """Who enqueues a pre-built envelope (a link, a chain step): its parent and root."""
+
+    parent_id: str | None
+    root_id: str | None
 
 
 class _PerProcess:
@@ -80,6 +99,10 @@ class _PerProcess:
             self._value.close()
         self._value, self._pid = None, -1
 
+    def before_fork(self) -> None:
+        if self._pid == os.getpid() and self._value is not None:
+            self._value.before_fork()
+
 
 class Stem:
     """An application: its tasks, its broker and backend, and enqueue."""
@@ -100,6 +123,7 @@ class Stem:
             overrides["result_backend_url"] = result_backend
         self.settings = replace(base, **overrides)
         self.registry: dict[str, Task] = {}
+        self.schedules: dict[str, Any] = {}  # name -> beat.spec.ScheduleEntry (`schedule`)
         self.codec = EnvelopeCodec(self.settings.max_payload_bytes)
         # False for reads (the CLI's observe commands, the TUI): stores are opened only
         # if they exist, never created or migrated (`open_stores(create=False)`).
@@ -107,12 +131,17 @@ class Stem:
         self._stores = _PerProcess(
             lambda: open_stores(self.settings, self.codec, create=self.create_stores)
         )
+        self._telemetry: Telemetry = NOOP
+        self._telemetry_pid = -1
+        configure_signals(self.settings.signals_enabled or None, self.settings.signals_disabled)
 
     def configure(self, settings: Settings) -> None:
         """Replace the settings (the CLI applies flags and env this way); reopens stores."""
         self.close()
         self.settings = settings
         self.codec = EnvelopeCodec(settings.max_payload_bytes)
+        self._telemetry_pid = -1
+        configure_signals(settings.signals_enabled or None, settings.signals_disabled)
 
     # --- stores ----------------------------------------------------------------------
 
@@ -137,6 +166,20 @@ class Stem:
 
     def close(self) -> None:
         self._stores.close()
+
+    def before_fork(self) -> None:
+        """Ready this process's stores for a fork() (see `Stores.before_fork`)."""
+        self._stores.before_fork()
+
+    @property
+    def telemetry(self) -> Telemetry:
+        """This process's telemetry (`appliance.telemetry.load`): the no-op unless
+        `STEM_OTLP_ENDPOINT` is set. Made once per process (a forked child makes its own
+        after `setup_child`)."""
+        if self._telemetry_pid != os.getpid():
+            self._telemetry = load_telemetry(self.settings)
+            self._telemetry_pid = os.getpid()
+        return self._telemetry
 
     # --- registration ----------------------------------------------------------------
 
@@ -163,6 +206,30 @@ class Stem:
         self.registry[task.name] = task
         return task
 
+    def schedule(self, name: str, task: str, **options: Any) -> Any:
+        """Declare a Beat schedule: `every=SECONDS`, `cron="m h dom mon dow"`, `at=datetime`
+        or `solar="sunset"` with `latitude`/`longitude` (exactly one), and `args`,
+        `queue`, `priority`, `jitter`, `timezone`, `enabled`, `catch_up` (SPEC section 2).
+        Checked now (a `ConfigError` naming the entry); Beat applies it to the store when
+        it starts. Returns the `ScheduleEntry`."""
+        from appliance.beat.spec import ScheduleEntry
+
+        entry = ScheduleEntry.from_options(name, task, **options)
+        known = self.schedules.get(name)
+        if known is not None and known != entry:
+            raise ValueError(f"a different schedule is already declared as {name!r}")
+        self.schedules[name] = entry
+        return entry
+
+    def signature(
+        self, name: str, args: Mapping[str, Any] | None = None, **options: Any
+    ) -> Signature:
+        """A signature of the task `name` (registered here or not) with args and enqueue
+        options: for `link=`, `chain`, `group` and `chord`."""
+        from appliance.canvas import Signature
+
+        return Signature(name, dict(args or {}), options, self)
+
     def get_task(self, name: str) -> Task:
         try:
             return self.registry[name]
@@ -176,9 +243,11 @@ class Stem:
     ) -> TaskHandle:
         """Store one task durably and return its handle.
 
-        Options: meta, headers, queue, priority, countdown (seconds) or eta (datetime or
-        epoch), expires (datetime, epoch, or seconds from now if below 10**9), task_id,
-        connection (SQLite: enqueue inside the caller's open transaction).
+        Options: meta, headers, queue, priority, countdown (seconds) or eta (an aware
+        datetime or epoch seconds), expires (datetime, epoch, or seconds from now if below
+        10**9), task_id, link / link_error (signatures enqueued after success / after final
+        failure), connection (SQLite: enqueue inside the caller's open transaction).
+        A unique task (`unique=True`) already enqueued returns the first task's handle.
         """
         unknown = sorted(set(options) - _ENQUEUE_OPTIONS)
         if unknown:
@@ -188,8 +257,7 @@ class Stem:
             )
         connection = options.pop("connection", None)
         envelope = self.build_envelope(EnqueueRequest(name, args, **options))
-        self.broker.enqueue([envelope], connection=connection)
-        return TaskHandle(envelope.id, self)
+        return self.publish([envelope], connection=connection)[0]
 
     def enqueue_many(
         self, requests: Iterable[EnqueueRequest | tuple[str, Mapping[str, Any]]]
@@ -201,11 +269,79 @@ class Stem:
         all or none, in order, so no producer holds the store for long (workers keep
         settling meanwhile). If a chunk fails, the error's notes say how many tasks were
         stored before it (their handles are the first ones the call would have returned).
+        Unique tasks are stored one at a time, each with its lock.
         """
         envelopes = [
             self.build_envelope(r if isinstance(r, EnqueueRequest) else EnqueueRequest(*r))
             for r in requests
         ]
+        return self.publish(envelopes)
+
+    def publish(self, envelopes: Sequence[Envelope], *, connection: Any = None) -> list[TaskHandle]:
+        """Store built envelopes (`build_envelope`): the one path every enqueue takes
+        (tasks, canvas members, Beat's runs go through the broker the same way). Returns
+        one handle per envelope, in order: a unique task's duplicate gets the first id."""
+        telemetry = self.telemetry
+        if telemetry.enabled and len(envelopes) == 1 and connection is None:
+            only = envelopes[0]  # the span covers the write, as a reader expects
+            with telemetry.enqueue_span(only.id, only.name, only.queue, only.attempt):
+                traced = replace(only, headers=telemetry.inject(only.headers))
+                _before_publish(traced)
+                return self._publish([traced])
+        return self._publish(self.announce(envelopes), connection=connection)
+
+    def announce(self, envelopes: Sequence[Envelope]) -> list[Envelope]:
+        """Envelopes about to be stored: each gets its enqueue span's trace context in
+        its headers (telemetry on), and `before_task_publish` fires for each."""
+        telemetry = self.telemetry
+        if telemetry.enabled:
+            traced = []
+            for e in envelopes:
+                with telemetry.enqueue_span(e.id, e.name, e.queue, e.attempt):
+                    traced.append(replace(e, headers=telemetry.inject(e.headers)))
+            envelopes = traced
+        if signals.before_task_publish.receivers:
+            for e in envelopes:
+                _before_publish(e)
+        return list(envelopes)
+
+    def announced(self, envelopes: Sequence[Envelope]) -> None:
+        """`after_task_publish` for envelopes the broker now holds."""
+        if signals.after_task_publish.receivers:
+            for e in envelopes:
+                signals.after_task_publish.send(signals.AfterTaskPublish(
+                    task_id=e.id, name=e.name, queue=e.queue, attempt=e.attempt,
+                    not_before=e.not_before, headers=e.headers,
+                ))  # fmt: skip
+
+    def _publish(
+        self, envelopes: Sequence[Envelope], *, connection: Any = None
+    ) -> list[TaskHandle]:
+        ids = [envelope.id for envelope in envelopes]
+        stored: list[Envelope] = []
+        plain: list[Envelope] = []
+        for position, envelope in enumerate(envelopes):
+            guard = unique_guard(envelope)
+            if guard is None:
+                plain.append(envelope)
+                continue
+            if connection is not None:
+                raise TypeError(
+                    "connection= cannot be used with a unique task (its lock "
+                    "lives in the store and is taken with the message)"
+                )
+            holder = self.broker.enqueue_guarded(envelope, *guard, note_duplicate=True)
+            ids[position] = holder or envelope.id
+            if holder is None:
+                stored.append(envelope)
+        if connection is not None:
+            self.broker.enqueue(plain, connection=connection)
+        else:
+            self._store_in_chunks(plain)
+        self.announced([*stored, *plain])
+        return [TaskHandle(task_id, self) for task_id in ids]
+
+    def _store_in_chunks(self, envelopes: Sequence[Envelope]) -> None:
         for start in range(0, len(envelopes), ENQUEUE_BATCH):
             try:
                 self.broker.enqueue(envelopes[start : start + ENQUEUE_BATCH])
@@ -216,18 +352,29 @@ class Stem:
                         f"(in chunks of {ENQUEUE_BATCH}); the rest were not"
                     )
                 raise
-        return [TaskHandle(e.id, self) for e in envelopes]
 
-    def build_envelope(self, request: EnqueueRequest) -> Envelope:
-        """Validate a request into an envelope (options, argument names); the broker
-        refuses non-JSON arguments and oversized payloads before storing anything."""
+    def build_envelope(
+        self,
+        request: EnqueueRequest,
+        *,
+        lineage: Lineage | None = None,
+        flow: Mapping[str, Any] | None = None,
+        expects_previous: bool = False,
+    ) -> Envelope:
+        """Validate a request into an envelope (options, argument names, links); the
+        broker refuses non-JSON arguments and oversized payloads before storing anything.
+
+        For a pre-built envelope that a worker enqueues later (a link, a chain's next
+        step, a chord's callback): `lineage` gives its parent and root, `flow` its canvas
+        bookkeeping, `expects_previous` says the handler will get `previous`, and a
+        countdown counts from when the worker enqueues it."""
         task = self.registry.get(request.name)
         if task is None:  # a registered name was checked when it was registered
             check_name(request.name, "task name")
         options = task.options if task else _DEFAULT_OPTIONS
         args = dict(request.args or {})
         if task is not None:
-            task.check_args(args)
+            task.check_args({**args, "previous": None} if expects_previous else args)
         # Given means used: an empty queue or task id is refused, never replaced by the
         # default (a typo must not send work to a queue nobody named).
         queue = options.queue if request.queue is None else check_name(request.queue, "queue")
@@ -238,7 +385,22 @@ class Stem:
             new_task_id() if request.task_id is None else check_name(request.task_id, "task id")
         )
         now = time.time()
-        parent = current_task.get()
+        if lineage is None:
+            parent = current_task.get()
+            lineage = Lineage(
+                parent.id if parent else None, (parent.root_id or parent.id) if parent else None
+            )
+        headers = _headers(request.headers)
+        flow_fields = dict(flow or {})
+        if expects_previous:
+            flow_fields["takes_previous"] = True
+        not_before = _not_before(now, request.countdown, request.eta)
+        if flow is not None and request.countdown is not None:
+            flow_fields["delay"] = _seconds(request.countdown, "countdown")
+            not_before = None  # counted from when the worker enqueues it
+        if options.unique:
+            flow_fields["unique"] = [unique_key(request.name, queue, args, options),
+                                     options.unique_ttl]  # fmt: skip
         envelope = Envelope(
             id=task_id,
             name=request.name,
@@ -247,16 +409,46 @@ class Stem:
             priority=priority,
             max_retries=options.max_retries,
             enqueued_at=now,
-            not_before=_not_before(now, request.countdown, request.eta),
+            not_before=not_before,
             expires=_expires(now, request.expires),
             meta=dict(request.meta or {}),
-            headers=dict(request.headers or {}),
-            parent_id=parent.id if parent else None,
-            root_id=(parent.root_id or parent.id) if parent else None,
-        )
-        # Encoding (JSON check, size limit: `EnvelopeCodec.encode`) happens once, in the
-        # broker, before anything of the batch is stored.
-        return envelope
+            headers=headers,
+            parent_id=lineage.parent_id,
+            root_id=lineage.root_id,
+            rate=None if options.rate_interval is None else [
+                limiter_key(request.name, options.rate_limit_key, headers), options.rate_interval
+            ],
+        )  # fmt: skip
+        links = self._links(envelope, request.link, "link")
+        errbacks = self._links(envelope, request.link_error, "link_error")
+        if links:
+            flow_fields["link"] = links
+        if errbacks:
+            flow_fields["link_error"] = errbacks
+        # Encoding (JSON check, size limit, signing: `EnvelopeCodec.encode`) happens
+        # once, in the broker, before anything of the batch is stored.
+        return replace(envelope, flow=flow_fields) if flow_fields else envelope
+
+    def _links(self, envelope: Envelope, given: Any, what: str) -> list[dict[str, Any]]:
+        """The pre-built, sealed envelopes of `link=`/`link_error=`, children of `envelope`."""
+        from appliance.canvas import Signature
+
+        if given is None:
+            return []
+        signatures = list(given) if isinstance(given, list | tuple) else [given]
+        built = []
+        for signature in signatures:
+            if not isinstance(signature, Signature):
+                raise TypeError(
+                    f"{what} must be a signature (task.s(...) or stem.signature(...)), "
+                    f"got {type(signature).__name__}"
+                )
+            child = signature.build(
+                self, lineage=Lineage(envelope.id, envelope.root_id or envelope.id),
+                flow={}, expects_previous=True,
+            )  # fmt: skip
+            built.append(to_raw(self.codec.seal(child)))
+        return built
 
     # --- lookup ----------------------------------------------------------------------
 
@@ -271,6 +463,62 @@ class Stem:
 _DEFAULT_OPTIONS = TaskOptions()  # for names not registered here (frozen, checked once)
 
 
+def _before_publish(e: Envelope) -> None:
+    if signals.before_task_publish.receivers:
+        signals.before_task_publish.send(signals.BeforeTaskPublish(
+            task_id=e.id, name=e.name, queue=e.queue, attempt=e.attempt, args=e.args,
+            meta=e.meta, headers=e.headers, priority=e.priority, not_before=e.not_before,
+            expires=e.expires, parent_id=e.parent_id, root_id=e.root_id,
+        ))  # fmt: skip
+
+
+def unique_guard(envelope: Envelope) -> tuple[str, float] | None:
+    """The lock (key, seconds) a unique task's enqueue takes, if it is one."""
+    flow = envelope.flow
+    if flow is None or "unique" not in flow:
+        return None
+    key, ttl = flow["unique"]
+    return str(key), float(ttl)
+
+
+def unique_key(name: str, queue: str, args: dict[str, Any], options: TaskOptions) -> str:
+    """The lock of a unique task: its name, queue and the canonical JSON of its args (or
+    what `unique_key` makes of them), hashed. Never the headers: trace context differs
+    between identical calls."""
+    custom = options.unique_key
+    if custom is None:
+        basis = orjson.dumps(args, option=orjson.OPT_SORT_KEYS)
+    else:
+        try:
+            made = custom(args) if callable(custom) else custom.format(**args)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"unique_key of task {name!r} does not fit the args: {exc}") from exc
+        if not isinstance(made, str):
+            raise TypeError(f"unique_key of task {name!r} returned {type(made).__name__}, not str")
+        basis = made.encode()
+    digest = hashlib.sha256(basis).hexdigest()[:32]
+    return f"unique:{name}:{queue}:{digest}"
+
+
+_MAX_HEADERS, _MAX_HEADER_BYTES = 64, 8192
+
+
+def _headers(given: Mapping[str, str] | None) -> dict[str, str]:
+    """Headers as given, checked: string keys and values, at most 64 of them and 8 KiB
+    in all (they ride in every message and every log context)."""
+    headers = dict(given or {})
+    if len(headers) > _MAX_HEADERS:
+        raise ValueError(f"at most {_MAX_HEADERS} headers, got {len(headers)}")
+    size = 0
+    for key, value in headers.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"headers must map strings to strings, got {key!r}: {value!r}")
+        size += len(key) + len(value)
+    if size > _MAX_HEADER_BYTES:
+        raise ValueError(f"headers hold {size} characters, above the {_MAX_HEADER_BYTES} limit")
+    return headers
+
+
 def _seconds(value: Any, what: str) -> float:
     """A countdown or relative expiry: a number of seconds in [0, ten years]."""
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -283,6 +531,11 @@ def _seconds(value: Any, what: str) -> float:
 def _timestamp(value: datetime | float, now: float, what: str) -> float:
     """An eta or absolute expiry as epoch seconds, at most ten years from `now`."""
     if isinstance(value, datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(
+                f"{what} must be a timezone-aware datetime (naive times are ambiguous across "
+                f"hosts); got {value!r}: use datetime.now(UTC) or tzinfo=ZoneInfo(...)"
+            )
         epoch = value.timestamp()
     elif isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{what} must be a datetime or epoch seconds, got {value!r}")
@@ -310,5 +563,10 @@ def _expires(now: float, expires: datetime | float | None) -> float | None:
     if expires is None:
         return None
     if not isinstance(expires, datetime) and isinstance(expires, int | float) and expires < 1e9:
+        if expires == 0:
+            raise ValueError("expires=0 would cancel the task before it could run")
         return now + _seconds(expires, "expires")  # small numbers mean "seconds from now"
-    return _timestamp(expires, now, "expires")
+    epoch = _timestamp(expires, now, "expires")
+    if epoch <= now:
+        raise ValueError(f"expires is in the past ({expires!r}): the task could never run")
+    return epoch

@@ -77,6 +77,12 @@ class Settings:
     otlp_endpoint: str | None = field(default=None, repr=False)
     otlp_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     otlp_metrics_interval: float = 60.0
+    beat_enabled: bool = False  # run Beat inside the supervisor (`stem worker run --beat`)
+    beat_lease: float = 10.0  # seconds: the leader lease of Beat instances
+    beat_grace: float = 60.0  # seconds a slot counts as on time (beyond: catch_up decides)
+    # `[[schedules]]` tables, checked (`beat.spec.entries_from_config`); a tuple of
+    # ScheduleEntry, typed loosely so this module need not import Beat.
+    schedules: tuple[Any, ...] = ()
     source: str = "defaults"  # the config file used, for messages
 
     @property
@@ -108,6 +114,18 @@ def _choice(*allowed: str) -> Callable[[Any], str]:
         return match
 
     return parse
+
+
+def _flag(value: Any) -> bool:
+    """A boolean: TOML true/false, or the text an environment variable holds."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"must be true or false, got {value!r}")
 
 
 def _text(value: Any) -> str:
@@ -277,6 +295,11 @@ FIELDS: tuple[Field, ...] = (
     Field("otlp_headers", "telemetry", "otlp_headers", "STEM_OTLP_HEADERS", _otlp_headers),
     Field("otlp_metrics_interval", "telemetry", "otlp_metrics_interval",
           "STEM_OTLP_METRICS_INTERVAL", _positive_seconds),
+    Field("beat_enabled", "beat", "enabled", "STEM_BEAT_ENABLED", _flag),
+    Field("beat_lease", "beat", "lease", "STEM_BEAT_LEASE",
+          _seconds_between(1.0, " (the leader renews it at a third of this)")),
+    Field("beat_grace", "beat", "grace", "STEM_BEAT_GRACE",
+          _seconds_between(2.0, " (at least two leader leases: a hand-over must fit)")),
 )  # fmt: skip
 
 POOL_FIELDS: tuple[Field, ...] = (
@@ -295,7 +318,8 @@ POOL_FIELDS: tuple[Field, ...] = (
 )  # fmt: skip
 
 _POOL_NAME = Field("name", "pools", "name", "", _name)  # in [[pools]] or `--pool`
-_SECTIONS = {"stem", "sqlite", "log", "signals", "telemetry", "worker", "pools"}
+_SECTIONS = {"stem", "sqlite", "log", "signals", "telemetry", "worker", "beat", "pools",
+             "schedules"}  # fmt: skip
 
 
 def load_settings(
@@ -336,7 +360,18 @@ def load_settings(
     if pool is not None:
         pool = _parse(replace(_POOL_NAME, key="--pool"), pool, "command line")
     pools = _pools(document.get("pools", []), source, worker_values, pool_values, pool)
-    return replace(Settings(**values), pools=pools, source=source)
+    schedules = _schedules(document.get("schedules"), source)
+    return replace(Settings(**values), pools=pools, schedules=schedules, source=source)
+
+
+def _schedules(tables: Any, source: str) -> tuple[Any, ...]:
+    """The `[[schedules]]` entries, all checked before any is used (Beat is imported
+    only when the file has some: its calendar libraries cost time at every start)."""
+    if tables is None:
+        return ()
+    from appliance.beat.spec import entries_from_config
+
+    return entries_from_config(tables, source)
 
 
 def _parse(spec: Field, raw: Any, where: str) -> Any:
@@ -357,7 +392,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
     unknown = sorted(set(document) - _SECTIONS)
     if unknown:
         raise ConfigError(str(path), unknown[0], f"unknown section; known: {sorted(_SECTIONS)}")
-    for section in _SECTIONS - {"pools"}:
+    for section in _SECTIONS - {"pools", "schedules"}:
         known = {f.key for f in FIELDS + POOL_FIELDS if f.section == section}
         extra = sorted(set(document.get(section, {})) - known)
         if extra:

@@ -44,6 +44,7 @@ class TaskContext:
     headers: dict[str, str] = field(default_factory=dict)
     queue: str = "default"
     root_id: str | None = None
+    parent_id: str | None = None  # the task that enqueued this one (inside a task, links)
     runtime: TaskRuntime = field(default_factory=_Detached, repr=False)
     last_progress: float | None = None
 

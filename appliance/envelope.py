@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -57,6 +57,12 @@ class Envelope:
     parent_id: str | None = None
     root_id: str | None = None
     version: int = ENVELOPE_VERSION
+    # Optional since 1.1; a 1.0 reader ignores them (unknown fields are ignored).
+    previous: Any = None  # the result of the task before this one (links, chains)
+    flow: JsonDict | None = None  # canvas and link bookkeeping (`appliance.flow`)
+    rate: list[Any] | None = None  # [limiter key, seconds between runs] (`rate_limit`)
+    sig: list[str] | None = None  # [key id, signature] (`appliance.signing`)
+    then: list[JsonDict] | None = None  # a chain's later steps, each pre-built and sealed
 
     def next_attempt(self, not_before: float) -> Envelope:
         """The envelope of the retry that follows this attempt."""
@@ -90,6 +96,11 @@ _TYPES: dict[str, frozenset[type]] = {
     "parent_id": _OPTIONAL_TEXT,
     "root_id": _OPTIONAL_TEXT,
     "version": frozenset({int}),
+    "previous": frozenset({dict, list, str, int, float, bool, _NONE}),  # any JSON value
+    "flow": frozenset({dict, _NONE}),
+    "rate": frozenset({list, _NONE}),
+    "sig": frozenset({list, _NONE}),
+    "then": frozenset({list, _NONE}),
 }
 
 
@@ -125,6 +136,12 @@ class EnvelopeCodec:
                 "object store, a database row) and pass a reference to it"
             )
         return data
+
+    def seal(self, envelope: Envelope) -> Envelope:
+        """The envelope as it will be stored, signed when signing is configured: for
+        envelopes built now and enqueued later by a worker (links, chain steps, a chord's
+        callback), which ride inside another message until then."""
+        return envelope
 
     def reencode(self, envelope: Envelope) -> bytes:
         """The next attempt of a message that passed `encode` once (a retry, a replay):
@@ -188,6 +205,29 @@ def decode(data: bytes) -> Envelope:
         raw = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise DecodeError(f"payload is not JSON: {exc}", data) from exc
+    return from_raw(raw, data)
+
+
+_DEFAULTS: dict[str, Any] = {
+    name: f.default for name, f in Envelope.__dataclass_fields__.items()
+    if not isinstance(f.default, type(MISSING))
+}  # fmt: skip
+
+
+def to_raw(envelope: Envelope) -> JsonDict:
+    """The envelope as a JSON object without its default fields: how a pre-built envelope
+    rides inside another (a link, a chain's next step) until a worker enqueues it."""
+    raw: JsonDict = {}
+    for name in Envelope.__dataclass_fields__:
+        value = getattr(envelope, name)
+        default = _DEFAULTS.get(name, MISSING)
+        if default is MISSING or value != default or type(value) is not type(default):
+            raw[name] = value
+    return raw
+
+
+def from_raw(raw: Any, data: bytes = b"") -> Envelope:
+    """An `Envelope` from a decoded JSON object, or `DecodeError` saying what is wrong."""
     if not isinstance(raw, dict):
         raise DecodeError(f"payload is JSON {type(raw).__name__}, expected an object", data)
     version = raw.get("version", ENVELOPE_VERSION)

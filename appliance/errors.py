@@ -130,6 +130,16 @@ class TaskRevokedError(TaskError):
     """The task was revoked (or expired) before or while it ran."""
 
 
+class ChainError(TaskError):
+    """A step of the chain failed for good (or was revoked); the later steps never ran.
+    The message names the failed step: its position, task name and task id."""
+
+
+class ChordError(TaskError):
+    """A member of the chord failed for good (or was revoked); the callback never ran.
+    The message names the failed member: its index, task name and task id."""
+
+
 class Reject(StemError):
     """Raise inside a task to fail it permanently: straight to the DLQ, no retries."""
 
@@ -160,6 +170,8 @@ ERROR_TYPES: dict[str, type[TaskError]] = {
     "MemoryLimitExceeded": MemoryLimitExceeded,
     "WorkerLostError": WorkerLostError,
     "TaskRevokedError": TaskRevokedError,
+    "ChainError": ChainError,
+    "ChordError": ChordError,
 }
 
 

@@ -35,6 +35,15 @@ class TaskDetail:
     state: TaskState
     message: MessageInfo | None  # waiting or in flight
     result: TaskResult | None  # stored state, value or error
+    # Lineage and canvas (`Broker.task_record`), read for `task_show` only.
+    parent_id: str | None = None
+    root_id: str | None = None
+    children: tuple[str, ...] = ()
+    canvas: dict[str, Any] | None = (
+        None  # {kind: chain|group|chord|chord callback, id, index, size}
+    )
+    duplicates: int = 0  # enqueues of this unique task that returned its handle instead
+    last_duplicate_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,8 +101,9 @@ class Observer:
 
     def task_show(self, task_id: str) -> TaskDetail | None:
         """The merged view of a task, or None when neither store knows the id."""
-        detail = read_task(self.stem.stores, task_id)
-        return None if detail.message is None and detail.result is None else detail
+        detail = read_task(self.stem.stores, task_id, with_record=True)
+        known = detail.message or detail.result or detail.parent_id or detail.children
+        return detail if known else None
 
     def dlq_list(
         self, queue: str | None = None, page: int = 1, page_size: int = 20
@@ -159,16 +169,23 @@ class Observer:
         return self.stem.codec.peek(entry.payload) if entry is not None else None
 
 
-def read_task(stores: Stores, task_id: str) -> TaskDetail:
+def read_task(stores: Stores, task_id: str, *, with_record: bool = False) -> TaskDetail:
     """What the stores hold about a task and its state (`derive_state`): the one read
     behind `TaskHandle.state()`, `stem observe tasks show` and the TUI. The message is
-    read first, then the result (see `derive_state` for why the order matters)."""
+    read first, then the result (see `derive_state` for why the order matters), then
+    (`with_record`) its lineage and canvas place."""
     message = stores.broker.find_message(task_id)
     result = stores.backend.get(task_id)
     state = derive_state(
         message.state if message is not None else None, result.state if result else None
     )
-    return TaskDetail(task_id, state, message, result)
+    record = stores.broker.task_record(task_id) if with_record else None
+    if record is None:
+        return TaskDetail(task_id, state, message, result)
+    return TaskDetail(
+        task_id, state, message, result, record.parent_id, record.root_id, record.children,
+        record.canvas, record.duplicates, record.last_duplicate_at,
+    )  # fmt: skip
 
 
 def _dead_letter(entry: DeadLetterEntry) -> DeadLetter:
@@ -197,6 +214,59 @@ def _dead_letter(entry: DeadLetterEntry) -> DeadLetter:
         args=args,
         raw=raw,
     )
+
+
+# --- schedules (Beat) -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleView:
+    """One Beat entry for `stem schedule list`, `stem observe schedules` and the TUI."""
+
+    name: str
+    task: str
+    spec: str
+    enabled: bool
+    next_run: str | None  # ISO 8601 UTC of the next slot, None when there is none
+    last_run: str | None  # the last slot dispatched (ISO 8601 UTC)
+    last_run_at: float | None  # when it was dispatched (epoch seconds)
+    last_error: str | None
+    runs: int  # runs recorded (the newest ones are kept)
+    drift_ms: dict[str, float] | None  # p50, p99, max of the recorded dispatches
+    origin: str
+
+
+def schedule_views(stem: Stem, limit: int = 200) -> list[ScheduleView]:
+    """Every stored Beat entry with its next slot and the drift of its recent runs."""
+    from datetime import UTC, datetime
+
+    from appliance.beat.calendar import format_slot, next_slot
+
+    now = datetime.now(UTC)
+    views = []
+    schedules = stem.stores.schedules
+    for stored in schedules.entries():
+        entry = stored.entry
+        upcoming = next_slot(entry, now) if stored.enabled else None
+        runs = schedules.runs(entry.name, limit)
+        drifts = sorted(r.drift_ms for r in runs if r.drift_ms is not None)
+        views.append(ScheduleView(
+            entry.name, entry.task, entry.spec, stored.enabled,
+            format_slot(upcoming) if upcoming else None,
+            format_slot(stored.last_slot) if stored.last_slot else None, stored.last_run_at,
+            stored.last_error or None, len(runs), _drift(drifts), stored.origin,
+        ))  # fmt: skip
+    return views
+
+
+def _drift(ordered: list[float]) -> dict[str, float] | None:
+    if not ordered:
+        return None
+
+    def pick(pct: float) -> float:
+        return ordered[min(len(ordered) - 1, int(pct / 100 * len(ordered)))]
+
+    return {"p50": round(pick(50), 2), "p99": round(pick(99), 2), "max": round(ordered[-1], 2)}
 
 
 # --- the TUI's DLQ view: filters and chosen entries -----------------------------------
@@ -268,7 +338,8 @@ def _replay_entries(stores: Stores, entry_ids: Sequence[str], task_ids: list[str
             if task_ids:
                 stores.backend.forget(task_ids)
             replayed = _sqlite_replay(broker, entry_ids)
-        broker._waker.poke()  # after the commit, so the woken workers see the messages
+            # After the commit, so the woken workers see the messages.
+            broker._db.on_commit(broker._waker.poke)
         return replayed
     if task_ids:
         stores.backend.forget(task_ids)
@@ -283,6 +354,7 @@ def _replay_entries(stores: Stores, entry_ids: Sequence[str], task_ids: list[str
 def _sqlite_replay(broker: SqliteBroker, entry_ids: Sequence[str]) -> list[str]:
     from appliance.stores.common import replay_of
     from appliance.stores.sqlite import broker as sq
+    from appliance.stores.sqlite import flow
 
     def work(conn: sqlite3.Connection) -> list[str]:
         now = time.time()
@@ -294,9 +366,10 @@ def _sqlite_replay(broker: SqliteBroker, entry_ids: Sequence[str]) -> list[str]:
             entry = sq._dead_letter(row)
             priority = int(entry.extra.get("priority", 0))
             replay = replay_of(broker.codec, entry.queue, priority, entry.payload, entry.task_id)
-            conn.execute(sq._INSERT, (
+            rate = replay.rate or (None, None)
+            conn.execute(flow.INSERT_MESSAGE, (
                 replay.task_id, replay.name, replay.queue, replay.priority, "ready", None, 0,
-                replay.enqueued_at or entry.enqueued_at or now, replay.payload,
+                replay.enqueued_at or entry.enqueued_at or now, replay.payload, *rate,
             ))  # fmt: skip
             conn.execute(sq._DLQ_DELETE, (entry_id,))
             if replay.task_id is not None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from appliance.errors import ResultTimeout, task_error
+from appliance.ratelimit import parse_rate
 from appliance.retry import ExponentialJitterRetryStrategy, RetryStrategy
 from appliance.states import TaskState
 from appliance.units import (
@@ -25,6 +26,7 @@ from appliance.units import (
 if TYPE_CHECKING:
     from appliance.app import Stem
     from appliance.backend.protocol import TaskResult
+    from appliance.canvas import Signature
     from appliance.context import TaskContext
 
 
@@ -46,6 +48,15 @@ class TaskOptions:
     idempotent: bool = False
     result_ttl: float | None = None  # None: the Stem's default
     ignore_result: bool = False
+    # A second enqueue of the same call within `unique_for` seconds (default: the
+    # visibility timeout) returns the first task's handle and stores nothing.
+    unique: bool = False
+    unique_for: float | None = None
+    unique_key: str | Callable[[dict[str, Any]], str] | None = None  # template or callable
+    rate_limit: str | None = None  # "N/s", "N/m", "N/h": global, across every worker
+    rate_limit_key: str | None = None  # a header: one limit per value of it
+    # Derived from rate_limit: seconds between runs (`appliance.ratelimit`).
+    rate_interval: float | None = field(default=None, init=False, compare=False)
 
     _NAMES: ClassVar[frozenset[str]]
 
@@ -92,6 +103,33 @@ class TaskOptions:
             and self.soft_time_limit >= self.hard_time_limit
         ):
             raise ValueError("soft_time_limit must be below hard_time_limit")
+        self._check_unique()
+        if self.rate_limit is not None:
+            object.__setattr__(self, "rate_interval", parse_rate(self.rate_limit))
+        if self.rate_limit_key is not None:
+            if self.rate_limit is None:
+                raise ValueError("rate_limit_key needs a rate_limit")
+            check_name(self.rate_limit_key, "rate_limit_key")
+
+    def _check_unique(self) -> None:
+        if self.unique_for is not None:
+            if not self.unique:
+                raise ValueError("unique_for needs unique=True")
+            if not self.unique_for >= 1:
+                raise ValueError(f"unique_for must be at least 1 second, got {self.unique_for!r}")
+        if self.unique_key is not None:
+            if not self.unique:
+                raise ValueError("unique_key needs unique=True")
+            if not (isinstance(self.unique_key, str) or callable(self.unique_key)):
+                raise TypeError(
+                    f"unique_key must be a template string or a callable of the args, "
+                    f"got {self.unique_key!r}"
+                )
+
+    @property
+    def unique_ttl(self) -> float:
+        """How long a unique task's lock lasts at most (it goes when the task ends)."""
+        return self.unique_for if self.unique_for is not None else self.visibility_timeout
 
     @property
     def strategy(self) -> RetryStrategy:
@@ -103,7 +141,9 @@ class TaskOptions:
         return DEFAULT_RETRY_STRATEGY
 
 
-_SECONDS_OPTIONS = ("soft_time_limit", "hard_time_limit", "visibility_timeout", "result_ttl")
+_SECONDS_OPTIONS = (
+    "soft_time_limit", "hard_time_limit", "visibility_timeout", "result_ttl", "unique_for"
+)  # fmt: skip
 
 
 def _check_seconds_option(key: str, value: Any) -> None:
@@ -116,7 +156,7 @@ def _check_seconds_option(key: str, value: Any) -> None:
     check_seconds(value, key)
 
 
-TaskOptions._NAMES = frozenset(f.name for f in fields(TaskOptions))
+TaskOptions._NAMES = frozenset(f.name for f in fields(TaskOptions) if f.init)
 DEFAULT_RETRY_STRATEGY = ExponentialJitterRetryStrategy()
 
 
@@ -173,6 +213,18 @@ class Task:
     def enqueue(self, **kwargs: Any) -> TaskHandle:
         """Typed enqueue: the handler's keyword arguments, checked before storing."""
         return self.stem.enqueue(self.name, args=kwargs)
+
+    def s(self, **kwargs: Any) -> Signature:
+        """A signature of this task with these keyword arguments (for links and canvas)."""
+        from appliance.canvas import Signature
+
+        return Signature(self.name, kwargs, {}, self.stem)
+
+    def signature(self, args: Mapping[str, Any] | None = None, **options: Any) -> Signature:
+        """A signature with args and enqueue options (queue, countdown, link, ...)."""
+        from appliance.canvas import Signature
+
+        return Signature(self.name, dict(args or {}), options, self.stem)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Calling the task runs the function in-process (as a plain function)."""

@@ -55,7 +55,7 @@ def parse_bytes(value: int | float | str) -> int:
         amount: float = float(number) * _SIZE_UNITS[(unit or "").lower()]
     else:
         amount = _as_float(value)
-    if not math.isfinite(amount) or amount < 0:
+    if not math.isfinite(amount) or math.copysign(1.0, amount) < 0:  # -0.0 too, as text
         raise ValueError(f"size must be a finite number >= 0, got {value!r}")
     if amount > MAX_BYTES:
         raise ValueError(f"size must be at most {MAX_BYTES} bytes (1 PiB), got {value!r}")
@@ -74,7 +74,7 @@ def parse_seconds(value: int | float | str) -> float:
         seconds = float(number) * _DURATION_UNITS[unit]
     else:
         seconds = _as_float(value)
-    if math.isnan(seconds) or seconds < 0:
+    if math.isnan(seconds) or math.copysign(1.0, seconds) < 0:  # -0.0 too, as text
         raise ValueError(f"duration must not be negative or NaN: {value!r}")
     return check_seconds(seconds, "duration")
 

@@ -65,6 +65,32 @@ def test_a_task_holds_no_descriptor_of_the_stores(
     assert not [t for t in held if t.startswith("/dev/shm/")], held  # the mapping suffices
 
 
+def test_tasks_enqueue_from_their_children_through_many_forks(
+    tmp_path: Path, store_url: str
+) -> None:
+    """A child opens the store itself to enqueue (lineage). It must inherit no SQLite
+    state from the supervisor: shared with descriptors pointed at /dev/null, it wrote
+    the WAL unlocked ("database disk image is malformed"). Every child is recycled
+    after one task, so each enqueue is made by a freshly forked child."""
+    from tests.apps import canvas_app
+
+    app = app_on(store_url, canvas_app.stem)
+    worker = WorkerProcess(tmp_path, store_url, app="tests.apps.canvas_app:stem",
+                           env={"STEM_MAX_TASKS_PER_CHILD": "1"}).start()  # fmt: skip
+    try:
+        parents = [app.enqueue("c.spawn", {"n": 3}) for _ in range(20)]
+        children = [child for parent in parents for child in parent.result(timeout=60)]
+        assert [app.handle(c).result(timeout=60) for c in children] == [0, 1, 2] * 20
+        assert "malformed" not in worker.read_log()
+    finally:
+        worker.stop()
+        app.close()
+    if store_url.startswith("sqlite:"):
+        from tests.chaos import integrity_check, sqlite_path
+
+        assert integrity_check(sqlite_path(store_url)) == "ok"
+
+
 def test_garbage_written_to_every_descriptor_corrupts_nothing(
     stem: Stem, worker: WorkerProcess, store_url: str, tmp_path: Path
 ) -> None:

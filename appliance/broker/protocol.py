@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from appliance.envelope import Envelope
+from appliance.flow import FollowUps
 from appliance.states import DeadLetterReason, SettleKind
 
 
@@ -124,18 +125,23 @@ class Settlement:
     envelope: Envelope | None = None  # RETRY: the next attempt's envelope
     dead: DeadLetterInfo | None = None  # DEAD: the reason and error
     count_delivery: bool = True  # RELEASE: False gives back the claim (never started)
+    # ACK, DEAD: applied in the same transaction, only by the settle that removes the
+    # message (see `appliance.flow`)
+    follow: FollowUps | None = None
 
     @classmethod
-    def ack(cls, delivery: Delivery) -> Settlement:
-        return cls(SettleKind.ACK, delivery)
+    def ack(cls, delivery: Delivery, follow: FollowUps | None = None) -> Settlement:
+        return cls(SettleKind.ACK, delivery, follow=follow)
 
     @classmethod
     def retry(cls, delivery: Delivery, envelope: Envelope) -> Settlement:
         return cls(SettleKind.RETRY, delivery, envelope=envelope)
 
     @classmethod
-    def dead_letter(cls, delivery: Delivery, info: DeadLetterInfo) -> Settlement:
-        return cls(SettleKind.DEAD, delivery, dead=info)
+    def dead_letter(
+        cls, delivery: Delivery, info: DeadLetterInfo, follow: FollowUps | None = None
+    ) -> Settlement:
+        return cls(SettleKind.DEAD, delivery, dead=info, follow=follow)
 
     @classmethod
     def release(cls, delivery: Delivery, *, count_delivery: bool) -> Settlement:
@@ -166,6 +172,20 @@ class MessageInfo:
     not_before: float | None
     lease_until: float | None
     owner: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """What the broker keeps about a task beyond its message (`stem observe tasks show`):
+    its lineage, its place in a canvas, its children and its duplicates."""
+
+    task_id: str
+    parent_id: str | None = None
+    root_id: str | None = None
+    canvas: dict[str, Any] | None = None  # {kind, id, index, size}
+    children: tuple[str, ...] = ()  # tasks it enqueued (links and chain steps included)
+    duplicates: int = 0  # enqueues of the same unique task it absorbed
+    last_duplicate_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,13 +223,43 @@ class Broker(Protocol):
         """
         ...
 
+    def enqueue_guarded(
+        self, envelope: Envelope, key: str, ttl: float, *, note_duplicate: bool = False
+    ) -> str | None:
+        """Store one message only if the guard `key` is free: take the guard (its value:
+        the envelope's task id, for `ttl` seconds) and store the message, atomically (one
+        transaction, one script); or store nothing and return the task id the guard
+        holds (with `note_duplicate`, counted on that task's record). Unique tasks and
+        Beat's slots are guards; the settle that ends a unique task releases its guard
+        (`FollowUps.release`)."""
+        ...
+
+    def enqueue_chord(
+        self, chord_id: str, members: Sequence[Envelope], callback: Envelope, ttl: float
+    ) -> None:
+        """Store a chord: its record (size, the callback's sealed message, kept `ttl`
+        seconds) and its members, all or none. The settle whose member count completes
+        the chord stores the callback (`FollowUps.chord`)."""
+        ...
+
+    def chord_values(self, chord_id: str, size: int) -> list[Any]:
+        """The values of a complete chord's members, in member order (the callback's
+        `previous`). Raises `LookupError` if the chord is unknown, expired or short."""
+        ...
+
+    def task_record(self, task_id: str) -> TaskRecord | None:
+        """Lineage, canvas place, children and duplicates of a task, if it has any."""
+        ...
+
     def claim(
         self, queues: Sequence[str], limit: int, *, consumer: Consumer, lease: float
     ) -> list[Delivery]:
         """Lease up to `limit` due messages from `queues`, atomically.
 
         Within a queue: higher `priority` first, then enqueue order. Never returns a
-        message before its `not_before`. Each claim increments `deliveries`.
+        message before its `not_before`. Each claim increments `deliveries`. A
+        rate-limited message whose slot has not come is booked into its next slot
+        (delayed, not counted) and the claim goes on (`appliance.ratelimit`).
         Returns [] at once when nothing is due (never blocks; see `wake_fd`).
         """
         ...
@@ -223,6 +273,8 @@ class Broker(Protocol):
         (uncounting the claim when `count_delivery` is False). A settlement for a lease
         that was lost (expired and re-claimed by another consumer) changes nothing
         except that ACK and DEAD still remove the message (the task did finish).
+        The follow-ups of an ACK or DEAD (`appliance.flow`) are applied in the same
+        transaction, only if that settle removed the message.
         """
         ...
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from datetime import datetime
 
 from appliance.cli import output
 from appliance.cli.common import (
@@ -44,14 +45,65 @@ def register(commands: Commands) -> None:
         help="run no earlier than S seconds from now (at most 10 years)",
     )
     parser.add_argument(
+        "--eta",
+        type=_aware_time,
+        metavar="TIME",
+        help="run no earlier than TIME: ISO 8601 with a timezone, e.g. 2027-01-01T07:00+01:00",
+    )
+    parser.add_argument(
+        "--expires",
+        type=_expiry,
+        metavar="S|TIME",
+        help="cancel (REVOKED, reason expired) a delivery later than S seconds from now, "
+        "or than TIME (ISO 8601 with a timezone)",
+    )
+    parser.add_argument(
         "--priority",
         type=priority,
         metavar="P",
         help="higher runs first (a 32-bit signed integer)",
     )
+    parser.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        type=_header,
+        metavar="KEY=VALUE",
+        help="a message header (repeat for more), e.g. --header tenant=acme",
+    )
+    parser.add_argument("--task-id", metavar="ID", help="the task id (default: a new UUIDv7)")
     add_app_flag(parser, required=False, text="check the name and args against this app")
     add_json_flag(parser)
     parser.set_defaults(handler=run)
+
+
+def _aware_time(text: str) -> datetime:
+    """An ISO 8601 time with its timezone (a naive time would mean something else on
+    every host)."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO 8601 time (e.g. 2027-01-01T07:00:00+00:00)"
+        ) from None
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no timezone; add one (+00:00, Z, +01:00)")
+    return value
+
+
+def _expiry(text: str) -> float | datetime:
+    try:
+        float(text)
+    except ValueError:
+        return _aware_time(text)
+    return seconds(text)
+
+
+def _header(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key.strip(), value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,7 +117,11 @@ def run(args: argparse.Namespace) -> int:
                 args=task_args,
                 queue=args.queue,
                 countdown=args.countdown,
+                eta=args.eta,
+                expires=args.expires,
                 priority=args.priority,
+                headers=dict(args.header),
+                task_id=args.task_id,
             )
         except (ConfigError, BrokerError):
             raise  # store trouble keeps its own exit code

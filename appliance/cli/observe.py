@@ -14,7 +14,7 @@ from appliance.cli.common import (
     positive_int,
     store_command,
 )
-from appliance.observe import Observer
+from appliance.observe import Observer, schedule_views
 
 
 def register(commands: Commands) -> None:
@@ -28,6 +28,11 @@ def register(commands: Commands) -> None:
     queues.set_defaults(handler=run_queues)
     workers = _leaf(sub, "workers", "the supervisors alive now, from their heartbeat records")
     workers.set_defaults(handler=run_workers)
+    schedules = _leaf(sub, "schedules", "Beat's schedules: runs, last and next run, drift")
+    schedules.add_argument(
+        "--summary", action="store_true", help="one line: entries, runs, worst drift, errors"
+    )
+    schedules.set_defaults(handler=run_schedules)
 
     tasks = sub.add_parser(
         "tasks",
@@ -80,4 +85,11 @@ def run_tasks_show(args: argparse.Namespace) -> int:
     if detail is None:
         raise CliError(f"no task with id {args.id!r} (unknown, or its result has expired)")
     output.task(detail, args.json)
+    return 0
+
+
+def run_schedules(args: argparse.Namespace) -> int:
+    with opened(args) as stem:
+        views = schedule_views(stem)
+    output.schedules(views, args.json, summary=args.summary)
     return 0

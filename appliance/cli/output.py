@@ -18,11 +18,12 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from appliance.backend.protocol import WorkerHeartbeat
+    from appliance.beat.store import ScheduleRun
     from appliance.broker.protocol import MessageInfo, QueueStats
     from appliance.cli.demo import DemoSummary
     from appliance.control.client import Answer, CallResult
     from appliance.health import HealthReport
-    from appliance.observe import DeadLetter, DeadLetterPage, TaskDetail
+    from appliance.observe import DeadLetter, DeadLetterPage, ScheduleView, TaskDetail
 
 EMPTY = "-"
 
@@ -127,6 +128,65 @@ def health(report: HealthReport, as_json: bool) -> None:
         say("healthy")
 
 
+# --- schedules ----------------------------------------------------------------------
+
+
+def schedules(views: Sequence[ScheduleView], as_json: bool, *, summary: bool = False) -> None:
+    if summary:
+        worst = max((v.drift_ms["p99"] for v in views if v.drift_ms), default=None)
+        failing = [v.name for v in views if v.last_error]
+        line = {"entries": len(views), "enabled": sum(v.enabled for v in views),
+                "runs": sum(v.runs for v in views), "worst_p99_drift_ms": worst,
+                "failing": failing}  # fmt: skip
+        if as_json:
+            return print_json(line)
+        return say(
+            f"{line['entries']} schedules ({line['enabled']} enabled), {line['runs']} runs, "
+            f"worst p99 drift {cell(worst)} ms, failing: {', '.join(failing) or 'none'}"
+        )
+    if as_json:
+        return print_json([
+            {"name": v.name, "task": v.task, "spec": v.spec, "next_run": v.next_run,
+             "last_run": v.last_run, "enabled": v.enabled, "runs": v.runs,
+             "drift_ms": v.drift_ms, "last_error": v.last_error, "origin": v.origin}
+            for v in views
+        ])  # fmt: skip
+    if not views:
+        return say("no schedules stored (see `stem schedule apply`)")
+    rows = [
+        (v.name, v.task, v.spec, "yes" if v.enabled else "no", v.next_run, v.last_run, v.runs,
+         v.drift_ms["p99"] if v.drift_ms else None, v.last_error)
+        for v in views
+    ]  # fmt: skip
+    say(table(("NAME", "TASK", "SPEC", "ENABLED", "NEXT RUN", "LAST RUN", "RUNS",
+               "P99 DRIFT MS", "LAST ERROR"), rows))  # fmt: skip
+
+
+def schedule(
+    view: ScheduleView, table_: dict[str, Any], runs: Sequence[ScheduleRun], as_json: bool
+) -> None:
+    if as_json:
+        return print_json({"schedule": view, "entry": table_, "runs": list(runs)})
+    say(fields_block([
+        ("name", view.name), ("task", view.task), ("spec", view.spec),
+        ("enabled", "yes" if view.enabled else "no"), ("origin", view.origin),
+        ("next run", view.next_run), ("last run", view.last_run),
+        ("drift ms", view.drift_ms), ("last error", view.last_error),
+    ]))  # fmt: skip
+    if runs:
+        say("")
+        say(table(("SLOT", "DISPATCHED", "TASK", "DRIFT MS", "ERROR"),
+                  [(r.slot, when(r.dispatched_at), r.task_id, r.drift_ms, r.error)
+                   for r in runs]))  # fmt: skip
+
+
+def applied(changed: Sequence[str], total: int, as_json: bool) -> None:
+    if as_json:
+        return print_json({"applied": total, "changed": list(changed)})
+    say(f"{total} schedules checked, {len(changed)} new or changed"
+        + (f": {', '.join(changed)}" if changed else ""))  # fmt: skip
+
+
 # --- control ------------------------------------------------------------------------
 
 
@@ -198,9 +258,30 @@ def task(detail: TaskDetail, as_json: bool) -> None:
         ]
     if result is not None:
         pairs += _result_pairs(result, with_name=message is None)
+    pairs += _lineage_pairs(detail)
     say(fields_block(pairs))
     if result is not None and result.error is not None and result.error.traceback:
         say("\n" + result.error.traceback.rstrip())
+
+
+def _lineage_pairs(detail: TaskDetail) -> list[tuple[str, Any]]:
+    """Parent, root, children, canvas place and duplicates, for the tasks that have them."""
+    pairs: list[tuple[str, Any]] = []
+    if detail.parent_id:
+        pairs.append(("parent", detail.parent_id))
+    if detail.root_id and detail.root_id != detail.parent_id:
+        pairs.append(("root", detail.root_id))
+    canvas = detail.canvas
+    if canvas:
+        place = "" if canvas.get("index") is None else f"{int(canvas['index']) + 1} of "
+        pairs.append(("canvas", f"{canvas['kind']} {canvas['id']}: {place}{canvas['size']}"))
+    if detail.children:
+        shown = ", ".join(detail.children[:5])
+        more = f" and {len(detail.children) - 5} more" if len(detail.children) > 5 else ""
+        pairs.append((f"children ({len(detail.children)})", shown + more))
+    if detail.duplicates:
+        pairs.append(("duplicates", f"{detail.duplicates}, last {when(detail.last_duplicate_at)}"))
+    return pairs
 
 
 def _result_pairs(result: Any, *, with_name: bool) -> list[tuple[str, Any]]:

@@ -49,6 +49,10 @@ def register(commands: Commands) -> None:
         "--name", metavar="NAME", type=_worker_name,
         help="this worker's id for control commands and status (default: HOST:PID)",
     )  # fmt: skip
+    run.add_argument(
+        "--beat", action="store_true",
+        help="also run the Beat scheduler (as [beat] enabled = true in the config)",
+    )  # fmt: skip
     run.set_defaults(handler=run_worker)
     control.register(sub)
     multi.register(sub)
@@ -72,4 +76,4 @@ def run_worker(args: argparse.Namespace) -> int:
     # this command, and every other command stays quick to start.
     from appliance.worker.supervisor import Supervisor
 
-    return int(Supervisor(stem, stem.settings.pools, name=args.name).run())
+    return int(Supervisor(stem, stem.settings.pools, name=args.name, beat=args.beat).run())

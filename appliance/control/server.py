@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from appliance import signals
 from appliance.control.protocol import ControlChannel, ControlReply, ControlRequest
 
 log = logging.getLogger("stem.control")
@@ -34,10 +35,27 @@ class ControlServer:
         """Answer every request sent since the last poll (store errors propagate: the
         caller backs off, and the cursor has not moved, so nothing is skipped)."""
         requests, cursor = self.channel.receive(self.cursor, self.worker)
-        replies = [ControlReply(r.id, self.worker, self._answer(r)) for r in requests]
-        self.channel.reply(replies)
+        answered = [(r, *self._timed(r)) for r in requests]
+        self.channel.reply([ControlReply(r.id, self.worker, reply) for r, reply, _ in answered])
         self.cursor = cursor
-        self.served += len(replies)
+        self.served += len(answered)
+        if signals.control_command_completed.receivers:
+            for request, reply, took in answered:
+                error = reply.get("error")
+                signals.control_command_completed.send(signals.ControlCommandCompleted(
+                    worker=self.worker, command=request.command, request_id=request.id,
+                    ok=error is None, duration=took, error=None if error is None else str(error),
+                ))  # fmt: skip
+
+    def _timed(self, request: ControlRequest) -> tuple[dict[str, Any], float]:
+        if signals.control_command_received.receivers:
+            signals.control_command_received.send(signals.ControlCommandReceived(
+                worker=self.worker, command=request.command, request_id=request.id,
+                arguments=request.args,
+            ))  # fmt: skip
+        started = time.monotonic()
+        reply = self._answer(request)
+        return reply, time.monotonic() - started
 
     def _answer(self, request: ControlRequest) -> dict[str, Any]:
         handler = self.handlers.get(request.command)

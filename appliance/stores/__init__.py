@@ -19,6 +19,7 @@ from appliance.errors import UnsupportedBroker
 
 if TYPE_CHECKING:
     from appliance.backend.protocol import ResultBackend
+    from appliance.beat.store import ScheduleStore
     from appliance.broker.protocol import Broker
     from appliance.config import Settings
     from appliance.control.protocol import ControlChannel
@@ -58,7 +59,16 @@ class Stores:
     backend: ResultBackend
     unit_of_work: UnitOfWork
     control: ControlChannel  # requests to live workers and their replies (the broker's store)
+    schedules: ScheduleStore  # Beat's entries and runs (the broker's store)
     closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
+    # Called before this process forks (the supervisor, before each batch of children):
+    # an SQLite store closes its connection so a child inherits no SQLite state
+    # (`Database.close_for_fork`); the next use reopens it.
+    fork_guards: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    def before_fork(self) -> None:
+        for guard in self.fork_guards:
+            guard()
 
     def close(self) -> None:
         """Release everything opened for these stores (each adapter's own resources, then
@@ -78,8 +88,10 @@ def open_stores(
     """The broker of `settings.broker_url` and the backend of `settings.backend_url`; on
     one store they share a connection and one unit of work.
 
-    `busy_wait` caps how long one SQLite call waits for other writers before it raises
-    `BrokerBusy` (the supervisor must not stall behind a producer's big batch).
+    `busy_wait` is for an owner whose loop must never stall (the supervisor): it caps
+    how long one SQLite call waits for other writers before it raises `BrokerBusy`
+    (a producer's big batch), and gives Redis calls a short timeout and one quick
+    retry instead of two seconds of back-off (the loop backs off by itself).
     `create=False` is for reads: an SQLite store is only opened if it exists (never
     created, migrated or switched to WAL), so a look never changes a file.
     """
@@ -100,7 +112,8 @@ def open_stores(
 
     return Stores(
         broker_store.broker, backend_store.backend, both, broker_store.control,
-        [broker_store.close, backend_store.close],
+        broker_store.schedules, [broker_store.close, backend_store.close],
+        [*broker_store.fork_guards, *backend_store.fork_guards],
     )  # fmt: skip
 
 
@@ -113,4 +126,4 @@ def _open_one(
         return sqlite.open_store(url, settings, codec, busy_wait=busy_wait, create=create)
     from appliance.stores import redis
 
-    return redis.open_store(url, settings, codec)
+    return redis.open_store(url, settings, codec, quick=busy_wait is not None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from appliance.envelope import EnvelopeCodec, peek_id
 
@@ -32,6 +33,7 @@ class Replay:
     priority: int
     enqueued_at: float | None
     payload: bytes
+    rate: list[Any] | None = None  # [limiter key, interval]: a replay is limited again
 
 
 def replay_of(
@@ -50,5 +52,5 @@ def replay_of(
     fresh = envelope.for_replay()
     return Replay(
         fresh.id, fresh.name, fresh.queue, fresh.priority, fresh.enqueued_at or None,
-        codec.reencode(fresh),
+        codec.reencode(fresh), fresh.rate,
     )  # fmt: skip

@@ -78,10 +78,13 @@ def child_main(setup: ChildSetup) -> None:
     code = 0
     try:
         _prepare_process(setup)
+        setup.stem.telemetry.setup_child()  # the parent's exporters did not survive fork
         _serve(setup)
     except BaseException:  # last resort: the supervisor sees the exit and recovers the task
         code = 70
     finally:
+        with contextlib.suppress(BaseException):  # spans buffered: os._exit runs no atexit
+            setup.stem.telemetry.flush()
         os._exit(code)  # no atexit, no finalisers of objects inherited from the parent
 
 

@@ -8,12 +8,14 @@ may kill the child; only the supervisor kills children.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 import traceback
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from appliance import signals
 from appliance.context import TaskContext, TaskRuntime, current_task
 from appliance.envelope import Envelope, dumps_json
 from appliance.errors import Reject, ResultTooLarge, Retry, SoftTimeLimitExceeded
@@ -53,35 +55,47 @@ class Executor:
             id=envelope.id, name=envelope.name, attempt=envelope.attempt,
             args=envelope.args, meta=envelope.meta, headers=envelope.headers,
             queue=envelope.queue, root_id=envelope.root_id or envelope.id, runtime=runtime,
+            parent_id=envelope.parent_id,
         )  # fmt: skip
         started, clock = time.time(), time.monotonic()
         token = current_task.set(ctx)
         countdown: float | None = None
         value: Any = None
         error: ErrorFields | None = None
-        try:
-            value = self._call(task, ctx, dict(envelope.args))
-            status, error = self._check_value(value, task.stem.settings.max_result_bytes)
-        except Retry as exc:
-            status, countdown, error = (
-                OutcomeStatus.RETRY,
-                exc.countdown,
-                error_fields(exc.exc or exc),
-            )
-        except Reject as exc:
-            status, error = OutcomeStatus.REJECTED, error_fields(exc)
-        except _ArgumentMismatch as exc:
-            status, error = OutcomeStatus.REJECTED, error_fields(exc.__cause__ or exc)
-        except BaseException as exc:  # user code may raise anything, sys.exit() included
-            status, error = OutcomeStatus.FAILED, error_fields(exc)
-        finally:
-            current_task.reset(token)
-            _cancel_soft_limit()
+        raised: BaseException | None = None
+        if signals.task_prerun.receivers:
+            signals.task_prerun.send(signals.TaskPrerun(
+                task_id=ctx.id, name=ctx.name, queue=ctx.queue, attempt=ctx.attempt,
+                pid=os.getpid(), args=ctx.args, meta=ctx.meta, headers=ctx.headers,
+            ))  # fmt: skip
+        with task.stem.telemetry.task_span(ctx) as span:
+            try:
+                value = self._call(task, ctx, _arguments(task, envelope))
+                status, error = self._check_value(value, task.stem.settings.max_result_bytes)
+            except Retry as exc:
+                status, countdown, error = (
+                    OutcomeStatus.RETRY,
+                    exc.countdown,
+                    error_fields(exc.exc or exc),
+                )
+            except Reject as exc:
+                status, error, raised = OutcomeStatus.REJECTED, error_fields(exc), exc
+            except _ArgumentMismatch as exc:
+                cause = exc.__cause__ or exc
+                status, error, raised = OutcomeStatus.REJECTED, error_fields(cause), cause
+            except BaseException as exc:  # user code may raise anything, sys.exit() included
+                status, error, raised = OutcomeStatus.FAILED, error_fields(exc), exc
+            finally:
+                current_task.reset(token)
+                _cancel_soft_limit()
+            ran_s = time.monotonic() - clock  # wall-clock jumps cannot bend it
+            span.set_outcome(str(status), error.type if error else "",
+                             error.message if error else "")  # fmt: skip
+        _after_run(ctx, status, value, error, raised, ran_s)
         return Outcome(
             seq, status, value=value if status is OutcomeStatus.SUCCESS else None, error=error,
-            countdown=countdown, started=started, finished=time.time(),
-            runtime=time.monotonic() - clock,  # wall-clock jumps cannot bend it
-            progress=ctx.last_progress,
+            countdown=countdown, started=started, finished=time.time(), runtime=ran_s,
+            progress=ctx.last_progress, traceparent=span.traceparent,
         )  # fmt: skip
 
     def _call(self, task: Task, ctx: TaskContext, args: dict[str, Any]) -> Any:
@@ -121,6 +135,51 @@ class Executor:
             )
             return OutcomeStatus.FAILED, ErrorFields(ResultTooLarge.__name__, message)
         return OutcomeStatus.SUCCESS, None
+
+
+def _after_run(
+    ctx: TaskContext, status: OutcomeStatus, value: Any, error: ErrorFields | None,
+    raised: BaseException | None, runtime: float,
+) -> None:  # fmt: skip
+    """task_postrun, then task_success or task_failure (a requested retry is neither)."""
+    pid = os.getpid()
+    if signals.task_postrun.receivers:
+        signals.task_postrun.send(signals.TaskPostrun(
+            task_id=ctx.id, name=ctx.name, queue=ctx.queue, attempt=ctx.attempt, pid=pid,
+            outcome=_POSTRUN.get(status, str(status)), runtime=runtime,
+        ))  # fmt: skip
+    if status is OutcomeStatus.SUCCESS:
+        if signals.task_success.receivers:
+            signals.task_success.send(signals.TaskSuccess(
+                task_id=ctx.id, name=ctx.name, queue=ctx.queue, attempt=ctx.attempt, pid=pid,
+                result=value, runtime=runtime,
+            ))  # fmt: skip
+    elif status is not OutcomeStatus.RETRY and error and signals.task_failure.receivers:
+        signals.task_failure.send(signals.TaskFailure(
+            task_id=ctx.id, name=ctx.name, queue=ctx.queue, attempt=ctx.attempt, pid=pid,
+            error_type=error.type, message=error.message, traceback=error.traceback,
+            runtime=runtime, permanent=status is OutcomeStatus.REJECTED, exception=raised,
+        ))  # fmt: skip
+
+
+_POSTRUN = {OutcomeStatus.SUCCESS: "success", OutcomeStatus.FAILED: "failure",
+            OutcomeStatus.RETRY: "retry", OutcomeStatus.REJECTED: "rejected"}  # fmt: skip
+
+
+def _arguments(task: Task, envelope: Envelope) -> dict[str, Any]:
+    """The handler's keyword arguments: the args, and `previous` for a link, a chain's
+    later step (the result before it) or a chord's callback (every member's value, in
+    member order, read from the store now: no message grows with the chord)."""
+    args = dict(envelope.args)
+    flow = envelope.flow
+    if flow is None or not flow.get("takes_previous"):
+        return args
+    chord = flow.get("chord_of")
+    if chord is not None:
+        args["previous"] = task.stem.broker.chord_values(str(chord["id"]), int(chord["size"]))
+    else:
+        args["previous"] = envelope.previous
+    return args
 
 
 class _ArgumentMismatch(Exception):

@@ -53,6 +53,7 @@ class Outcome:
     finished: float | None = None
     runtime: float | None = None
     progress: float | None = None  # the last percent reported
+    traceparent: str | None = None  # the attempt's execution span, when tracing is on
 
     @property
     def ok(self) -> bool:

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from appliance import flow
 from appliance.backend.protocol import ErrorInfo, TaskResult
 from appliance.broker.protocol import DeadLetterInfo, Delivery, Settlement
 from appliance.envelope import Envelope, EnvelopeCodec
@@ -18,6 +19,7 @@ from appliance.errors import DecodeError
 from appliance.retry import Decision, decide
 from appliance.states import DeadLetterReason, OutcomeStatus, SettleKind, TaskEvent, TaskState
 from appliance.tasks import Task
+from appliance.telemetry import PREVIOUS_ATTEMPT_HEADER
 from appliance.worker.ipc import ErrorFields, Outcome
 from appliance.worker.limits import BYSTANDER, COLD_SHUTDOWN, KillReason
 
@@ -29,6 +31,8 @@ class Settled:
     settlement: Settlement
     result: TaskResult | None
     event: TaskEvent
+    more: tuple[TaskResult, ...] = ()  # results of other tasks it decided (`flow`)
+    runtime: float | None = None  # seconds the attempt ran, when it ran (metrics)
 
 
 def _error(fields: ErrorFields | None) -> ErrorInfo:
@@ -79,17 +83,26 @@ def from_outcome(
             if task.options.ignore_result
             else TaskResult(state=TaskState.SUCCESS, value=outcome.value, **common)
         )
-        return Settled(Settlement.ack(delivery), result, TaskEvent.SUCCESS)
+        follow, more = flow.after_success(envelope, outcome.value, now, default_ttl)
+        return Settled(
+            Settlement.ack(delivery, follow), result, TaskEvent.SUCCESS, more, outcome.runtime
+        )
     error = _error(outcome.error)
     if decision.kind is SettleKind.RETRY:
         assert decision.not_before is not None
         retry = TaskResult(state=TaskState.RETRY, error=error, **common)
-        settlement = Settlement.retry(delivery, envelope.next_attempt(decision.not_before))
-        return Settled(settlement, retry, TaskEvent.RETRY)
+        following = envelope.next_attempt(decision.not_before)
+        if outcome.traceparent:  # the next attempt's span links to this one
+            headers = {**following.headers, PREVIOUS_ATTEMPT_HEADER: outcome.traceparent}
+            following = replace(following, headers=headers)
+        settlement = Settlement.retry(delivery, following)
+        return Settled(settlement, retry, TaskEvent.RETRY, runtime=outcome.runtime)
     reason = decision.reason or DeadLetterReason.EXHAUSTED
     dead = TaskResult(state=TaskState.DEAD, error=error, **common)
     info = DeadLetterInfo(reason, error.type, error.message, error.traceback)
-    return Settled(Settlement.dead_letter(delivery, info), dead, TaskEvent.DEAD)
+    follow, more = flow.after_failure(envelope, error, now, default_ttl, failed=True)
+    settlement = Settlement.dead_letter(delivery, info, follow)
+    return Settled(settlement, dead, TaskEvent.DEAD, more, outcome.runtime)
 
 
 def dead_before_run(
@@ -104,15 +117,16 @@ def dead_before_run(
     """Dead-letter a delivery that will not run (undecodable, unknown task, poison pill)."""
     now = time.time()
     info = DeadLetterInfo(reason, error_type, message)
-    result = None
-    if envelope is not None:
-        result = TaskResult(
-            task_id=envelope.id, state=TaskState.DEAD, name=envelope.name,
-            queue=envelope.queue, attempt=envelope.attempt,
-            error=ErrorInfo(error_type, message), finished_at=now, meta=envelope.meta,
-            expires_at=now + default_ttl,
-        )  # fmt: skip
-    return Settled(Settlement.dead_letter(delivery, info), result, TaskEvent.DEAD)
+    if envelope is None:
+        return Settled(Settlement.dead_letter(delivery, info), None, TaskEvent.DEAD)
+    error = ErrorInfo(error_type, message)
+    result = TaskResult(
+        task_id=envelope.id, state=TaskState.DEAD, name=envelope.name,
+        queue=envelope.queue, attempt=envelope.attempt, error=error, finished_at=now,
+        meta=envelope.meta, expires_at=now + default_ttl,
+    )  # fmt: skip
+    follow, more = flow.after_failure(envelope, error, now, default_ttl, failed=True)
+    return Settled(Settlement.dead_letter(delivery, info, follow), result, TaskEvent.DEAD, more)
 
 
 REVOKED_BEFORE_RUN = "revoked before it could run"
@@ -126,13 +140,14 @@ def revoked(
     """Cancel a delivery for good, not retried: revoked (before or while it ran) or past
     its `expires` time. `result()` raises `TaskRevokedError` saying which."""
     now = time.time()
+    error = ErrorInfo("TaskRevokedError", why)
     result = TaskResult(
         task_id=envelope.id, state=TaskState.REVOKED, name=envelope.name,
         queue=envelope.queue, attempt=envelope.attempt, worker=worker, finished_at=now,
-        error=ErrorInfo("TaskRevokedError", why), meta=envelope.meta,
-        expires_at=now + default_ttl,
+        error=error, meta=envelope.meta, expires_at=now + default_ttl,
     )  # fmt: skip
-    return Settled(Settlement.ack(delivery), result, TaskEvent.REVOKED)
+    follow, more = flow.after_failure(envelope, error, now, default_ttl, failed=False)
+    return Settled(Settlement.ack(delivery, follow), result, TaskEvent.REVOKED, more)
 
 
 def worker_lost(

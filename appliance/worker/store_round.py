@@ -23,6 +23,7 @@ from appliance.broker.protocol import Consumer, Delivery
 from appliance.errors import BrokerBusy, BrokerError
 from appliance.states import TaskEvent
 from appliance.stores import Stores
+from appliance.worker.events import SupervisorEvents
 from appliance.worker.outcomes import Settled
 from appliance.worker.pool import Dispatch, Pool
 
@@ -55,6 +56,8 @@ class StoreRound:
         self.counts: Counter[TaskEvent] = Counter()
         self.retry_at = 0.0  # monotonic: no store call before this while failing
         self.failures = 0
+        self.failing_since: float | None = None  # wall clock of the first failure in a row
+        self.events = SupervisorEvents()  # the supervisor sets its own
 
     # --- settling --------------------------------------------------------------------
 
@@ -62,6 +65,7 @@ class StoreRound:
         """Queue a settlement (and its result) for the next round."""
         self.pending.append(settled)
         self.counts[settled.event] += 1
+        self.events.settled(settled)
         result = settled.result
         if settled.event in (TaskEvent.RETRY, TaskEvent.DEAD) and result and result.error:
             log.info(
@@ -86,6 +90,7 @@ class StoreRound:
             with self.stores.unit_of_work():
                 if batch:
                     results = [s.result for s in batch if s.result is not None]
+                    results += [more for s in batch for more in s.more]
                     if results:
                         self.stores.backend.store(results)
                     self.stores.broker.settle([s.settlement for s in batch])
@@ -94,12 +99,17 @@ class StoreRound:
         except BrokerError as exc:
             self.failed(exc)
             return []
-        self.pending = self.pending[len(batch) :]
         if claim_error is not None:
-            self.failed(claim_error)  # what was claimed before it still runs
-        elif self.failures:
+            # What was claimed before the failure still runs. The settlements may not have
+            # been sent (Redis sends them with the claim), so they stay pending and go
+            # again: settling twice changes nothing, dropping them would re-run tasks.
+            self.failed(claim_error)
+            return claimed
+        self.pending = self.pending[len(batch) :]
+        if self.failures:
             log.info("store reachable again; settled %d deliveries", len(batch))
             self.failures = 0
+            self.failing_since = None
         return claimed
 
     def wants_claim(self, pool: Pool, now: float) -> bool:
@@ -157,6 +167,7 @@ class StoreRound:
             except BrokerError as exc:
                 self.failed(exc)
                 return
+            self.events.lease_renewals(len(dispatches) - len(lost))
             for dispatch in dispatches:
                 dispatch.renew_at = now + min(lease, dispatch.task.options.visibility_timeout) / 3
                 dispatch.lease_end = now + lease
@@ -186,6 +197,7 @@ class StoreRound:
 
     def failed(self, exc: Exception) -> None:
         if not self.failures:
+            self.failing_since = time.time()
             if isinstance(exc, BrokerBusy):  # normal contention: a producer's big batch
                 log.info("store busy (%s); retrying shortly", exc)
             else:

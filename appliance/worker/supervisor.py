@@ -22,9 +22,10 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 
-from appliance import __version__
+from appliance import __version__, telemetry
 from appliance.app import Stem
 from appliance.backend.protocol import WorkerHeartbeat
+from appliance.beat.scheduler import Beat, start_beat
 from appliance.broker.protocol import Consumer, Wake, consumer_gone
 from appliance.config import PoolSettings, concurrency_warning
 from appliance.control.server import ControlServer
@@ -37,9 +38,11 @@ from appliance.errors import (
     StemError,
     StoreReplaced,
 )
+from appliance.logs import set_worker
 from appliance.states import ExitCode, TaskEvent
 from appliance.worker.commands import WorkerCommands
 from appliance.worker.duties import Duties
+from appliance.worker.events import SupervisorEvents
 from appliance.worker.hygiene import become_subreaper, start_undertaker
 from appliance.worker.pool import Pool
 from appliance.worker.store_round import POLL_S, StoreRound
@@ -60,6 +63,8 @@ WORKER_BEAT_S = 2.0  # the supervisor's record in the backend; it expires after 
 IDLE_UPKEEP_S = 10.0  # checkpoint the SQLite WAL at most this often, and only when idle
 ORPHAN_SWEEP_S = 5.0  # look for escaped task processes (also after every child exit)
 IDENTITY_S = 2.0  # check that the store still holds the data we opened
+STATUS_S = 2.0  # systemd STATUS= (when it changed) and EXTEND_TIMEOUT_USEC while draining
+FINAL_GRACE_S = 15.0  # beyond the drain: killing children and settling what is left
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 FINISHED = (TaskEvent.SUCCESS, TaskEvent.DEAD, TaskEvent.REVOKED)
@@ -72,10 +77,17 @@ class Supervisor:
     process exit code."""
 
     def __init__(
-        self, stem: Stem, pools: Sequence[PoolSettings], *, name: str | None = None
+        self,
+        stem: Stem,
+        pools: Sequence[PoolSettings],
+        *,
+        name: str | None = None,
+        beat: bool = False,
     ) -> None:
         self.stem = stem
         self.name = name  # the worker id (`--name`); HOST:PID when None
+        self.beat_wanted = beat or stem.settings.beat_enabled
+        self.beat: Beat | None = None
         self.settings = stem.settings
         self.pools: list[Pool] = []
         first = 0
@@ -94,6 +106,7 @@ class Supervisor:
         # every few seconds and at once on a control request.
         self.paused: set[str] = set()
         self.revoked: set[str] = set()
+        self._withheld = False  # the watchdog ping is being withheld (no live child)
 
     # --- life cycle --------------------------------------------------------------------
 
@@ -101,6 +114,13 @@ class Supervisor:
         """Open stores, fork the pools, serve until shutdown; the exit code."""
         faulthandler.enable()  # a fatal signal (SIGBUS, SIGSEGV) still leaves a log line
         self.consumer = Consumer.this_process()
+        self.worker_name = self.name or f"{self.consumer.host}:{self.consumer.pid}"
+        set_worker(self.worker_name)
+        self.telemetry = telemetry.NOOP
+        self.events = SupervisorEvents(self.worker_name)
+        pool_names = tuple(p.settings.name for p in self.pools)
+        size = sum(p.settings.concurrency for p in self.pools)
+        self.events.worker_init(pool_names, tuple(self.queues), size)
         # First, before any store or child exists: the undertaker kills what tasks
         # leave behind if this process is SIGKILLed; as subreaper it adopts escapees.
         self.undertaker_fd = start_undertaker(self.consumer.name)
@@ -119,17 +139,41 @@ class Supervisor:
             supervisor_id=self.consumer.name, supervisor_pid=self.consumer.pid,
         )  # fmt: skip
         self.tree.revoked = self.revoked
+        self.tree.before_fork = self._before_fork
         self.round.paused = self.paused
+        try:
+            self.telemetry = telemetry.load(self.settings)
+        except StemError as exc:
+            log.error("cannot start: %s", exc)
+            self.tree.close()
+            self.stores.close()
+            return int(ExitCode.CONFIG)
+        self.events = SupervisorEvents(self.worker_name, self.telemetry)
+        self.tree.events = self.round.events = self.events
+        if self.telemetry.enabled:
+            self.telemetry.start_metrics(
+                worker=self.worker_name, depth=self.stores.broker.queue_stats,
+                pools=self.tree.pool_loads,
+            )  # fmt: skip
         self.refresh_flags(time.monotonic())
         self.control = ControlServer(
             self.stores.control, self.worker_name, WorkerCommands(self).handlers()
         )
         if warning := concurrency_warning(self.settings.pools, os.cpu_count() or 1):
             log.warning("%s", warning)
+        if self.beat_wanted:
+            try:
+                self.beat = start_beat(self.stem, self.stores)
+            except StemError as exc:
+                log.error("cannot start Beat: %s", exc)
+                self.tree.close()
+                self.stores.close()
+                return int(ExitCode.CONFIG)
         self._plan_duties()
         try:
             self.tree.spawn_missing(time.monotonic())
             self.notifier.send("READY=1", f"STATUS=serving {','.join(self.queues)}")
+            self.events.worker_ready(pool_names, tuple(self.queues), size)
             log.info(
                 "supervisor %d ready: %d children, queues %s, broker %s",
                 os.getpid(), self.tree.table.header.slots, ",".join(self.queues),
@@ -142,6 +186,12 @@ class Supervisor:
         counts = ", ".join(f"{count} {event}" for event, count in sorted(self.round.counts.items()))
         log.info("supervisor %d stopped: %s", os.getpid(), counts or "no tasks")
         return int(self.exit_code)
+
+    def _before_fork(self) -> None:
+        """No SQLite connection of this process may be open when it forks a child
+        (`Database.close_for_fork`): its stores' and the app's own, if it opened any."""
+        self.stores.before_fork()
+        self.stem.before_fork()
 
     def _install_signals(self) -> None:
         self.selector = selectors.DefaultSelector()
@@ -159,7 +209,6 @@ class Supervisor:
         worker started before its Redis comes up instead of crash-looping under systemd.
         False if a stop signal arrived meanwhile."""
         self.stores = self.stem.open_stores(busy_wait=STORE_BUSY_WAIT_S)
-        self.worker_name = self.name or f"{self.consumer.host}:{self.consumer.pid}"
         self.round = StoreRound(self.stores, self.consumer, self.pools, claim_lease_for(self.stem))
         broker = self.stores.broker
         pause = 0.5
@@ -212,6 +261,9 @@ class Supervisor:
         self.duties.every(IDENTITY_S, self._watch_identity)
         if self.notifier.watchdog_interval:
             self.duties.every(self.notifier.watchdog_interval, self._ping_watchdog)
+        self.duties.every(STATUS_S, self._report_status)
+        if self.beat is not None:
+            self.duties.every(1.0, self.beat.tick)
 
     def _stop_requested_within(self, seconds: float) -> bool:
         if not self.selector.select(seconds):
@@ -224,9 +276,17 @@ class Supervisor:
     def _close(self) -> None:
         """Kill what is left, settle what is known, release shared memory and stores."""
         self.accepting = False
+        if self.beat is not None:
+            self.beat.stop()
         self.tree.close()  # their tasks go back uncounted
         self.round.settle_before_exit()
         self.round.guarded(lambda: self.stores.backend.remove_worker(self.worker_name))
+        counts = self.round.counts
+        self.events.worker_shutdown(
+            "cold" if self.cold else "warm", sum(counts[e] for e in FINISHED),
+            counts[TaskEvent.DEAD],
+        )  # fmt: skip
+        self.telemetry.shutdown()
         signal.set_wakeup_fd(-1)
         self.stores.close()
         os.close(self.undertaker_fd)  # the undertaker sweeps once more, then exits
@@ -248,6 +308,7 @@ class Supervisor:
         tree.flush()
         self.round.renew(tree.renewals_due(now), now)
         self.duties.run_due(now)
+        self.telemetry.tick(now)
         self._progress_shutdown(now)
 
     def _timeout(self) -> float:
@@ -365,8 +426,40 @@ class Supervisor:
                 "the end, but nothing will retry them if they fail)", lost, self.tree.in_flight(),
             )  # fmt: skip
 
-    def _ping_watchdog(self, now: float) -> None:
-        self.notifier.send("WATCHDOG=1")
+    def _ping_watchdog(self, now: float) -> float | None:
+        """WATCHDOG=1 from the loop itself (so a wedged loop is restarted), and only while
+        a child is alive and beating, or a shutdown is under way: a pool whose every
+        child dies at start (a crash loop, backing off) gets no ping, so systemd restarts
+        the service. A store outage is no reason: a restart would not cure it."""
+        if self.tree.live_children(now) or not self.accepting:
+            self._withheld = False
+            self.notifier.send("WATCHDOG=1")
+            return None
+        if not self._withheld:
+            self._withheld = True
+            log.error("withholding the systemd watchdog: no child is alive (crash loop?)")
+        return min(1.0, self.notifier.watchdog_interval or 1.0)  # ping as soon as one lives
+
+    def _report_status(self, now: float) -> float | None:
+        """STATUS= for `systemctl status`: the pool, or what is wrong."""
+        self.notifier.status(self.status_line(now))
+        if self.draining_until is not None and not self.cold:
+            # A long drain: ask systemd for time beyond TimeoutStopSec as it goes.
+            remaining = max(0.0, self.draining_until - now) + FINAL_GRACE_S
+            self.notifier.send(f"EXTEND_TIMEOUT_USEC={int(remaining * 1e6)}")
+        return None
+
+    def status_line(self, now: float) -> str:
+        tree, counts = self.tree, self.round.counts
+        pool = (
+            f"{tree.live_children(now)}/{tree.table.header.slots} children, "
+            f"{tree.in_flight()} in flight, {sum(counts[e] for e in FINISHED)} processed"
+        )
+        since = self.round.failing_since
+        if since is not None:
+            stamp = time.strftime("%H:%M:%S", time.localtime(since))
+            return f"store unreachable since {stamp}; {pool}"
+        return f"{self.status()}; {pool}"
 
     def status(self) -> str:
         """One short phrase: serving, draining, or what is wrong."""
@@ -392,6 +485,8 @@ class Supervisor:
         self.round.guarded(
             lambda: self.stores.backend.put_worker_heartbeat(beat, 3 * WORKER_BEAT_S)
         )
+        self.events.worker_heartbeat(beat.in_flight, beat.processed, beat.failed,
+                                     len(self.tree.children))  # fmt: skip
 
 
 def _record_only(signum: int, frame: object) -> None:

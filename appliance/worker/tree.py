@@ -16,8 +16,10 @@ from appliance.app import Stem
 from appliance.backend.protocol import ChildInfo
 from appliance.broker.protocol import Delivery
 from appliance.states import OutcomeStatus, SlotState
+from appliance.telemetry import PoolLoad
 from appliance.worker import outcomes
 from appliance.worker.child import ChildSetup, child_main
+from appliance.worker.events import SupervisorEvents
 from appliance.worker.heartbeat import HeartbeatTable
 from appliance.worker.hygiene import kill_tree, orphans
 from appliance.worker.ipc import ChildMessage, Progress, ProtocolError, dispatch_frame
@@ -43,6 +45,7 @@ IDLE_SCAN_S = 0.5
 MEMORY_SCAN_S = 0.05  # one /proc read per child running a task with max_memory
 FORK_RETRY_S = 5.0
 SPAWN_STEP = 16  # children forked per loop turn (about 2 ms each here)
+_SERVING = (SlotState.IDLE, SlotState.RUNNING)
 
 
 class ProcessTree:
@@ -78,6 +81,9 @@ class ProcessTree:
         self._touched: set[Child] = set()  # children with dispatches not yet written
         self._next_memory_scan = 0.0
         self._default_ttl = stem.settings.result_ttl
+        # Set by the supervisor to its stores' `before_fork` (and the app's own stores').
+        self.before_fork: Callable[[], None] = lambda: None
+        self.events = SupervisorEvents(worker_name)  # the supervisor sets its own
 
     # --- spawning ------------------------------------------------------------------------
 
@@ -85,6 +91,8 @@ class ProcessTree:
         """Fork children into empty slots, at most `SPAWN_STEP` per loop turn: a pool of
         hundreds must not hold the loop (limits, settles, signals) while it forks."""
         budget = SPAWN_STEP
+        if any(pool.empty_slots(now) for pool in self.pools):
+            self.before_fork()  # no SQLite state may cross into a child
         for pool in self.pools:
             for index in pool.empty_slots(now)[:budget]:
                 pool.respawn_at.pop(index, None)
@@ -116,6 +124,7 @@ class ProcessTree:
         self.children[pid] = child
         self.pipes.watch(child, lambda mask: self._on_pipe(child, mask))
         log.debug("child %d spawned in pool %s slot %d", pid, pool.settings.name, index)
+        self.events.child_spawned(pool.settings.name, index, pid)
 
     # --- dispatching ---------------------------------------------------------------------
 
@@ -145,6 +154,7 @@ class ProcessTree:
             self.seq, delivery, envelope, task, now + first_renewal, now + self.claim_lease
         )
         child.sent += 1
+        self.events.received(envelope, pool.settings.name, delivery)
         if not child.outbox:
             self._touched.add(child)
         child.outbox += dispatch_frame(self.seq, delivery.payload)
@@ -227,6 +237,12 @@ class ProcessTree:
         child.outstanding.clear()
         if unexpected:
             log.warning("child %d exited with %s", child.pid, describe_exit(code))
+        reason = child.kill.message if child.kill else ("crashed" if unexpected else "recycled")
+        self.events.child_died(
+            pool.settings.name, child.index, child.pid, code, reason,
+            expected=not unexpected and child.kill in (None, COLD_SHUTDOWN),
+            task_id=running.envelope.id if running else None,
+        )  # fmt: skip
         pool.mark_lifetime(child, unexpected)
         if self.accepting:
             pool.respawn_at[child.index] = time.monotonic() + respawn_delay(pool.early_deaths)
@@ -305,6 +321,10 @@ class ProcessTree:
         log.warning("killing child %d: %s", child.pid, reason.message)
         child.kill, child.killed_seq, child.closing = reason, seq, True
         kill_tree(child.pid)
+        held = child.outstanding.get(seq)
+        if reason.error_type == "TimeLimitExceeded" and held is not None:
+            limit = held.task.options.hard_time_limit or 0.0
+            self.events.hard_timeout(held.envelope, limit, child.pid)
 
     def kill_orphans(self, now: float | None = None) -> None:
         """Kill the processes re-parented to the supervisor that it did not fork: the
@@ -434,6 +454,28 @@ class ProcessTree:
             progress=slot.progress if slot.progress >= 0 else None, rss=rss,
             beat_age_s=round(now - slot.last_beat, 3), tasks_done=slot.tasks_done,
         )  # fmt: skip
+
+    def live_children(self, now: float) -> int:
+        """Children that are up and beating: what the systemd watchdog vouches for."""
+        alive = 0
+        for child in self.children.values():
+            slot = self.table.slots[child.index]
+            timeout = child.pool.settings.heartbeat_timeout
+            if slot.state == SlotState.STARTING:  # forked, not yet beating: young is fine
+                beating = now - child.spawned_at < timeout
+            else:
+                beating = slot.state in _SERVING and now - slot.last_beat < timeout
+            if child.kill is None and beating:
+                alive += 1
+        return alive
+
+    def pool_loads(self) -> list[PoolLoad]:
+        """Each pool's size and its children busy now (the telemetry gauges)."""
+        return [
+            PoolLoad(pool.settings.name, pool.settings.concurrency,
+                     sum(1 for c in pool.children.values() if c.outstanding))
+            for pool in self.pools
+        ]  # fmt: skip
 
     def in_flight(self) -> int:
         return sum(len(c.outstanding) for c in self.children.values())

@@ -3,6 +3,7 @@ store checked afterwards (no worker here: tests/tui/test_live.py has those)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from textual.pilot import Pilot
@@ -10,6 +11,7 @@ from textual.widgets import DataTable, Input, Static
 
 from appliance.app import Stem
 from appliance.backend.protocol import ErrorInfo, TaskResult
+from appliance.envelope import Envelope
 from appliance.observe import Observer
 from appliance.states import DeadLetterReason, TaskState
 from tests.tui.conftest import drive
@@ -266,6 +268,9 @@ def test_task_lookup_by_typed_id_and_from_a_slot(url: str, stem: Stem) -> None:
     result = TaskResult(done, TaskState.FAILURE, name="t.add", attempt=2, error=error,
                         worker="edge-1", started_at=100.0, finished_at=103.5)  # fmt: skip
     stem.backend.store([result])
+    children = [Envelope(id=f"child-{i}", name="t.part", parent_id=done, root_id=done,
+                         enqueued_at=time.time()) for i in range(2)]  # fmt: skip
+    stem.broker.enqueue(children)
     publish(stem, heartbeat())
 
     async def scenario(app: StemTui, pilot: Pilot[None]) -> None:
@@ -275,8 +280,12 @@ def test_task_lookup_by_typed_id_and_from_a_slot(url: str, stem: Stem) -> None:
         await pilot.press(*"task-one", "enter")
         await until(pilot, lambda: check() and "KeyError: 'x'" in text_of(app, "#task-body"))
         body = text_of(app, "#task-body")
-        for part in ("FAILURE", "t.add", "attempt  2", "edge-1", "3.5s", "Traceback ..."):
+        for part in ("FAILURE", "t.add", "attempt  2", "edge-1", "3.5s", "Traceback ...",
+                     "children  child-0, child-1"):  # fmt: skip
             assert part in body, part
+        check = loaded(app, TaskLookupScreen)
+        await pilot.press("escape", "ctrl+a", "ctrl+k", *"child-1", "enter")
+        await until(pilot, lambda: check() and "parent  task-one" in text_of(app, "#task-body"))
         # After enter the result has the focus, so 1 switches views again.
         await open_view(app, pilot, "1", WorkersScreen)
         check = loaded(app, TaskLookupScreen)

@@ -3,6 +3,7 @@ result or error with its traceback, progress and meta, refreshed while it is sho
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -20,6 +21,8 @@ from appliance.states import TaskState
 from tui import format as fmt
 from tui.screens.base import Loader, StemScreen, styled
 from tui.source import Source
+
+MAX_CHILDREN = 20  # ids listed; a chord can have thousands
 
 LEVELS = {
     TaskState.SUCCESS: "good", TaskState.FAILURE: "bad", TaskState.DEAD: "bad",
@@ -119,6 +122,7 @@ def render_task(screen: StemScreen[Any], detail: TaskDetail) -> Text:
             line("due", fmt.when(message.not_before))
         if message.owner:
             line("leased by", f"{message.owner} until {fmt.when(message.lease_until)}")
+    _lineage(detail, line)
     if result is not None:
         line("attempt", result.attempt)
         line("worker", result.worker or "-")
@@ -142,6 +146,27 @@ def render_task(screen: StemScreen[Any], detail: TaskDetail) -> Text:
             text.append("\nresult\n", style="bold underline")
             text.append(_json(result.value))
     return text
+
+
+def _lineage(detail: TaskDetail, line: Callable[[str, object], None]) -> None:
+    """Parent, root, children and canvas place, as far as the records have them."""
+    if detail.parent_id:
+        line("parent", detail.parent_id)
+    if detail.root_id and detail.root_id not in (detail.parent_id, detail.task_id):
+        line("root", detail.root_id)
+    if detail.children:
+        shown = ", ".join(detail.children[:MAX_CHILDREN])
+        more = len(detail.children) - MAX_CHILDREN
+        line("children", shown + (f" (+{more} more)" if more > 0 else ""))
+    if detail.canvas:
+        canvas = detail.canvas
+        place = f"{canvas.get('kind', '?')} {canvas.get('id', '')}".strip()
+        if canvas.get("index") is not None and canvas.get("size") is not None:
+            place += f", member {canvas['index'] + 1} of {canvas['size']}"
+        line("canvas", place)
+    if detail.duplicates:
+        line("duplicates", f"{detail.duplicates} enqueue(s) returned this task "
+                           f"(last {fmt.when(detail.last_duplicate_at)})")  # fmt: skip
 
 
 def _json(value: object) -> str:

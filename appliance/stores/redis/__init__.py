@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from appliance.stores import Stores
 from appliance.stores.redis.backend import RedisBackend
+from appliance.stores.redis.beat import RedisSchedules
 from appliance.stores.redis.broker import RedisBroker
 from appliance.stores.redis.conn import connect
 from appliance.stores.redis.control import RedisControl
@@ -21,12 +22,16 @@ if TYPE_CHECKING:
     from appliance.envelope import EnvelopeCodec
 
 
-def open_store(url: str, settings: Settings, codec: EnvelopeCodec) -> Stores:
-    """Broker and backend on the server of `url` (lazy: nothing is sent yet)."""
-    session = RedisSession(url, connect(url))
+def open_store(
+    url: str, settings: Settings, codec: EnvelopeCodec, *, quick: bool = False
+) -> Stores:
+    """Broker and backend on the server of `url` (lazy: nothing is sent yet); `quick`
+    for the supervisor, whose calls must never stall its loop (`conn.connect`)."""
+    session = RedisSession(url, connect(url, quick=quick))
     keys = Keys(settings.namespace)
     broker = RedisBroker(url, session, keys, codec)
     backend = RedisBackend(url, session, keys)
     control = RedisControl(session, keys)
+    schedules = RedisSchedules(session, keys, broker)
     closers = [broker.close, backend.close, session.close]
-    return Stores(broker, backend, session.unit_of_work, control, closers)
+    return Stores(broker, backend, session.unit_of_work, control, schedules, closers)

@@ -38,10 +38,12 @@ from appliance.broker.protocol import (
     MessageInfo,
     QueueStats,
     Settlement,
+    TaskRecord,
     Wake,
     consumer_gone,
 )
-from appliance.envelope import EnvelopeCodec
+from appliance.envelope import Envelope, EnvelopeCodec
+from appliance.flow import RECORD_TTL_S, FollowUps, canvas_of
 from appliance.states import SettleKind
 from appliance.stores.common import QueueRotation, replay_of
 from appliance.stores.redis import keys as rk
@@ -52,6 +54,22 @@ from appliance.stores.redis.session import RedisSession
 from appliance.stores.redis.wake import RedisWake
 
 log = logging.getLogger("stem.redis")
+
+_RECORD_TTL_MS = int(RECORD_TTL_S * 1000)
+
+
+def record_args(envelopes: Sequence[Envelope]) -> list[Any]:
+    """The record arguments (see `add_record`) of the envelopes with lineage or a canvas
+    place; none for plain enqueues."""
+    args: list[Any] = []
+    for envelope in envelopes:
+        if envelope.parent_id is None and envelope.flow is None:
+            continue
+        canvas = canvas_of(envelope)
+        args += [envelope.id, envelope.parent_id or "", envelope.root_id or "",
+                 orjson.dumps(canvas) if canvas else ""]  # fmt: skip
+    return args
+
 
 # The op codes of the settle script.
 _KIND = {SettleKind.ACK: "a", SettleKind.DEAD: "d", SettleKind.RETRY: "r", SettleKind.RELEASE: "l"}
@@ -81,7 +99,10 @@ class RedisBroker:
         self.client = session.client
         self.keys = keys
         self._head: list[Any] = [self.keys.prefix, rk.GROUP]
+        self.head = self._head  # the first two arguments of every script (prefix, group)
         self._enqueue = session.script(scripts.source(scripts.ENQUEUE))
+        self._enqueue_guarded = session.script(scripts.source(scripts.ENQUEUE_GUARDED))
+        self._enqueue_chord = session.script(scripts.source(scripts.ENQUEUE_CHORD))
         self._claim = session.script(scripts.source(scripts.CLAIM))
         self._settle = session.script(scripts.source(scripts.SETTLE))
         self._extend = session.script(scripts.source(scripts.EXTEND))
@@ -161,19 +182,85 @@ class RedisBroker:
         if not envelopes:
             return
         now = time.time()
-        args = list(self._head)
+        args: list[Any] = [*self._head, _RECORD_TTL_MS, len(envelopes)]
         for envelope in envelopes:
-            due = envelope.not_before is not None and envelope.not_before > now
-            args += [
-                envelope.queue, rk.band_of(envelope.priority), envelope.id,
-                self.codec.encode(envelope),
-                repr(envelope.not_before) if due else "", os.urandom(6).hex() if due else "",
-            ]  # fmt: skip
+            args += self.message_args(envelope, now)
+        args += record_args(envelopes)
+        self._send(self._enqueue, args)
+
+    def _send(self, script: Any, args: list[Any]) -> Any:
         with self._guard("enqueue"):
             self.session.load_scripts()
             if not self._checked_durability:
                 self._warn_about_durability()
-            self._enqueue(args=args)
+            return script(args=args)
+
+    def message_args(
+        self, envelope: Envelope, now: float, payload: bytes | None = None
+    ) -> list[Any]:
+        """The eight script arguments of one new message (see `store_message`)."""
+        due = envelope.not_before is not None and envelope.not_before > now
+        rate = envelope.rate
+        return [
+            envelope.queue, rk.band_of(envelope.priority), envelope.id,
+            self.codec.encode(envelope) if payload is None else payload,
+            repr(envelope.not_before) if due else "", os.urandom(6).hex() if due else "",
+            rate[0] if rate else "", repr(rate[1]) if rate else "",
+        ]  # fmt: skip
+
+    def enqueue_guarded(
+        self, envelope: Envelope, key: str, ttl: float, *, note_duplicate: bool = False
+    ) -> str | None:
+        now = time.time()
+        args = [*self._head, key, max(1, int(ttl * 1000)), envelope.id, int(note_duplicate),
+                repr(now), _RECORD_TTL_MS, *self.message_args(envelope, now),
+                *record_args([envelope])]  # fmt: skip
+        reply: Any = self._send(self._enqueue_guarded, args)
+        return None if reply[0] == 1 else text(reply[1] or b"")
+
+    def enqueue_chord(
+        self, chord_id: str, members: Sequence[Envelope], callback: Envelope, ttl: float
+    ) -> None:
+        now = time.time()
+        rate = callback.rate
+        args: list[Any] = [
+            *self._head, chord_id, len(members), max(1, int(ttl * 1000)), _RECORD_TTL_MS,
+            callback.queue, rk.band_of(callback.priority), callback.id,
+            self.codec.encode(callback), rate[0] if rate else "", repr(rate[1]) if rate else "",
+            len(members),
+        ]  # fmt: skip
+        for envelope in members:
+            args += self.message_args(envelope, now)
+        args += record_args([*members, callback])
+        self._send(self._enqueue_chord, args)
+
+    def chord_values(self, chord_id: str, size: int) -> list[Any]:
+        with self._guard("reading a chord"):
+            found: Any = self.client.hgetall(f"{self.keys.chord(chord_id)}:values")
+        values = {int(index): value for index, value in found.items()}
+        if len(values) != size or set(values) != set(range(size)):
+            raise LookupError(
+                f"chord {chord_id}: {len(values)} of {size} member results are stored (the "
+                "chord's record expired, or Redis lost it)"
+            )
+        return [orjson.loads(values[i]) for i in range(size)]
+
+    def task_record(self, task_id: str) -> TaskRecord | None:
+        with self._guard("reading a task record"):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hgetall(self.keys.record(task_id))
+            pipe.lrange(self.keys.children(task_id), 0, -1)
+            fields, children = pipe.execute()
+        if not fields and not children:
+            return None
+        got = {text(k): text(v) for k, v in fields.items()}
+        canvas = got.get("canvas")
+        kids = tuple(dict.fromkeys(text(c) for c in children))  # once each, in order
+        return TaskRecord(
+            task_id, got.get("parent"), got.get("root"),
+            orjson.loads(canvas) if canvas else None, kids,
+            int(got.get("dups", 0)), float(got["dup_at"]) if "dup_at" in got else None,
+        )  # fmt: skip
 
     def claim(
         self, queues: Sequence[str], limit: int, *, consumer: Consumer, lease: float
@@ -218,21 +305,48 @@ class RedisBroker:
 
     def _settle_args(self, s: Settlement) -> list[Any]:
         r = _Receipt(s.delivery.receipt)
-        head = [_KIND[s.kind], s.delivery.queue, r.band, r.entry, r.origin, r.task]
+        kind = _KIND[s.kind]
+        if s.follow is not None:
+            kind = kind.upper()  # 'A' or 'D': with follow-ups
+        head = [kind, s.delivery.queue, r.band, r.entry, r.origin, r.task]
         if s.kind == SettleKind.ACK:
-            return head
+            return head if s.follow is None else head + self._follow_args(s.follow)
         if s.kind == SettleKind.DEAD:
-            return head + self._dead_args(s)
+            dead = head + self._dead_args(s)
+            return dead if s.follow is None else dead + self._follow_args(s.follow)
         if s.kind == SettleKind.RELEASE:
             return [*head, r.consumer, r.count, int(s.count_delivery)]
         if s.envelope is None:
             raise ValueError("a RETRY settlement needs the next attempt's envelope")
         env = s.envelope
         due = env.not_before is not None and env.not_before > time.time()
+        rate = env.rate
         return [
             *head, r.consumer, r.count, env.queue, rk.band_of(env.priority), env.id,
             self.codec.reencode(env), repr(env.not_before) if due else "",
+            rate[0] if rate else "", repr(rate[1]) if rate else "",
         ]  # fmt: skip
+
+    def _follow_args(self, follow: FollowUps) -> list[Any]:
+        """The follow-up block of an 'A' or 'D' settle op (see SETTLE)."""
+        now = time.time()
+        ops: list[Any] = []
+        count = 0
+        for envelope in follow.enqueue:
+            unique = (envelope.flow or {}).get("unique")
+            guard = [str(unique[0]), max(1, int(float(unique[1]) * 1000))] if unique else ["", 0]
+            payload = self.codec.reencode(envelope)
+            record = record_args([envelope]) or [envelope.id, "", "", ""]
+            ops += ["e", *self.message_args(envelope, now, payload), *guard, *record,
+                    _RECORD_TTL_MS]  # fmt: skip
+            count += 1
+        if follow.chord is not None:
+            ops += ["c", follow.chord.chord_id, follow.chord.index, follow.chord.value]
+            count += 1
+        if follow.release is not None:
+            ops += ["k", follow.release, follow.task_id]
+            count += 1
+        return [count, *ops]
 
     def _dead_args(self, s: Settlement) -> list[Any]:
         dead_at = time.time()
@@ -537,8 +651,10 @@ class RedisBroker:
     def _replay_one(self, entry: DeadLetterEntry) -> bool:
         priority = int(entry.extra.get("priority", 0))
         replay = replay_of(self.codec, entry.queue, priority, entry.payload, entry.task_id)
+        rate = replay.rate
         args = [*self._head, entry.id, entry.queue, replay.queue, rk.band_of(replay.priority),
-                replay.task_id or "", replay.payload]  # fmt: skip
+                replay.task_id or "", replay.payload, rate[0] if rate else "",
+                repr(rate[1]) if rate else ""]  # fmt: skip
         return bool(self._replay(args=args))
 
     def dlq_purge(self, queue: str | None = None) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
-from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.backoff import ConstantBackoff, ExponentialWithJitterBackoff, NoBackoff
 from redis.retry import Retry
 
 from appliance.errors import BrokerError, BrokerFull, BrokerUnavailable, ConfigError
@@ -37,6 +37,7 @@ BACKOFF_BASE = 0.05
 BACKOFF_CAP = 0.5
 SOCKET_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 2.0
+QUICK_TIMEOUT = 1.0  # the supervisor's calls (see `connect(quick=True)`)
 
 _TLS_PARAMS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname")
 _PARAMS = (*_TLS_PARAMS, "socket_timeout", "socket_connect_timeout")
@@ -123,20 +124,32 @@ def redact(url: str) -> str:
     return parts._replace(netloc=f"{user}:***@{host}{port}").geturl()
 
 
-def connect(url: str, *, retry: bool = True) -> redis.Redis:
+def connect(url: str, *, retry: bool = True, quick: bool = False) -> redis.Redis:
     """A client for `url` (lazy: nothing is sent until the first command).
 
     `retry=False` fails at once: for the wake-up subscriber, which must never stall the
     supervisor's select loop (it is re-established on the next claim instead).
+    `quick=True` is the supervisor's own client: one retry after 20 ms for a dropped
+    connection, and at most `QUICK_TIMEOUT` seconds a call. Its loop backs off by itself,
+    and must keep enforcing time limits (and pinging systemd) through an outage rather
+    than sit two seconds in every call.
     """
     options = client_options(url)
-    policy = (
-        Retry(ExponentialWithJitterBackoff(cap=BACKOFF_CAP, base=BACKOFF_BASE), RETRIES,
-              supported_errors=(redis.ConnectionError,))
-        if retry
-        else Retry(NoBackoff(), 0)
-    )  # fmt: skip
+    if not retry:
+        policy = Retry(NoBackoff(), 0)
+    elif quick:
+        policy = Retry(ConstantBackoff(0.02), 1, supported_errors=(redis.ConnectionError,))
+        for key in ("socket_timeout", "socket_connect_timeout"):
+            if options[key] == client_options_default(key):  # unless the URL chose one
+                options[key] = QUICK_TIMEOUT
+    else:
+        policy = Retry(ExponentialWithJitterBackoff(cap=BACKOFF_CAP, base=BACKOFF_BASE),
+                       RETRIES, supported_errors=(redis.ConnectionError,))  # fmt: skip
     return redis.Redis(**options, retry=policy, decode_responses=False, health_check_interval=0)
+
+
+def client_options_default(key: str) -> float:
+    return {"socket_timeout": SOCKET_TIMEOUT, "socket_connect_timeout": CONNECT_TIMEOUT}[key]
 
 
 class OutageLog:

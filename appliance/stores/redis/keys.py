@@ -20,6 +20,9 @@ Layout (P = "<namespace>:"):
 | P control                   | stream | control requests: id, target, command, args, sent_at |
 | P control:reply:<id>        | hash   | worker id -> its reply (JSON), PEXPIRE with the TTL  |
 | P paused                    | hash   | queue -> when it was paused (paused queues only)     |
+| P schedules                 | set    | names of the Beat entries stored                     |
+| P schedule:<name>           | hash   | entry JSON, enabled, origin, applied_at, last_* |
+| P schedule:runs:<name>      | list   | the entry's runs (JSON), newest first, trimmed       |
 | P dlq                       | zset   | every dead-letter id, scored by dead_at              |
 | P dlq:q:<queue>             | zset   | dead-letter ids of one original queue, by dead_at    |
 | P dlq:entry                 | hash   | dead-letter id -> JSON record (reason, error, times) |
@@ -32,13 +35,21 @@ Layout (P = "<namespace>:"):
 | P workers                   | zset   | worker ids, scored by heartbeat expiry (ms)          |
 | P worker:<worker id>        | string | a `WorkerHeartbeat` as JSON, PX TTL                  |
 | P epoch                     | string | a random token naming this data set (see below)      |
+| P rate                      | hash   | limiter key -> its theoretical arrival time (epoch s)|
+| P delayed-rate:<queue>      | hash   | delayed member -> "<interval>|<limiter key>"         |
+| P chord:<id>                | hash   | size, done, and the callback (q, band, task, payload)|
+| P chord:<id>:values         | hash   | member index -> its result value (JSON), HSETNX      |
+| P record:<task id>          | hash   | parent, root, canvas (JSON), dups, dup_at; PX TTL    |
+| P children:<task id>        | list   | ids of the tasks it enqueued, in order (RPUSH)       |
 
 Stream entries carry `p` (the encoded envelope, verbatim), `t` (the task id, so claims
 and settles never parse JSON), `b` (the delivery-count base carried over by a release;
 the PEL counter adds the deliveries of this copy) and, on copies, `o` (the origin: the
 identity of the message across the copies a release, retry or promotion writes, so that
 a late ACK or DEAD from a lost lease still removes the message, as the protocol says).
-A fresh entry is its own origin; a delayed member's nonce is its origin.
+A fresh entry is its own origin; a delayed member's nonce is its origin. A rate-limited
+entry also carries `rk` (its limiter key) and `ri` (the seconds between runs); one that
+holds a booked slot carries neither (`appliance.ratelimit`).
 
 `epoch` is written once (SET NX) by the first broker that looks for it. Every broker
 remembers the token it saw; a token that changed or vanished means the server lost its
@@ -86,6 +97,7 @@ class Keys:
         self.wake_control = f"{p}wake:control"  # pubsub: a control request was sent
         self.control = f"{p}control"  # stream: control requests (trimmed by age)
         self.paused = f"{p}paused"  # hash: paused queue -> paused_at
+        self.schedules = f"{p}schedules"  # set: Beat entry names
 
     def stream(self, queue: str, band: int) -> str:
         """Stream: the ready and leased messages of `queue` in one priority band."""
@@ -131,6 +143,27 @@ class Keys:
         expires with the request's TTL."""
         return f"{self.prefix}control:reply:{request_id}"
 
+    def schedule(self, name: str) -> str:
+        """Hash: one Beat entry (its JSON table, the operator's enabled flag, origin,
+        applied_at, and the last slot dispatched, when, and the last error)."""
+        return f"{self.prefix}schedule:{name}"
+
+    def schedule_runs(self, name: str) -> str:
+        """List: the runs of one Beat entry as JSON, newest first (LPUSH + LTRIM)."""
+        return f"{self.prefix}schedule:runs:{name}"
+
+    def chord(self, chord_id: str) -> str:
+        """Hash: a chord's size, how many members succeeded, and its callback's message."""
+        return f"{self.prefix}chord:{chord_id}"
+
+    def record(self, task_id: str) -> str:
+        """Hash: a task's parent, root, canvas place and duplicates (`TaskRecord`)."""
+        return f"{self.prefix}record:{task_id}"
+
+    def children(self, task_id: str) -> str:
+        """List: the ids of the tasks a task enqueued, in enqueue order."""
+        return f"{self.prefix}children:{task_id}"
+
     def worker(self, worker_id: str) -> str:
         """String: the last `WorkerHeartbeat` of one supervisor as JSON; native PX TTL."""
         return f"{self.prefix}worker:{worker_id}"
@@ -165,6 +198,13 @@ local function k_delayed(q) return P .. 'delayed:' .. q end
 local function k_delayed_payload(q) return P .. 'delayed-payload:' .. q end
 local function k_wake(q) return P .. 'wake:' .. q end
 local function k_dlq_queue(q) return P .. 'dlq:q:' .. q end
+local function k_schedule(name) return P .. 'schedule:' .. name end
+local function k_schedule_runs(name) return P .. 'schedule:runs:' .. name end
+local k_rate = P .. 'rate'
+local function k_delayed_rate(q) return P .. 'delayed-rate:' .. q end
+local function k_chord(id) return P .. 'chord:' .. id end
+local function k_record(task) return P .. 'record:' .. task end
+local function k_children(task) return P .. 'children:' .. task end
 local function loc_stream(q, band, id) return 's|' .. band .. '|' .. id .. '|' .. q end
 local function loc_delayed(q, band, nonce) return 'd|' .. band .. '|' .. nonce .. '|' .. q end
 """

@@ -21,23 +21,35 @@ local function raise_lease(consumer, lease)
   if lease > held then redis.call('HSET', k_consumers, consumer, lease) end
 end
 
+-- A rate-limited message's limiter: {key, interval} or nil (`appliance.ratelimit`).
+local function rate_of(rk, ri)
+  if not rk or rk == '' then return nil end
+  return {rk, ri}
+end
+
 -- `origin` names a message across the copies a release or retry makes (field 'o'; a
 -- fresh entry is its own origin), so a late ACK or DEAD still finds the message.
-local function add_ready(q, band, task, payload, base, origin)
+local function add_ready(q, band, task, payload, base, origin, rate)
   local id
-  if origin == '' then
+  if origin == '' and not rate then
     id = redis.call('XADD', k_stream(q, band), '*', 'p', payload, 't', task, 'b', base)
   else
-    id = redis.call('XADD', k_stream(q, band), '*', 'p', payload, 't', task, 'b', base,
-                    'o', origin)
+    local args = {'XADD', k_stream(q, band), '*', 'p', payload, 't', task, 'b', base}
+    if origin ~= '' then args[#args + 1] = 'o'; args[#args + 1] = origin end
+    if rate then
+      args[#args + 1] = 'rk'; args[#args + 1] = rate[1]
+      args[#args + 1] = 'ri'; args[#args + 1] = rate[2]
+    end
+    id = redis.call(unpack(args))
   end
   if task ~= '' then redis.call('HSET', k_tasks, task, loc_stream(q, band, id)) end
   return id
 end
-local function add_delayed(q, band, nonce, task, payload, score)
+local function add_delayed(q, band, nonce, task, payload, score, rate)
   local member = band .. '|' .. nonce .. '|' .. task
   redis.call('ZADD', k_delayed(q), score, member)
   redis.call('HSET', k_delayed_payload(q), member, payload)
+  if rate then redis.call('HSET', k_delayed_rate(q), member, rate[2] .. '|' .. rate[1]) end
   if task ~= '' then redis.call('HSET', k_tasks, task, loc_delayed(q, band, nonce)) end
 end
 -- The index keeps only the newest message of a task id: drop it only if it is ours.
@@ -45,27 +57,118 @@ local function forget_loc(task, loc)
   if redis.call('HGET', k_tasks, task) == loc then redis.call('HDEL', k_tasks, task) end
 end
 local function fields_of(id, flat)
-  local p, t, b, o = false, '', '0', id
+  local p, t, b, o, rk, ri = false, '', '0', id, nil, nil
   for j = 1, #flat, 2 do
     local f = flat[j]
     if f == 'p' then p = flat[j + 1] elseif f == 't' then t = flat[j + 1]
-    elseif f == 'b' then b = flat[j + 1] elseif f == 'o' then o = flat[j + 1] end
+    elseif f == 'b' then b = flat[j + 1] elseif f == 'o' then o = flat[j + 1]
+    elseif f == 'rk' then rk = flat[j + 1] elseif f == 'ri' then ri = flat[j + 1] end
   end
-  return p, t, b, o
+  return p, t, b, o, rate_of(rk, ri)
+end
+
+-- A new message, ARGV[i .. i+7]: queue, band, task, payload, score or '' (ready),
+-- nonce, limiter key or '', interval. Returns its queue.
+local function store_message(i)
+  local q, band, task, payload, score = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3],
+                                        ARGV[i + 4]
+  local rate = rate_of(ARGV[i + 6], ARGV[i + 7])
+  if score == '' then add_ready(q, band, task, payload, 0, '', rate)
+  else add_delayed(q, band, ARGV[i + 5], task, payload, score, rate) end
+  return q
+end
+
+-- A task's record, ARGV[i .. i+3]: task, parent or '', root or '', canvas JSON or '';
+-- kept `ttl` ms. The parent lists it among its children.
+local function add_record(i, ttl)
+  local task, parent, root, canvas = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local k = k_record(task)
+  if parent ~= '' then
+    redis.call('HSET', k, 'parent', parent)
+    redis.call('RPUSH', k_children(parent), task)
+    redis.call('PEXPIRE', k_children(parent), ttl)
+  end
+  if root ~= '' then redis.call('HSET', k, 'root', root) end
+  if canvas ~= '' then redis.call('HSET', k, 'canvas', canvas) end
+  redis.call('PEXPIRE', k, ttl)
 end
 """
 
 ENQUEUE = """#!lua
--- ARGV: prefix, group, then (queue, band, task, payload, score or '', nonce) per message
+-- ARGV: prefix, group, record TTL in ms, message count n, then n messages (8 arguments
+-- each: see store_message), then the records (4 each: see add_record)
+local ttl, n = ARGV[3], tonumber(ARGV[4])
+local last = 4 + n * 8
 local woken = {}
-for i = 3, #ARGV, 6 do
-  local q, band, task, payload, score = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
-  if score == '' then add_ready(q, band, task, payload, 0, '')
-  else add_delayed(q, band, ARGV[i + 5], task, payload, score) end
+for i = 5, last, 8 do
+  local q = store_message(i)
   if not woken[q] then woken[q] = true; redis.call('SADD', k_queues, q) end
 end
+for i = last + 1, #ARGV, 4 do add_record(i, ttl) end
 for q in pairs(woken) do redis.call('PUBLISH', k_wake(q), '1') end
 return 0
+"""
+
+ENQUEUE_GUARDED = """#!lua
+-- ARGV: prefix, group, guard key (under kv:), guard TTL in ms, guard value, note the
+-- duplicate 1|0, now, record TTL in ms, then one message (8 arguments from 9), then
+-- its record (4 arguments from 17) if it has one. The guard and the message are taken
+-- and stored together, or neither: returns {1} when stored, else {0, holder}.
+local guard = P .. 'kv:' .. ARGV[3]
+if not redis.call('SET', guard, ARGV[5], 'NX', 'PX', ARGV[4]) then
+  local holder = redis.call('GET', guard)
+  if ARGV[6] == '1' and holder then
+    local k = k_record(holder)
+    redis.call('HINCRBY', k, 'dups', 1)
+    redis.call('HSET', k, 'dup_at', ARGV[7])
+    redis.call('PEXPIRE', k, ARGV[8])
+  end
+  return {0, holder}
+end
+local q = store_message(9)
+redis.call('SADD', k_queues, q)
+redis.call('PUBLISH', k_wake(q), '1')
+if #ARGV >= 20 then add_record(17, ARGV[8]) end
+return {1}
+"""
+
+ENQUEUE_CHORD = """#!lua
+-- ARGV: prefix, group, chord id, size, chord TTL in ms, record TTL in ms, the callback
+-- (queue, band, task, payload, limiter key or '', interval), message count n, then n
+-- messages (8 arguments each), then the records (4 each). The chord's record and its
+-- members are stored together: the settle that completes the count stores the callback.
+local kc = k_chord(ARGV[3])
+redis.call('HSET', kc, 'size', ARGV[4], 'done', 0, 'q', ARGV[7], 'band', ARGV[8],
+           'task', ARGV[9], 'payload', ARGV[10], 'rk', ARGV[11], 'ri', ARGV[12])
+redis.call('PEXPIRE', kc, ARGV[5])
+local ttl, n = ARGV[6], tonumber(ARGV[13])
+local last = 13 + n * 8
+local woken = {}
+for i = 14, last, 8 do
+  local q = store_message(i)
+  if not woken[q] then woken[q] = true; redis.call('SADD', k_queues, q) end
+end
+for i = last + 1, #ARGV, 4 do add_record(i, ttl) end
+for q in pairs(woken) do redis.call('PUBLISH', k_wake(q), '1') end
+return 0
+"""
+
+BEAT_DISPATCH = """#!lua
+-- ARGV: prefix, group, entry name, slot, guard key (under kv:), guard TTL in ms, now,
+-- run JSON, runs kept, then one message (8 arguments from 10: queue, band, task, ...).
+-- The slot's guard, the message, the entry's last slot and its run record: all, or
+-- nothing when another instance holds the guard. Returns 1 when dispatched, else 0.
+local name, slot, now = ARGV[3], ARGV[4], ARGV[7]
+if not redis.call('SET', P .. 'kv:' .. ARGV[5], ARGV[12], 'NX', 'PX', ARGV[6]) then
+  return 0
+end
+local q = store_message(10)
+redis.call('SADD', k_queues, q)
+redis.call('PUBLISH', k_wake(q), '1')
+redis.call('HSET', k_schedule(name), 'last_slot', slot, 'last_run_at', now, 'last_error', '')
+redis.call('LPUSH', k_schedule_runs(name), ARGV[8])
+redis.call('LTRIM', k_schedule_runs(name), 0, tonumber(ARGV[9]) - 1)
+return 1
 """
 
 CLAIM = """#!lua flags=allow-oom
@@ -76,15 +179,26 @@ local out = {}
 
 local function promote(q)
   local due = redis.call('ZRANGEBYSCORE', k_delayed(q), '-inf', now, 'LIMIT', 0, 1000)
+  if #due == 0 then return end
+  local rates = redis.call('EXISTS', k_delayed_rate(q)) == 1
   for _, member in ipairs(due) do
     local band, nonce, task = string.match(member, '^(%d+)|([^|]*)|(.*)$')
     local payload = redis.call('HGET', k_delayed_payload(q), member)
     redis.call('ZREM', k_delayed(q), member)
     redis.call('HDEL', k_delayed_payload(q), member)
+    local args = {'XADD', k_stream(q, band), '*', 'p', payload, 't', task, 'b', 0, 'o', nonce}
+    if rates then
+      local r = redis.call('HGET', k_delayed_rate(q), member)
+      if r then
+        redis.call('HDEL', k_delayed_rate(q), member)
+        local ri, rk = string.match(r, '^([^|]*)|(.*)$')
+        args[#args + 1] = 'rk'; args[#args + 1] = rk
+        args[#args + 1] = 'ri'; args[#args + 1] = ri
+      end
+    end
     if payload then
       local was = redis.call('HGET', k_tasks, task)
-      local id = redis.call('XADD', k_stream(q, band), '*', 'p', payload, 't', task, 'b', 0,
-                            'o', nonce)
+      local id = redis.call(unpack(args))
       if was == loc_delayed(q, band, nonce) then
         redis.call('HSET', k_tasks, task, loc_stream(q, band, id))
       end
@@ -92,9 +206,31 @@ local function promote(q)
   end
 end
 
-local function push(q, band, id, flat, count)
-  local p, t, b, o = fields_of(id, flat)
-  if p then out[#out + 1] = {q, band, id, p, t, b, count, o} end
+-- Rate limits (`appliance.ratelimit`): a limited message whose slot has not come is
+-- booked into it: moved to the delayed set without its limiter, its claim given back.
+local now_n = tonumber(now)
+local tats = {}
+local booked = 0
+local function book(q, band, id, p, t, o, rate)
+  local rk, ri = rate[1], tonumber(rate[2])
+  local tat = tats[rk]
+  if tat == nil then tat = tonumber(redis.call('HGET', k_rate, rk) or '0') end
+  local start = now_n
+  if tat > now_n then start = tat end
+  tats[rk] = start + ri
+  if start <= now_n then return false end
+  redis.call('XACK', k_stream(q, band), GROUP, id)
+  redis.call('XDEL', k_stream(q, band), id)
+  add_delayed(q, band, o, t, p, start, nil)
+  booked = booked + 1
+  return true
+end
+
+local function push(q, band, id, flat, count, limit_it)
+  local p, t, b, o, rate = fields_of(id, flat)
+  if not p then return end
+  if limit_it and rate and book(q, band, id, p, t, o, rate) then return end
+  out[#out + 1] = {q, band, id, p, t, b, count, o}
 end
 
 -- An entry idle longer than its owner's lease (the lease that consumer last claimed or
@@ -108,7 +244,8 @@ local function reclaim_owner(key, q, band, owner)
     local page = redis.call('XPENDING', key, GROUP, 'IDLE', idle, start, '+', 100, owner)
     for _, e in ipairs(page) do
       local got = redis.call('XCLAIM', key, GROUP, consumer, idle, e[1])
-      if got[1] then push(q, band, e[1], got[1][2], e[4] + 1) end
+      -- Taken over, not new: its slot was granted when it was first claimed.
+      if got[1] then push(q, band, e[1], got[1][2], e[4] + 1, false) end
       if #out >= limit then return end
     end
     if #page < 100 then return end
@@ -130,17 +267,23 @@ local function reclaim(key, q, band)
 end
 
 local function read_new(key, q, band)
-  local args = {'XREADGROUP', 'GROUP', GROUP, consumer, 'COUNT', limit - #out,
-                'STREAMS', key, '>'}
-  local r = redis.pcall(unpack(args))
-  if type(r) == 'table' and r.err then
-    if not string.find(r.err, 'NOGROUP') then error(r.err) end
-    -- Groups are made on first read at id 0, so nothing enqueued before is skipped.
-    redis.call('XGROUP', 'CREATE', key, GROUP, '0')
-    r = redis.call(unpack(args))
+  -- Booked messages leave room: read again for it, a few times at most per stream.
+  for _ = 1, 4 do
+    local want = limit - #out
+    if want <= 0 then return end
+    local args = {'XREADGROUP', 'GROUP', GROUP, consumer, 'COUNT', want, 'STREAMS', key, '>'}
+    local r = redis.pcall(unpack(args))
+    if type(r) == 'table' and r.err then
+      if not string.find(r.err, 'NOGROUP') then error(r.err) end
+      -- Groups are made on first read at id 0, so nothing enqueued before is skipped.
+      redis.call('XGROUP', 'CREATE', key, GROUP, '0')
+      r = redis.call(unpack(args))
+    end
+    if not r then return end
+    local before = booked
+    for _, e in ipairs(r[1][2]) do push(q, band, e[1], e[2], 1, true) end
+    if booked == before or #r[1][2] < want then return end
   end
-  if not r then return end
-  for _, e in ipairs(r[1][2]) do push(q, band, e[1], e[2], 1) end
 end
 
 for i = 9, #ARGV do promote(ARGV[i]) end
@@ -155,6 +298,7 @@ for band = BANDS - 1, 0, -1 do
   end
 end
 if #out > 0 then raise_lease(consumer, tonumber(lease)) end
+for rk, tat in pairs(tats) do redis.call('HSET', k_rate, rk, tat) end
 return out
 """
 
@@ -164,8 +308,15 @@ SETTLE = """#!lua flags=allow-oom
 --   a (ack)                                                              6 args
 --   d (dead): + dlq id, dead_at, JSON record, payload                   10 args
 --   r (retry): + consumer, count, new queue, new band, new task id,
---               payload, score or ''                                    13 args
+--               payload, score or '', limiter key or '', interval        15 args
 --   l (release): + consumer, count, counted 1|0                          9 args
+--   A, D: an ack or dead with follow-ups (`appliance.flow`): the 6 or 10 args, then
+--         their count and each follow-up, applied only if this settle removes the
+--         message:
+--     e: a message (8 args), guard key or '', guard TTL ms, its record (4 args),
+--        record TTL ms                                                  16 args
+--     c: a chord member's success: chord id, index, value JSON            4 args
+--     k: release a unique task's guard: key, value                        3 args
 local woken = {}
 
 local function held(key, id, consumer, count)
@@ -209,12 +360,13 @@ local function remove(key, q, band, id, origin, task)
 end
 
 local function dead(key, q, band, id, origin, task, i)
-  if not remove(key, q, band, id, origin, task) then return end
+  if not remove(key, q, band, id, origin, task) then return false end
   local dlq_id, dead_at = ARGV[i + 6], ARGV[i + 7]
   redis.call('HSET', k_dlq_entry, dlq_id, ARGV[i + 8])
   redis.call('HSET', k_dlq_payload, dlq_id, ARGV[i + 9])
   redis.call('ZADD', k_dlq, dead_at, dlq_id)
   redis.call('ZADD', k_dlq_queue(q), dead_at, dlq_id)
+  return true
 end
 
 local function retry(key, q, band, id, origin, task, i)
@@ -222,23 +374,76 @@ local function retry(key, q, band, id, origin, task, i)
   finish(key, q, band, id, task)
   local nq, nband, ntask, payload, score = ARGV[i + 8], ARGV[i + 9], ARGV[i + 10],
                                            ARGV[i + 11], ARGV[i + 12]
+  local rate = rate_of(ARGV[i + 13], ARGV[i + 14])
   redis.call('SADD', k_queues, nq)
-  if score == '' then add_ready(nq, nband, ntask, payload, 0, origin); woken[nq] = true
-  else add_delayed(nq, nband, origin, ntask, payload, score) end
+  if score == '' then add_ready(nq, nband, ntask, payload, 0, origin, rate); woken[nq] = true
+  else add_delayed(nq, nband, origin, ntask, payload, score, rate) end
 end
 
 local function release(key, q, band, id, i)
   if not held(key, id, ARGV[i + 6], ARGV[i + 7]) then return end
   local entry = redis.call('XRANGE', key, id, id)
-  local p, t, b, o = false, '', '0', id
-  if #entry > 0 then p, t, b, o = fields_of(id, entry[1][2]) end
+  local p, t, b, o, rate = false, '', '0', id, nil
+  if #entry > 0 then p, t, b, o, rate = fields_of(id, entry[1][2]) end
   finish(key, q, band, id, t)
   if p then
     local base = tonumber(b) + tonumber(ARGV[i + 7])
     if ARGV[i + 8] ~= '1' then base = base - 1 end
-    add_ready(q, band, t, p, base, o)
+    add_ready(q, band, t, p, base, o, rate)
     woken[q] = true
   end
+end
+
+-- A chord member's success counts once per index (HSETNX); the count that reaches the
+-- size stores the callback. A chord whose record expired counts nothing.
+local function count_member(id, index, value)
+  local kc = k_chord(id)
+  if redis.call('EXISTS', kc) == 0 then return end
+  local kv = kc .. ':values'
+  if redis.call('HSETNX', kv, index, value) == 0 then return end
+  redis.call('PEXPIRE', kv, redis.call('PTTL', kc))
+  local done = redis.call('HINCRBY', kc, 'done', 1)
+  local f = redis.call('HMGET', kc, 'size', 'q', 'band', 'task', 'payload', 'rk', 'ri')
+  if done ~= tonumber(f[1]) then return end
+  add_ready(f[2], f[3], f[4], f[5], 0, '', rate_of(f[6], f[7]))
+  redis.call('SADD', k_queues, f[2])
+  woken[f[2]] = true
+end
+
+local function enqueue_follow(i)
+  local guard = ARGV[i + 8]
+  if guard ~= '' and not redis.call('SET', P .. 'kv:' .. guard, ARGV[i + 2], 'NX', 'PX',
+                                    ARGV[i + 9]) then
+    return  -- a duplicate of a live unique task: it stores nothing
+  end
+  local q = store_message(i)
+  redis.call('SADD', k_queues, q)
+  woken[q] = true
+  add_record(i + 10, ARGV[i + 14])
+end
+
+-- The follow-ups from ARGV[j] (their count first); applied when `apply`. Returns the
+-- index after them.
+local function follow(j, apply)
+  local n = tonumber(ARGV[j])
+  j = j + 1
+  for _ = 1, n do
+    local op = ARGV[j]
+    if op == 'e' then
+      if apply then enqueue_follow(j + 1) end
+      j = j + 16
+    elseif op == 'c' then
+      if apply then count_member(ARGV[j + 1], ARGV[j + 2], ARGV[j + 3]) end
+      j = j + 4
+    elseif op == 'k' then
+      local guard = P .. 'kv:' .. ARGV[j + 1]
+      if apply and redis.call('GET', guard) == ARGV[j + 2] then redis.call('DEL', guard) end
+      j = j + 3
+    else
+      error('unknown follow-up ' .. tostring(op))
+    end
+  end
+  return j
 end
 
 local i = 3
@@ -248,7 +453,9 @@ while i <= #ARGV do
   local key = k_stream(q, band)
   if kind == 'a' then remove(key, q, band, id, origin, task); i = i + 6
   elseif kind == 'd' then dead(key, q, band, id, origin, task, i); i = i + 10
-  elseif kind == 'r' then retry(key, q, band, id, origin, task, i); i = i + 13
+  elseif kind == 'A' then i = follow(i + 6, remove(key, q, band, id, origin, task))
+  elseif kind == 'D' then i = follow(i + 10, dead(key, q, band, id, origin, task, i))
+  elseif kind == 'r' then retry(key, q, band, id, origin, task, i); i = i + 15
   elseif kind == 'l' then release(key, q, band, id, i); i = i + 9
   else return redis.error_reply('unknown settle kind ' .. kind) end
 end
@@ -303,14 +510,15 @@ return out
 """
 
 REPLAY = """#!lua
--- ARGV: prefix, group, dlq id, dead queue, new queue, band, task, payload
+-- ARGV: prefix, group, dlq id, dead queue, new queue, band, task, payload, limiter key
+-- or '', interval
 local id, dq, q, band, task, payload = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 if redis.call('ZREM', k_dlq, id) == 0 then return 0 end
 redis.call('ZREM', k_dlq_queue(dq), id)
 redis.call('HDEL', k_dlq_entry, id)
 redis.call('HDEL', k_dlq_payload, id)
 redis.call('SADD', k_queues, q)
-add_ready(q, band, task, payload, 0, '')
+add_ready(q, band, task, payload, 0, '', rate_of(ARGV[9], ARGV[10]))
 redis.call('PUBLISH', k_wake(q), '1')
 return 1
 """

@@ -68,8 +68,9 @@ class RedisSession:
         if self.pipe is not None:
             yield
             return
-        with self.guard("loading scripts"):
-            self.load_scripts()
+        if not self._loaded:  # guarded only when it talks: a no-op must not say "reachable"
+            with self.guard("loading scripts"):
+                self.load_scripts()
         self.pipe = self.client.pipeline(transaction=True)
         try:
             yield

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from appliance.stores import Stores
 from appliance.stores.sqlite.backend import SqliteBackend
+from appliance.stores.sqlite.beat import SqliteSchedules
 from appliance.stores.sqlite.broker import SqliteBroker
 from appliance.stores.sqlite.control import SqliteControl
 from appliance.stores.sqlite.db import BUSY_DEADLINE
@@ -37,6 +38,8 @@ def open_store(
     broker = SqliteBroker(db, url, codec)
     backend = SqliteBackend(db, url)
     control = SqliteControl(db, broker.waker)
+    schedules = SqliteSchedules(db, broker)
+    closers = [broker.close, backend.close, db.close]
     return Stores(
-        broker, backend, db.unit_of_work, control, [broker.close, backend.close, db.close]
+        broker, backend, db.unit_of_work, control, schedules, closers, [db.close_for_fork]
     )

@@ -117,6 +117,10 @@ _PURGE_EXPIRED = (
     "DELETE FROM task_groups WHERE expires_at < :now",
     "DELETE FROM revoked WHERE expires_at < :now",
     "DELETE FROM workers WHERE expires_at < :now",
+    """DELETE FROM chord_results WHERE chord_id IN
+        (SELECT id FROM chords WHERE expires_at < :now)""",
+    "DELETE FROM chords WHERE expires_at < :now",
+    "DELETE FROM task_records WHERE expires_at < :now",
 )
 
 

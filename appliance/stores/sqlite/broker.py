@@ -27,6 +27,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from appliance.broker.protocol import (
     Consumer,
     DeadLetterEntry,
@@ -35,22 +37,22 @@ from appliance.broker.protocol import (
     MessageInfo,
     QueueStats,
     Settlement,
+    TaskRecord,
     Wake,
     consumer_gone,
 )
 from appliance.envelope import Envelope, EnvelopeCodec
 from appliance.errors import BrokerError, StoreReplaced
+from appliance.flow import FollowUps
 from appliance.states import SettleKind
 from appliance.stores.common import QueueRotation, replay_of
+from appliance.stores.sqlite import flow
 from appliance.stores.sqlite.db import Database, translate
 from appliance.stores.sqlite.wake import CONTROL, MESSAGES, SqliteWaker
 
 # The row a claim, settle or observation touches is always found through an index
 # (see schema.py); `test_sqlite_broker.py` checks the claim plan.
-_INSERT = (
-    "INSERT INTO messages (task_id, name, queue, priority, state, not_before, attempt, "
-    "enqueued_at, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
+_GUARD_HOLDER = "SELECT value FROM kv WHERE key = ? AND expires_at >= ?"
 _PROMOTE = (
     "UPDATE messages SET state = 'ready' WHERE state = 'delayed' AND queue = ? AND not_before <= ?"
 )
@@ -59,13 +61,17 @@ CLAIM_SQL = (
     "deliveries = deliveries + 1 "
     "WHERE id IN (SELECT id FROM messages WHERE state = 'ready' AND queue = ? "
     "ORDER BY priority DESC, id LIMIT ?) "
-    "RETURNING id, queue, priority, attempt, deliveries, payload"
+    "RETURNING id, queue, priority, attempt, deliveries, payload, rate_key, rate_interval"
 )
+# Claims that met rate-limited messages go on claiming for what was booked away, at
+# most this many times per queue and claim (each pass books everything it meets).
+_CLAIM_PASSES = 4
 _LEASE_MATCH = "WHERE id = ? AND attempt = ? AND deliveries = ? AND owner = ? AND state = 'leased'"
 _DELETE = "DELETE FROM messages WHERE id = ?"
 _RETRY = (
     "UPDATE messages SET payload = ?, name = ?, queue = ?, priority = ?, attempt = ?, "
-    "not_before = ?, state = ?, deliveries = 0, owner = NULL, lease_until = NULL " + _LEASE_MATCH
+    "not_before = ?, state = ?, rate_key = ?, rate_interval = ?, deliveries = 0, "
+    "owner = NULL, lease_until = NULL " + _LEASE_MATCH
 )
 _RELEASE = (
     "UPDATE messages SET state = 'ready', owner = NULL, lease_until = NULL, "
@@ -135,6 +141,11 @@ _DLQ_DELETE = "DELETE FROM dead_letters WHERE id = ?"
 _DLQ_PURGE = "DELETE FROM dead_letters WHERE (?1 IS NULL OR queue = ?1)"
 
 
+def _limited(rows: list[Any]) -> bool:
+    """True when a claimed row is rate-limited (its rate_key, second to last, is set)."""
+    return any(row[-2] is not None for row in rows)
+
+
 def _receipt(message_id: int, attempt: int, deliveries: int, owner: str) -> str:
     return f"{message_id}:{attempt}:{deliveries}:{owner}"
 
@@ -155,32 +166,42 @@ class _SettlePlan:
     deads: list[tuple[Any, ...]] = field(default_factory=list)
     retries: list[tuple[Any, ...]] = field(default_factory=list)
     releases: list[tuple[int, int, int, int, str]] = field(default_factory=list)
+    # Settlements with follow-ups, applied one by one: each only if it removes its row.
+    followed: list[tuple[int, tuple[Any, ...] | None, FollowUps]] = field(default_factory=list)
+    stored: bool = False  # a follow-up stored a message
 
     @property
     def frees_messages(self) -> bool:
-        return bool(self.retries or self.releases)
+        return bool(self.retries or self.releases or self.stored)
 
     def add(self, settlement: Settlement, now: float, codec: EnvelopeCodec) -> None:
         message_id, attempt, deliveries, owner = _parse_receipt(settlement.delivery.receipt)
         kind = settlement.kind
         if kind == SettleKind.ACK:
-            self.deletes.append((message_id,))
+            if settlement.follow is not None:
+                self.followed.append((message_id, None, settlement.follow))
+            else:
+                self.deletes.append((message_id,))
         elif kind == SettleKind.DEAD:
             info = settlement.dead
             if info is None:
                 raise ValueError("a DEAD settlement needs `dead` (DeadLetterInfo)")
-            self.deads.append(
-                (uuid.uuid4().hex, str(info.reason), info.error_type, info.message,
-                 info.traceback, now, message_id)
-            )  # fmt: skip
-            self.deletes.append((message_id,))
+            dead = (uuid.uuid4().hex, str(info.reason), info.error_type, info.message,
+                    info.traceback, now, message_id)  # fmt: skip
+            if settlement.follow is not None:
+                self.followed.append((message_id, dead, settlement.follow))
+            else:
+                self.deads.append(dead)
+                self.deletes.append((message_id,))
         elif kind == SettleKind.RETRY:
             env = settlement.envelope
             if env is None:
                 raise ValueError("a RETRY settlement needs the next attempt's `envelope`")
+            rate = env.rate or (None, None)
             self.retries.append(
                 (codec.reencode(env), env.name, env.queue, env.priority, env.attempt,
-                 env.not_before, _state(env, now), message_id, attempt, deliveries, owner)
+                 env.not_before, _state(env, now), rate[0], rate[1], message_id, attempt,
+                 deliveries, owner)
             )  # fmt: skip
         elif kind == SettleKind.RELEASE:
             uncount = 0 if settlement.count_delivery else 1
@@ -188,7 +209,7 @@ class _SettlePlan:
         else:
             raise ValueError(f"unknown settle kind {kind!r}")
 
-    def apply(self, conn: sqlite3.Connection) -> None:
+    def apply(self, conn: sqlite3.Connection, codec: EnvelopeCodec) -> None:
         # DLQ rows first: they copy the message rows that the deletes then remove.
         if self.deads:
             conn.executemany(_DEAD, self.deads)
@@ -198,10 +219,15 @@ class _SettlePlan:
             conn.executemany(_RETRY, self.retries)
         if self.releases:
             conn.executemany(_RELEASE, self.releases)
+        now = time.time()
+        for message_id, dead, follow in self.followed:
+            if dead is not None:
+                conn.execute(_DEAD, dead)
+            if conn.execute(_DELETE, (message_id,)).rowcount:  # this settle removed it
+                self.stored |= flow.apply_follow(conn, follow, codec, now)
 
 
-def _state(env: Envelope, now: float) -> str:
-    return "delayed" if env.not_before is not None and env.not_before > now else "ready"
+_state = flow.state_of
 
 
 # A WAL that stays above this was not checkpointed: a reader keeps an old snapshot open
@@ -231,10 +257,7 @@ def _message_info(row: Sequence[Any]) -> MessageInfo:
 
 
 def _message_row(env: Envelope, now: float, codec: EnvelopeCodec) -> tuple[Any, ...]:
-    return (
-        env.id, env.name, env.queue, env.priority, _state(env, now), env.not_before,
-        env.attempt, env.enqueued_at or now, codec.encode(env),
-    )  # fmt: skip
+    return flow.message_row(env, now, codec.encode(env))
 
 
 class SqliteBroker:
@@ -262,12 +285,72 @@ class SqliteBroker:
         now = time.time()
         if connection is not None:
             self._enqueue_in(connection, [_message_row(env, now, self.codec) for env in envelopes])
+            records = flow.record_rows(envelopes, now)
+            if records:
+                connection.executemany(flow.INSERT_RECORD, records)
             return  # no wake-up: the caller has not committed yet (1 s poll covers it)
         # Encoded before the write lock is taken, so the lock is held only for the insert
         # (5,000 rows, the largest batch `Stem.enqueue_many` sends: ~40 ms here).
         rows = [_message_row(env, now, self.codec) for env in envelopes]
-        self._db.write(lambda conn: conn.executemany(_INSERT, rows))
-        self._waker.poke()
+        records = flow.record_rows(envelopes, now)
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.executemany(flow.INSERT_MESSAGE, rows)
+            if records:
+                conn.executemany(flow.INSERT_RECORD, records)
+
+        self._db.write(work)
+        self._db.on_commit(self._waker.poke)
+
+    def enqueue_guarded(
+        self, envelope: Envelope, key: str, ttl: float, *, note_duplicate: bool = False
+    ) -> str | None:
+        row = _message_row(envelope, time.time(), self.codec)  # encoded outside the lock
+
+        def work(conn: sqlite3.Connection) -> str | None:
+            now = time.time()
+            if not flow.take_guard(conn, key, envelope.id, ttl, now):
+                held = conn.execute(_GUARD_HOLDER, (key, now)).fetchone()
+                holder = bytes(held[0]).decode() if held else ""
+                if note_duplicate and holder:
+                    flow.note_duplicate(conn, holder, now)
+                return holder
+            conn.execute(flow.INSERT_MESSAGE, row)
+            flow.write_records(conn, [envelope], now)
+            return None
+
+        holder = self._db.write(work)
+        if holder is None:
+            self._db.on_commit(self._waker.poke)
+        return holder
+
+    def enqueue_chord(
+        self, chord_id: str, members: Sequence[Envelope], callback: Envelope, ttl: float
+    ) -> None:
+        now = time.time()
+        rows = [_message_row(env, now, self.codec) for env in members]
+        callback_payload = self.codec.encode(callback)
+        records = flow.record_rows([*members, callback], now)
+
+        def work(conn: sqlite3.Connection) -> None:
+            flow.create_chord(conn, chord_id, len(members), callback, callback_payload, ttl, now)
+            conn.executemany(flow.INSERT_MESSAGE, rows)
+            conn.executemany(flow.INSERT_RECORD, records)
+
+        self._db.write(work)
+        self._db.on_commit(self._waker.poke)
+
+    def chord_values(self, chord_id: str, size: int) -> list[Any]:
+        found = self._db.read(lambda conn: flow.chord_values(conn, chord_id))
+        if len(found) != size or any(index != i for i, (index, _) in enumerate(found)):
+            raise LookupError(
+                f"chord {chord_id}: {len(found)} of {size} member results are stored (the "
+                "chord's record expired, or was purged)"
+            )
+        return [orjson.loads(value) for _, value in found]
+
+    def task_record(self, task_id: str) -> TaskRecord | None:
+        return self._db.read(lambda conn: flow.read_record(conn, task_id, time.time()))
 
     def _enqueue_in(self, connection: Any, rows: list[tuple[Any, ...]]) -> None:
         """Transactional outbox: insert in the caller's transaction; the caller commits."""
@@ -280,7 +363,7 @@ class SqliteBroker:
             )
         try:
             self._check_same_file(connection)
-            connection.executemany(_INSERT, rows)
+            connection.executemany(flow.INSERT_MESSAGE, rows)
         except sqlite3.Error as exc:
             raise translate(exc, self.path) from exc
 
@@ -312,7 +395,13 @@ class SqliteBroker:
             ends = lease_clock() + lease
             rows: list[Any] = []
             for queue in order:
-                rows += conn.execute(CLAIM_SQL, (ends, owner, queue, limit - len(rows)))
+                for _ in range(_CLAIM_PASSES):
+                    taken = conn.execute(CLAIM_SQL, (ends, owner, queue, limit - len(rows)))
+                    got = taken.fetchall()
+                    kept = flow.book_limited(conn, got, now) if _limited(got) else got
+                    rows += kept
+                    if len(kept) == len(got) or len(rows) >= limit:
+                        break  # nothing was booked away, or the claim is full
                 if len(rows) >= limit:
                     break
             return rows, now + lease
@@ -321,7 +410,7 @@ class SqliteBroker:
         rows.sort(key=lambda row: (-row[2], row[0]))  # RETURNING has no defined order
         return [
             Delivery(_receipt(mid, attempt, count, owner), queue, payload, count, lease_until)
-            for mid, queue, _priority, attempt, count, payload in rows
+            for mid, queue, _priority, attempt, count, payload, _key, _interval in rows
         ]
 
     def settle(self, settlements: Sequence[Settlement]) -> None:
@@ -332,9 +421,9 @@ class SqliteBroker:
         now = time.time()
         for settlement in settlements:
             plan.add(settlement, now, self.codec)
-        self._db.write(plan.apply)
+        self._db.write(lambda conn: plan.apply(conn, self.codec))
         if plan.frees_messages:
-            self._waker.poke()
+            self._db.on_commit(self._waker.poke)
 
     def extend(self, deliveries: Sequence[Delivery], lease: float) -> list[Delivery]:
         """Push still-held leases to now + `lease`; lost leases are left alone and
@@ -374,7 +463,7 @@ class SqliteBroker:
 
         count = self._db.write(work)
         if count:
-            self._waker.poke()
+            self._db.on_commit(self._waker.poke)
         return count
 
     def next_due(self, queues: Sequence[str]) -> float | None:
@@ -501,19 +590,20 @@ class SqliteBroker:
             rows, task_ids, entry_ids = [], [], []
             for entry_id, entry_queue, priority, payload, enqueued_at, task_id in entries:
                 replay = replay_of(self.codec, entry_queue, priority, payload, task_id)
+                rate = replay.rate or (None, None)
                 rows.append((
                     replay.task_id, replay.name, replay.queue, replay.priority, "ready", None,
-                    0, replay.enqueued_at or enqueued_at or now, replay.payload,
+                    0, replay.enqueued_at or enqueued_at or now, replay.payload, *rate,
                 ))  # fmt: skip
                 entry_ids.append((entry_id,))
                 if replay.task_id is not None:
                     task_ids.append(replay.task_id)
-            conn.executemany(_INSERT, rows)
+            conn.executemany(flow.INSERT_MESSAGE, rows)
             conn.executemany(_DLQ_DELETE, entry_ids)
             return task_ids
 
         task_ids = self._db.write(work)
-        self._waker.poke()
+        self._db.on_commit(self._waker.poke)
         return task_ids
 
     def dlq_purge(self, queue: str | None = None) -> int:

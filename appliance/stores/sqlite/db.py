@@ -198,13 +198,40 @@ class Database:
     def __init__(
         self, conn: sqlite3.Connection, target: SqliteTarget, busy_deadline: float = BUSY_DEADLINE
     ) -> None:
-        self.conn = conn
+        self._conn: sqlite3.Connection | None = conn
         self.target = target
         self.pid = os.getpid()
         self.busy_deadline = busy_deadline
         # check_same_thread=False plus this lock: a TUI may read from a worker thread.
         self._lock = threading.RLock()
         self._unit_depth = 0  # > 0 inside unit_of_work(): writes join its transaction
+        self._after_commit: list[Callable[[], None]] = []
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        """The connection, opened again if `close_for_fork` closed it."""
+        if self._conn is None:
+            self._conn = _open(self.target)
+            _configure(self._conn, self.target)
+        return self._conn
+
+    def close_for_fork(self) -> None:
+        """Close the connection before this process forks; the next use reopens it.
+
+        SQLite keeps per-process state for every open file (lock counts, the -shm
+        mapping and its descriptor) in the library, not in the connection, and a child
+        forked while any connection is open inherits it: a connection the child opens
+        to the same file then shares that state, whose descriptors the child has
+        pointed at /dev/null (`worker.hygiene`), and writes the WAL without the locks
+        it believes it holds (measured: "database disk image is malformed" at the
+        first task that enqueued from inside a child). With every connection closed,
+        the child starts as if it had never seen the file."""
+        with self._lock:
+            if self._unit_depth:
+                raise RuntimeError("cannot close for fork() inside a unit of work")
+            if self._conn is not None and os.getpid() == self.pid:
+                self._conn.close()
+            self._conn = None
 
     @contextlib.contextmanager
     def unit_of_work(self) -> Iterator[None]:
@@ -232,6 +259,18 @@ class Database:
                 raise
             finally:
                 self._unit_depth = 0
+                committed, self._after_commit = self._after_commit, []
+            for action in committed:  # only reached when the COMMIT went through
+                action()
+
+    def on_commit(self, action: Callable[[], None]) -> None:
+        """Run `action` once what was just written is committed: now outside a unit of
+        work, after its COMMIT inside one (wake-ups must not reach a listener before
+        the rows they announce can be seen)."""
+        if self._unit_depth:
+            self._after_commit.append(action)
+        else:
+            action()
 
     @property
     def path(self) -> Path:
@@ -309,8 +348,9 @@ class Database:
 
     def close(self) -> None:
         """Close the connection, unless it was inherited through fork (never touch it)."""
-        if os.getpid() == self.pid:
-            self.conn.close()
+        if os.getpid() == self.pid and self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 def translate(exc: sqlite3.Error, path: Path) -> BrokerError:
@@ -349,6 +389,20 @@ def connect(
             f"no Stem database at {target.path} (nothing has been enqueued there yet, or "
             "the --broker URL or config names another file)"
         )
+    conn = _open(target)
+    db = Database(conn, target, busy_deadline)
+    try:
+        # Switching a new file to WAL takes a lock, so it can meet SQLITE_BUSY.
+        db.autocommit(lambda conn: _configure(conn, target))
+    except BaseException:
+        conn.close()
+        raise
+    return db
+
+
+def _open(target: SqliteTarget) -> sqlite3.Connection:
+    """A connection to the existing file of `target`, checked to be ours."""
+    conn: sqlite3.Connection | None = None
     try:
         # mode=rw: a read must not create the file it was pointed at.
         conn = sqlite3.connect(
@@ -357,21 +411,17 @@ def connect(
         )  # fmt: skip
         check_ours(conn, target.path)
     except sqlite3.Error as exc:
+        if conn is not None:
+            conn.close()
         raise translate(exc, target.path) from exc
     except BaseException:
-        conn.close()
+        if conn is not None:
+            conn.close()
         raise
-    db = Database(conn, target, busy_deadline)
+    return conn
 
-    def setup(conn: sqlite3.Connection) -> None:
-        # Switching a new file to WAL takes a lock, so it can meet SQLITE_BUSY.
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute(f"PRAGMA synchronous = {target.synchronous}")  # one of SYNCHRONOUS
-        conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
 
-    try:
-        db.autocommit(setup)
-    except BaseException:
-        conn.close()
-        raise
-    return db
+def _configure(conn: sqlite3.Connection, target: SqliteTarget) -> None:
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute(f"PRAGMA synchronous = {target.synchronous}")  # one of SYNCHRONOUS
+    conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")

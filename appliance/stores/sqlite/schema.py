@@ -227,6 +227,100 @@ _CONTROL = (
     """,
 )
 
+# Beat (0005): the schedules every instance dispatches, and their runs. A slot's guard
+# is a `kv` row "beat:<name>:<slot>": its insert, the message, `last_slot` and the run
+# row are one transaction (`stores/sqlite/beat.py`).
+# schedules      entry: the entry's table as JSON (`ScheduleEntry.to_table`); enabled:
+#                the operator's word; applied_at: the catch-up baseline before a run
+# schedule_runs  one row per dispatched (or failed) slot, trimmed per entry
+_BEAT = (
+    """
+    CREATE TABLE schedules (
+        name        TEXT PRIMARY KEY,
+        entry       BLOB NOT NULL,
+        enabled     INTEGER NOT NULL,
+        origin      TEXT NOT NULL,
+        applied_at  REAL NOT NULL,
+        last_slot   TEXT,
+        last_run_at REAL,
+        last_error  TEXT
+    )
+    """,
+    """
+    CREATE TABLE schedule_runs (
+        id            INTEGER PRIMARY KEY AUTOINCREMENT,
+        name          TEXT NOT NULL,
+        slot          TEXT NOT NULL,
+        dispatched_at REAL NOT NULL,
+        task_id       TEXT,
+        drift_ms      REAL,
+        error         TEXT
+    )
+    """,
+    "CREATE INDEX schedule_runs_name ON schedule_runs (name, id)",
+)
+
+# Task options and the canvas (0006).
+# messages.rate_key, rate_interval  a rate-limited message's limiter and the seconds
+#                between its runs (`appliance.ratelimit`); NULL for every other message,
+#                and for one that holds a booked slot
+# rate_limits    one row per limiter key: its theoretical arrival time (epoch seconds)
+# chords         one row per chord: its size, how many members succeeded, and the
+#                callback's sealed message, stored by the settle that completes it
+# chord_results  one row per succeeded member; (chord_id, idx) is the key, so a
+#                redelivered member never counts twice; value is its result as JSON
+# task_records   lineage, canvas place and duplicates of the tasks that have any (a task
+#                enqueued by a task, a canvas member, a unique task with duplicates);
+#                children are the rows whose parent_id is the task
+_OPTIONS = (
+    "ALTER TABLE messages ADD COLUMN rate_key TEXT",
+    "ALTER TABLE messages ADD COLUMN rate_interval REAL",
+    """
+    CREATE TABLE rate_limits (
+        key TEXT PRIMARY KEY,
+        tat REAL NOT NULL
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE chords (
+        id          TEXT    PRIMARY KEY,
+        size        INTEGER NOT NULL,
+        done        INTEGER NOT NULL DEFAULT 0,
+        callback_id TEXT    NOT NULL,
+        name        TEXT    NOT NULL,
+        queue       TEXT    NOT NULL,
+        priority    INTEGER NOT NULL,
+        rate_key    TEXT,
+        rate_interval REAL,
+        payload     BLOB    NOT NULL,
+        created_at  REAL    NOT NULL,
+        expires_at  REAL    NOT NULL
+    )
+    """,
+    "CREATE INDEX chords_expires_at ON chords (expires_at)",
+    """
+    CREATE TABLE chord_results (
+        chord_id TEXT    NOT NULL,
+        idx      INTEGER NOT NULL,
+        value    BLOB    NOT NULL,
+        PRIMARY KEY (chord_id, idx)
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE task_records (
+        task_id           TEXT PRIMARY KEY,
+        parent_id         TEXT,
+        root_id           TEXT,
+        canvas            BLOB,
+        duplicates        INTEGER NOT NULL DEFAULT 0,
+        last_duplicate_at REAL,
+        expires_at        REAL NOT NULL
+    )
+    """,
+    "CREATE INDEX task_records_parent ON task_records (parent_id) WHERE parent_id IS NOT NULL",
+    "CREATE INDEX task_records_expires_at ON task_records (expires_at)",
+)
+
 # (name, statements) in order. Append new steps; never edit an applied one.
 STEPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("0001_initial", _INITIAL),
@@ -234,6 +328,8 @@ STEPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # The file's mark (see db.APPLICATION_ID): read commands refuse unmarked files.
     ("0003_application_id", (f"PRAGMA application_id = {APPLICATION_ID}",)),
     ("0004_control", _CONTROL),
+    ("0005_beat", _BEAT),
+    ("0006_options_and_canvas", _OPTIONS),
 )
 
 
