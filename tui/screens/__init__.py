@@ -1,0 +1,1 @@
+"""One module per view; each screen reads its own data (`StemScreen.load`)."""
