@@ -40,6 +40,8 @@ MOUNTINFO = Path("/proc/self/mountinfo")
 BUSY_DEADLINE = 30.0  # seconds a write may wait for other writers before BrokerBusy
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes the WAL is truncated to after a checkpoint
 SYNCHRONOUS = ("FULL", "NORMAL")
+FILE_MODE = 0o600  # the database; SQLite gives its -wal and -shm the same
+DIR_MODE = 0o700  # a directory this module creates for it
 NETWORK_FILESYSTEMS = frozenset(
     {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "afs", "lustre"}
 )
@@ -136,16 +138,21 @@ _PATH_ERRORS = frozenset({
 
 
 def _prepare_files(path: Path, mountinfo: Path) -> None:
-    """Create the directory (0o700) and an empty owner-only database file if missing."""
+    """Create the directory (0o700) and an empty owner-only database file (0o600) if
+    missing. Both are created with those modes (the umask can only narrow them, never
+    widen them, so there is no moment they are open to others) and then set exactly,
+    since a strict umask (0o277) would leave a file its owner cannot write. Existing
+    files and directories keep the mode they have: an operator may have opened one to a
+    group on purpose."""
     parent = path.parent
     try:
         if not parent.exists():
-            parent.mkdir(parents=True, mode=0o700, exist_ok=True)
-            os.chmod(parent, 0o700)  # mkdir's mode is filtered by the umask
+            parent.mkdir(parents=True, mode=DIR_MODE, exist_ok=True)
+            os.chmod(parent, DIR_MODE)
         check_local_filesystem(parent, mountinfo)
         # O_EXCL: only ever create. Opening and closing an fd on a database this process
         # already has open would drop all its POSIX locks ("How To Corrupt" 2.2).
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     except FileExistsError:
         return
     except OSError as exc:
@@ -156,7 +163,12 @@ def _prepare_files(path: Path, mountinfo: Path) -> None:
         if exc.errno in _PATH_ERRORS:  # the path itself is wrong: a config error
             raise ConfigError("broker_url", str(path), reason) from None
         raise BrokerUnavailable(f"{path}: {reason}") from None
-    os.close(fd)  # SQLite gives -wal and -shm the mode of this file
+    try:
+        os.fchmod(fd, FILE_MODE)
+    finally:
+        # SQLite creates -wal and -shm with the mode of this file, and fchmods them to it
+        # if the umask narrowed them (unix_open's robust_open): 0o600 as well.
+        os.close(fd)
 
 
 def _is_file(path: Path) -> bool:
