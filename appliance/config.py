@@ -18,9 +18,11 @@ from urllib.parse import unquote, urlsplit
 from appliance.errors import ConfigError
 from appliance.signals import parse_names
 from appliance.units import (
+    DEFAULT_NAMESPACE,
     MAX_COUNT,
     MAX_MESSAGE_BYTES,
     check_name,
+    check_namespace,
     parse_bytes,
     parse_seconds,
 )
@@ -62,7 +64,9 @@ class PoolSettings:
 class Settings:
     broker_url: str = DEFAULT_BROKER_URL
     result_backend_url: str | None = None  # None: follow the broker
-    namespace: str = "stem"
+    # Separates environments on one host: a prefix of every Redis key, and on SQLite a
+    # database file of its own for any namespace but the default (see stores/sqlite/db.py).
+    namespace: str = DEFAULT_NAMESPACE
     max_payload_bytes: int = 256 * 1024
     max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES  # a task returning more fails
     result_ttl: float = 86400.0
@@ -134,6 +138,14 @@ def _text(value: Any) -> str:
     if not value.isprintable():  # a NUL or a newline in a URL or a prefix is never meant
         raise ValueError(f"must be printable text, got {value!r}")
     return value.strip()
+
+
+def _namespace(value: Any) -> str:
+    text = _text(value)
+    try:
+        return check_namespace(text)
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _url(value: Any) -> str:
@@ -277,7 +289,7 @@ FIELDS: tuple[Field, ...] = (
     Field("broker_url", "stem", "broker_url", "STEM_BROKER_URL", _url),
     Field("result_backend_url", "stem", "result_backend_url", "STEM_RESULT_BACKEND_URL",
           _optional_url),
-    Field("namespace", "stem", "namespace", "STEM_NAMESPACE", _name),
+    Field("namespace", "stem", "namespace", "STEM_NAMESPACE", _namespace),
     Field("max_payload_bytes", "stem", "max_payload_bytes", "STEM_MAX_PAYLOAD_BYTES",
           _message_bytes(_TINY_PAYLOAD)),
     Field("max_result_bytes", "stem", "max_result_bytes", "STEM_MAX_RESULT_BYTES",

@@ -33,6 +33,7 @@ from typing import TypeVar
 from urllib.parse import parse_qsl, quote, urlsplit
 
 from appliance.errors import BrokerBusy, BrokerError, BrokerFull, BrokerUnavailable, ConfigError
+from appliance.units import DEFAULT_NAMESPACE, check_namespace
 
 T = TypeVar("T")
 
@@ -80,6 +81,32 @@ def parse_url(url: str, synchronous: str = "FULL") -> SqliteTarget:
     if chosen not in SYNCHRONOUS:
         raise ConfigError("url", url, f"synchronous must be FULL or NORMAL, got {chosen!r}")
     return SqliteTarget(url, Path(os.path.abspath(raw_path)), chosen)
+
+
+def namespaced_url(url: str, namespace: str) -> str:
+    """The URL of the database file of `namespace`: the configured one for the default
+    namespace, else the same path with the namespace before its extension
+    (`sqlite:///var/stem.db`, "staging" -> `sqlite:///var/stem.staging.db`).
+
+    A file per namespace rather than a namespace column: environments on one host then
+    never contend for one write lock (SQLite has one per file), and every table (tasks,
+    results, DLQ, workers, control, revokes, schedules, rate limits, locks) is isolated
+    with no per-query cost and no way for a query to forget the filter. A URL that does
+    not parse is returned as it is, for `parse_url` to refuse with its reasons."""
+    if namespace == DEFAULT_NAMESPACE:
+        return url
+    try:
+        check_namespace(namespace)  # a Settings built in code skips the config parser
+    except (TypeError, ValueError) as exc:
+        raise ConfigError("namespace", str(namespace)[:64], str(exc)) from None
+    parts = urlsplit(url)
+    head, slash, name = parts.path.rpartition("/")
+    if parts.scheme != "sqlite" or parts.netloc or not name or name == ":memory:":
+        return url
+    stem, dot, extension = name.rpartition(".")
+    renamed = f"{stem}.{namespace}.{extension}" if dot and stem else f"{name}.{namespace}"
+    query = f"?{parts.query}" if parts.query else ""
+    return f"sqlite://{head}{slash}{renamed}{query}"
 
 
 def filesystem_type(directory: Path, mountinfo: Path = MOUNTINFO) -> str | None:
