@@ -16,7 +16,9 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from appliance.errors import ConfigError
+from appliance.redaction import redact_url
 from appliance.signals import parse_names
+from appliance.signing import SigningConfig
 from appliance.units import (
     DEFAULT_NAMESPACE,
     MAX_COUNT,
@@ -87,11 +89,32 @@ class Settings:
     # `[[schedules]]` tables, checked (`beat.spec.entries_from_config`); a tuple of
     # ScheduleEntry, typed loosely so this module need not import Beat.
     schedules: tuple[Any, ...] = ()
+    # From STEM_SIGNING_* only (keys never belong in a config file); None: unsigned.
+    signing: SigningConfig | None = field(default=None, repr=False)
     source: str = "defaults"  # the config file used, for messages
 
     @property
     def backend_url(self) -> str:
         return self.result_backend_url or self.broker_url
+
+    def __repr__(self) -> str:
+        # The generated repr would show the URLs' passwords: every field, URLs redacted,
+        # the secret-bearing ones (OTLP endpoint and headers, signing) by name only.
+        shown = []
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if item.name in _SECRET_FIELDS:
+                text = "(set)" if value else repr(value)
+            elif item.name in _URL_FIELDS and isinstance(value, str):
+                text = repr(redact_url(value))
+            else:
+                text = repr(value)
+            shown.append(f"{item.name}={text}")
+        return f"Settings({', '.join(shown)})"
+
+
+_URL_FIELDS = frozenset({"broker_url", "result_backend_url"})
+_SECRET_FIELDS = frozenset({"otlp_endpoint", "otlp_headers", "signing"})
 
 
 def concurrency_warning(pools: Sequence[PoolSettings], cpus: int) -> str | None:
@@ -373,7 +396,10 @@ def load_settings(
         pool = _parse(replace(_POOL_NAME, key="--pool"), pool, "command line")
     pools = _pools(document.get("pools", []), source, worker_values, pool_values, pool)
     schedules = _schedules(document.get("schedules"), source)
-    return replace(Settings(**values), pools=pools, schedules=schedules, source=source)
+    signing = SigningConfig.from_env(env)
+    return replace(
+        Settings(**values), pools=pools, schedules=schedules, signing=signing, source=source
+    )
 
 
 def _schedules(tables: Any, source: str) -> tuple[Any, ...]:
