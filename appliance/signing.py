@@ -71,7 +71,7 @@ MIN_HMAC_KEY_BYTES = 32
 ED25519_KEY_BYTES = 32  # a raw private key (the seed) and a raw public key alike
 ED25519_SIGNATURE_BYTES = 64
 # Key ids travel in every message and appear in errors: short and plain.
-_KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 # SignatureInvalid.reason values
 UNSIGNED = "unsigned"
@@ -406,7 +406,7 @@ def _active(env: Mapping[str, str], keys: tuple[tuple[str, bytes], ...]) -> str:
         )
     active = env[ENV_ACTIVE_KEY]
     if active not in ids:
-        shown = repr(active) if _KEY_ID.fullmatch(active) else "the value"
+        shown = repr(active) if KEY_ID.fullmatch(active) else "the value"
         _fail(ENV_ACTIVE_KEY, f"{shown} is not a key id of {ENV_KEYS} ({', '.join(ids)})")
     return active
 
@@ -423,7 +423,7 @@ def _key_list(variable: str, text: str, *, single: bool = False) -> tuple[tuple[
         key_id, encoded = key_id.strip(), encoded.strip()
         if not sep or not encoded:
             _fail(variable, f"entry {index} is not id:BASE64 (values are not shown)")
-        if not _KEY_ID.fullmatch(key_id):
+        if not KEY_ID.fullmatch(key_id):
             _fail(
                 variable,
                 f"entry {index}: a key id is 1-64 letters, digits, '.', '_' or "

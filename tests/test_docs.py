@@ -68,6 +68,7 @@ def test_the_command_tree_is_what_the_spec_names() -> None:
         "dlq replay",
         "dlq purge",
         "health",
+        "signing keygen",
         "demo",
     ]
 

@@ -349,3 +349,45 @@ def test_the_unsigned_header_is_the_one_telemetry_writes_at_retry() -> None:
     from appliance.signing import UNSIGNED_HEADERS
 
     assert frozenset({PREVIOUS_ATTEMPT_HEADER}) == UNSIGNED_HEADERS
+
+
+# --- stem signing keygen ------------------------------------------------------------------
+
+
+def keygen(*argv: str) -> str:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "stem"), "signing", "keygen", *argv],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    return result.stdout
+
+
+def env_lines(block: str) -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in block.splitlines() if line and line[0] != "#")
+    return dict(pairs)
+
+
+def test_keygen_prints_hmac_lines_that_sign_and_verify() -> None:
+    out = keygen("--id", "k9")
+    cfg = SigningConfig.from_env(env_lines(out))
+    assert cfg is not None and cfg.active_key == "k9" and cfg.algorithm == "hmac-sha256"
+    cfg.verifier().verify(signed(cfg))
+    assert keygen() != keygen()  # a fresh key (and id) every time
+
+
+def test_keygen_ed25519_gives_producers_the_private_key_and_workers_the_public_one() -> None:
+    found = orjson.loads(keygen("--algorithm", "ed25519", "--id", "prod-2", "--json"))
+    assert found["algorithm"] == "ed25519" and found["key_id"] == "prod-2"
+    producer = SigningConfig.from_env(found["env"]["producers"])
+    worker = SigningConfig.from_env(found["env"]["workers"])
+    assert producer is not None and worker is not None
+    assert not worker.can_sign and worker.key_ids == ("prod-2",)
+    worker.verifier().verify(signed(producer))
+    text = keygen("--algorithm", "ed25519")
+    producer_block, worker_block = text.split("\n\n")
+    assert "PRIVATE_KEY" in producer_block and "PRIVATE_KEY" not in worker_block

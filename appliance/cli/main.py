@@ -7,11 +7,11 @@ import sys
 from collections.abc import Sequence
 
 from appliance import __version__
-from appliance.cli import beat, demo, dlq, enqueue, health, observe, schedule, worker
+from appliance.cli import beat, demo, dlq, enqueue, health, observe, schedule, signing, worker
 from appliance.cli.common import Parser, check_argv, report
 from appliance.states import ExitCode
 
-GROUPS = (worker, beat, enqueue, observe, schedule, dlq, health, demo)
+GROUPS = (worker, beat, enqueue, observe, schedule, dlq, health, signing, demo)
 
 
 def build_parser() -> Parser:
