@@ -391,3 +391,20 @@ def test_keygen_ed25519_gives_producers_the_private_key_and_workers_the_public_o
     text = keygen("--algorithm", "ed25519")
     producer_block, worker_block = text.split("\n\n")
     assert "PRIVATE_KEY" in producer_block and "PRIVATE_KEY" not in worker_block
+
+
+def test_hmac_users_never_import_cryptography() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from appliance.config import load_settings\n"
+        f"s = load_settings(env={{'STEM_SIGNING_KEYS': 'k1:{SECRET}'}})\n"
+        "s.signing.verifier(), s.signing.signer()\n"
+        "print('cryptography' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.stdout.strip() == "False", result.stderr
