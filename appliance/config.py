@@ -16,11 +16,15 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from appliance.errors import ConfigError
+from appliance.redaction import redact_url
 from appliance.signals import parse_names
+from appliance.signing import SigningConfig
 from appliance.units import (
+    DEFAULT_NAMESPACE,
     MAX_COUNT,
     MAX_MESSAGE_BYTES,
     check_name,
+    check_namespace,
     parse_bytes,
     parse_seconds,
 )
@@ -62,7 +66,9 @@ class PoolSettings:
 class Settings:
     broker_url: str = DEFAULT_BROKER_URL
     result_backend_url: str | None = None  # None: follow the broker
-    namespace: str = "stem"
+    # Separates environments on one host: a prefix of every Redis key, and on SQLite a
+    # database file of its own for any namespace but the default (see stores/sqlite/db.py).
+    namespace: str = DEFAULT_NAMESPACE
     max_payload_bytes: int = 256 * 1024
     max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES  # a task returning more fails
     result_ttl: float = 86400.0
@@ -83,11 +89,32 @@ class Settings:
     # `[[schedules]]` tables, checked (`beat.spec.entries_from_config`); a tuple of
     # ScheduleEntry, typed loosely so this module need not import Beat.
     schedules: tuple[Any, ...] = ()
+    # From STEM_SIGNING_* only (keys never belong in a config file); None: unsigned.
+    signing: SigningConfig | None = field(default=None, repr=False)
     source: str = "defaults"  # the config file used, for messages
 
     @property
     def backend_url(self) -> str:
         return self.result_backend_url or self.broker_url
+
+    def __repr__(self) -> str:
+        # The generated repr would show the URLs' passwords: every field, URLs redacted,
+        # the secret-bearing ones (OTLP endpoint and headers, signing) by name only.
+        shown = []
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if item.name in _SECRET_FIELDS:
+                text = "(set)" if value else repr(value)
+            elif item.name in _URL_FIELDS and isinstance(value, str):
+                text = repr(redact_url(value))
+            else:
+                text = repr(value)
+            shown.append(f"{item.name}={text}")
+        return f"Settings({', '.join(shown)})"
+
+
+_URL_FIELDS = frozenset({"broker_url", "result_backend_url"})
+_SECRET_FIELDS = frozenset({"otlp_endpoint", "otlp_headers", "signing"})
 
 
 def concurrency_warning(pools: Sequence[PoolSettings], cpus: int) -> str | None:
@@ -134,6 +161,14 @@ def _text(value: Any) -> str:
     if not value.isprintable():  # a NUL or a newline in a URL or a prefix is never meant
         raise ValueError(f"must be printable text, got {value!r}")
     return value.strip()
+
+
+def _namespace(value: Any) -> str:
+    text = _text(value)
+    try:
+        return check_namespace(text)
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _url(value: Any) -> str:
@@ -277,7 +312,7 @@ FIELDS: tuple[Field, ...] = (
     Field("broker_url", "stem", "broker_url", "STEM_BROKER_URL", _url),
     Field("result_backend_url", "stem", "result_backend_url", "STEM_RESULT_BACKEND_URL",
           _optional_url),
-    Field("namespace", "stem", "namespace", "STEM_NAMESPACE", _name),
+    Field("namespace", "stem", "namespace", "STEM_NAMESPACE", _namespace),
     Field("max_payload_bytes", "stem", "max_payload_bytes", "STEM_MAX_PAYLOAD_BYTES",
           _message_bytes(_TINY_PAYLOAD)),
     Field("max_result_bytes", "stem", "max_result_bytes", "STEM_MAX_RESULT_BYTES",
@@ -361,7 +396,10 @@ def load_settings(
         pool = _parse(replace(_POOL_NAME, key="--pool"), pool, "command line")
     pools = _pools(document.get("pools", []), source, worker_values, pool_values, pool)
     schedules = _schedules(document.get("schedules"), source)
-    return replace(Settings(**values), pools=pools, schedules=schedules, source=source)
+    signing = SigningConfig.from_env(env)
+    return replace(
+        Settings(**values), pools=pools, schedules=schedules, signing=signing, source=source
+    )
 
 
 def _schedules(tables: Any, source: str) -> tuple[Any, ...]:

@@ -48,6 +48,19 @@ class DecodeError(StemError, ValueError):
         self.data = data
 
 
+class SignatureInvalid(DecodeError):
+    """A message a worker that requires signatures must not run: unsigned, signed with a
+    key id it does not have, or changed after it was signed. Dead-lettered with reason
+    `signature-invalid`, never `undecodable`. A DecodeError, so that every place that
+    refuses undecodable bytes refuses these too (the safe default).
+
+    `reason` is one of "unsigned", "unknown-key", "malformed", "bad-signature"."""
+
+    def __init__(self, reason: str, message: str = "", data: bytes = b"") -> None:
+        super().__init__(message or f"signature invalid: {reason}", data)
+        self.reason = reason
+
+
 # --- brokers and backends --------------------------------------------------------------
 
 

@@ -9,6 +9,9 @@ supervisor) passes `extra={"task_id": ...}` or uses `task_logger()`.
 A supervisor names itself once with `set_worker(worker_id)`: every later line of that
 process, and of the children it forks, carries `worker` (JSON) and the pid.
 
+Every line passes a `Redactor` on its way out (`Redacting`): URL passwords, OTLP header
+values and signing keys become `***`, whichever module logged them.
+
 Under systemd (`JOURNAL_STREAM` names our stderr) each line starts with the `<N>`
 syslog priority prefix that journald strips and stores as the entry's PRIORITY
 (sd-daemon(3)), so `journalctl -p warning` works; the text stays as it was.
@@ -26,6 +29,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import orjson
 
 from appliance.context import current_task
+from appliance.redaction import Redactor, secrets_of
 
 if TYPE_CHECKING:
     from appliance.config import Settings
@@ -139,6 +143,19 @@ class JournalPrefix(logging.Formatter):
         return "\n".join(prefix + line for line in self.inner.format(record).split("\n"))
 
 
+class Redacting(logging.Formatter):
+    """Wraps a formatter: the whole formatted line (message, arguments, traceback) goes
+    through `redact`, so no module can log a secret by quoting a URL or an error."""
+
+    def __init__(self, inner: logging.Formatter, redact: Redactor) -> None:
+        super().__init__()
+        self.inner = inner
+        self.redact = redact
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self.redact(self.inner.format(record))
+
+
 def _priority(levelno: int) -> int:
     for level, priority in _PRIORITY.items():  # highest first
         if levelno >= level:
@@ -170,7 +187,10 @@ def configure_logging(settings: Settings, stream: TextIO | None = None) -> loggi
     target = stream if stream is not None else sys.stderr
     handler = logging.StreamHandler(target)
     handler.addFilter(TaskIdFilter())
-    formatter = JsonFormatter() if settings.log_format == "json" else logging.Formatter(TEXT_FORMAT)
+    formatter: logging.Formatter = (
+        JsonFormatter() if settings.log_format == "json" else logging.Formatter(TEXT_FORMAT)
+    )
+    formatter = Redacting(formatter, Redactor(secrets_of(settings)))
     if journal_stream(target):
         formatter = JournalPrefix(formatter)
     handler.setFormatter(formatter)

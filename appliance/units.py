@@ -41,6 +41,12 @@ MAX_COUNT = 2**31 - 1
 # Task names, queue names and task ids: they are keys in both stores and appear in every
 # log line, so they are short, printable text.
 MAX_NAME = 200
+# A namespace is a Redis key prefix (before a ':') and part of an SQLite file name, so
+# it is a plain word: no ':' (that would let "a" and "a:q" see each other's keys), no
+# '/' (a path), no leading '.' (a hidden file, '..').
+DEFAULT_NAMESPACE = "stem"
+MAX_NAMESPACE = 64
+_NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def parse_bytes(value: int | float | str) -> int:
@@ -125,4 +131,18 @@ def check_name(value: Any, what: str) -> str:
         raise ValueError(f"{what} must be printable text, got {value[:40]!r} (it contains {bad!r})")
     if value != value.strip():
         raise ValueError(f"{what} must not start or end with spaces, got {value!r}")
+    return value
+
+
+def check_namespace(value: Any) -> str:
+    """`value` if it is a usable namespace: 1 to `MAX_NAMESPACE` letters, digits, '.',
+    '_' or '-', starting with a letter or digit; else ValueError (TypeError: not text)."""
+    if not isinstance(value, str):
+        raise TypeError(f"namespace must be a string, got {type(value).__name__}")
+    if not 0 < len(value) <= MAX_NAMESPACE or not _NAMESPACE.fullmatch(value):
+        shown = f"{value[:40]!r}" + ("..." if len(value) > 40 else "")
+        raise ValueError(
+            f"namespace must be 1 to {MAX_NAMESPACE} letters, digits, '.', '_' or '-', "
+            f"starting with a letter or digit (it names Redis keys and SQLite files), got {shown}"
+        )
     return value

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 
 def free_port() -> int:
@@ -27,7 +28,9 @@ def free_port() -> int:
 class RedisServer:
     """One redis-server process; `kill()` and `start()` keep port and data dir."""
 
-    def __init__(self, workdir: Path, *, appendonly: bool = True) -> None:
+    def __init__(
+        self, workdir: Path, *, appendonly: bool = True, password: str | None = None
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError(
@@ -39,11 +42,21 @@ class RedisServer:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.appendonly = appendonly
+        self.password = password  # requirepass: every client must AUTH
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
+        if self.password is not None:
+            return f"redis://:{quote(self.password, safe='')}@127.0.0.1:{self.port}/0"
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def _auth(self) -> bytes:
+        """The AUTH command to send first on a raw connection (nothing without a password)."""
+        if self.password is None:
+            return b""
+        secret = self.password.encode()
+        return b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(secret), secret)
 
     def start(self) -> None:
         argv = [
@@ -51,6 +64,7 @@ class RedisServer:
             "--dir", str(self.dir), "--daemonize", "no", "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
             "--appendfsync", "always", "--logfile", str(self.dir / "redis.log"),
+            *(["--requirepass", self.password] if self.password is not None else []),
         ]  # fmt: skip
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -62,8 +76,8 @@ class RedisServer:
                 raise RuntimeError(f"redis-server exited; see {self.dir / 'redis.log'}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(64).startswith(b"+PONG"):
+                    s.sendall(self._auth() + b"PING\r\n")
+                    if b"+PONG" in _replies(s, 2 if self.password is not None else 1):
                         return
             except OSError:
                 pass
@@ -92,5 +106,16 @@ class RedisServer:
 
     def flush(self) -> None:
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
-            s.sendall(b"FLUSHALL\r\n")
-            s.recv(64)
+            s.sendall(self._auth() + b"FLUSHALL\r\n")
+            _replies(s, 2 if self.password is not None else 1)
+
+
+def _replies(sock: socket.socket, count: int) -> bytes:
+    """Read until `count` reply lines arrived (short replies: +OK, +PONG, -ERR ...)."""
+    data = b""
+    while data.count(b"\r\n") < count:
+        chunk = sock.recv(256)
+        if not chunk:
+            break
+        data += chunk
+    return data

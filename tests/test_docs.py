@@ -69,6 +69,7 @@ def test_the_command_tree_is_what_the_spec_names() -> None:
         "dlq purge",
         "health",
         "tui",
+        "signing keygen",
         "demo",
     ]
 

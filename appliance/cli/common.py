@@ -19,6 +19,7 @@ from appliance.app import Stem
 from appliance.config import DEFAULT_BROKER_URL, FIELDS, POOL_FIELDS, Settings, load_settings
 from appliance.errors import BrokerUnavailable, ConfigError, StemError
 from appliance.logs import configure_logging
+from appliance.redaction import Redactor, redact_url, secrets_from_environment
 from appliance.states import ExitCode
 from appliance.stores import scheme_of
 from appliance.units import MAX_COUNT, MAX_SECONDS, check_priority
@@ -205,7 +206,7 @@ def _check_url(url: str, key: str, flag: str | None, env: str, settings: Setting
             where = f"environment {env}"
         else:
             where = settings.source
-        raise ConfigError(where, key, f"{exc.reason} (got {url!r})") from None
+        raise ConfigError(where, key, f"{exc.reason} (got {redact_url(url)!r})") from None
 
 
 def load_app(spec: str) -> Stem:
@@ -308,13 +309,16 @@ def exit_code(exc: BaseException) -> ExitCode:
 
 
 def report(exc: BaseException) -> int:
-    """Print an error as one `stem: error:` line (a traceback only for our own bugs)."""
+    """Print an error as one `stem: error:` line (a traceback only for our own bugs),
+    with every secret of the environment and the command line masked."""
     code = exit_code(exc)
+    redact = Redactor(secrets_from_environment(os.environ, sys.argv))
     if code is ExitCode.SOFTWARE:
-        traceback.print_exception(exc, file=sys.stderr)
-        print(f"stem: error: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        text = "".join(traceback.format_exception(exc))
+        print(redact(text), end="", file=sys.stderr)
+        print(redact(f"stem: error: internal error: {type(exc).__name__}: {exc}"), file=sys.stderr)
     else:
-        print(f"stem: error: {one_line(str(exc))}", file=sys.stderr)
+        print(f"stem: error: {one_line(redact(str(exc)))}", file=sys.stderr)
     return int(code)
 
 

@@ -7,11 +7,22 @@ import sys
 from collections.abc import Sequence
 
 from appliance import __version__
-from appliance.cli import beat, demo, dlq, enqueue, health, observe, schedule, tui, worker
+from appliance.cli import (
+    beat,
+    demo,
+    dlq,
+    enqueue,
+    health,
+    observe,
+    schedule,
+    signing,
+    tui,
+    worker,
+)
 from appliance.cli.common import Parser, check_argv, report
 from appliance.states import ExitCode
 
-GROUPS = (worker, beat, enqueue, observe, schedule, dlq, health, tui, demo)
+GROUPS = (worker, beat, enqueue, observe, schedule, dlq, health, tui, signing, demo)
 
 
 def build_parser() -> Parser:

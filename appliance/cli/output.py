@@ -379,6 +379,24 @@ def enqueued(task_id: str, name: str, queue: str | None, as_json: bool) -> None:
     say(task_id)  # the id alone, so `ID=$(stem enqueue ...)` works
 
 
+# --- signing ------------------------------------------------------------------------
+
+
+def signing_key(
+    algorithm: str, key_id: str, sections: dict[str, dict[str, str]], as_json: bool
+) -> None:
+    """A new key as environment lines, one block per kind of process that gets them (the
+    one output that shows key material: it is what was asked for)."""
+    if as_json:
+        return print_json({"algorithm": algorithm, "key_id": key_id, "env": sections})
+    blocks = []
+    for who, variables in sections.items():
+        lines = [f"# {algorithm} key {key_id}: for {who}"]
+        lines += [f"{name}={value}" for name, value in variables.items()]
+        blocks.append("\n".join(lines))
+    say("\n\n".join(blocks))
+
+
 # --- demo ---------------------------------------------------------------------------
 
 

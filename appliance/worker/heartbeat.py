@@ -27,6 +27,7 @@ SHM_DIR = Path("/dev/shm")
 MAGIC = 0x5354454D  # "STEM"
 LAYOUT_VERSION = 1
 TASK_ID_BYTES = 40
+TABLE_MODE = 0o600
 
 
 class Header(ctypes.Structure):
@@ -89,8 +90,11 @@ class HeartbeatTable:
     def _map_file(self) -> mmap.mmap:
         assert self.path is not None
         # O_EXCL + 0o600: only this supervisor's user may read it; never reuse a name.
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        # Created owner-only (a umask only narrows it), then set exactly: a strict umask
+        # would leave a table the supervisor itself cannot map for writing.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, TABLE_MODE)
         try:
+            os.fchmod(fd, TABLE_MODE)
             # Reserve the pages now: on a full tmpfs a sparse file (ftruncate) maps fine
             # and the first write to it kills the process with SIGBUS.
             os.posix_fallocate(fd, 0, self.size)

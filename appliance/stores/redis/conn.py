@@ -24,6 +24,7 @@ from redis.backoff import ConstantBackoff, ExponentialWithJitterBackoff, NoBacko
 from redis.retry import Retry
 
 from appliance.errors import BrokerError, BrokerFull, BrokerUnavailable, ConfigError
+from appliance.redaction import redact_url
 
 log = logging.getLogger("stem.redis")
 
@@ -114,14 +115,9 @@ def _db(path: str, url: str) -> int:
 
 
 def redact(url: str) -> str:
-    """The URL without its password, for logs and error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return parts._replace(netloc=f"{user}:***@{host}{port}").geturl()
+    """The URL without its password, for logs and error messages; never raises (a URL
+    whose port does not parse is what a ConfigError quotes)."""
+    return redact_url(url)
 
 
 def connect(url: str, *, retry: bool = True, quick: bool = False) -> redis.Redis:

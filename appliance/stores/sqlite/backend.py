@@ -3,7 +3,8 @@ migration 0002 (see schema.py).
 
 By default it shares the broker's database file (and migration set). JSON values are
 orjson bytes; an error is three columns (type, message, traceback), NULL when none.
-The file is the namespace: environments that must not meet use different files.
+The file is the namespace: each namespace but the default has a database file of its
+own (`db.namespaced_url`), so no table here carries a namespace column.
 
 Each primitive is one statement where it can be (an upsert whose WHERE decides), and
 always one `Database.write` (BEGIN IMMEDIATE: the database's single writer lock makes

@@ -33,6 +33,7 @@ from typing import TypeVar
 from urllib.parse import parse_qsl, quote, urlsplit
 
 from appliance.errors import BrokerBusy, BrokerError, BrokerFull, BrokerUnavailable, ConfigError
+from appliance.units import DEFAULT_NAMESPACE, check_namespace
 
 T = TypeVar("T")
 
@@ -40,6 +41,8 @@ MOUNTINFO = Path("/proc/self/mountinfo")
 BUSY_DEADLINE = 30.0  # seconds a write may wait for other writers before BrokerBusy
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes the WAL is truncated to after a checkpoint
 SYNCHRONOUS = ("FULL", "NORMAL")
+FILE_MODE = 0o600  # the database; SQLite gives its -wal and -shm the same
+DIR_MODE = 0o700  # a directory this module creates for it
 NETWORK_FILESYSTEMS = frozenset(
     {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "afs", "lustre"}
 )
@@ -78,6 +81,32 @@ def parse_url(url: str, synchronous: str = "FULL") -> SqliteTarget:
     if chosen not in SYNCHRONOUS:
         raise ConfigError("url", url, f"synchronous must be FULL or NORMAL, got {chosen!r}")
     return SqliteTarget(url, Path(os.path.abspath(raw_path)), chosen)
+
+
+def namespaced_url(url: str, namespace: str) -> str:
+    """The URL of the database file of `namespace`: the configured one for the default
+    namespace, else the same path with the namespace before its extension
+    (`sqlite:///var/stem.db`, "staging" -> `sqlite:///var/stem.staging.db`).
+
+    A file per namespace rather than a namespace column: environments on one host then
+    never contend for one write lock (SQLite has one per file), and every table (tasks,
+    results, DLQ, workers, control, revokes, schedules, rate limits, locks) is isolated
+    with no per-query cost and no way for a query to forget the filter. A URL that does
+    not parse is returned as it is, for `parse_url` to refuse with its reasons."""
+    if namespace == DEFAULT_NAMESPACE:
+        return url
+    try:
+        check_namespace(namespace)  # a Settings built in code skips the config parser
+    except (TypeError, ValueError) as exc:
+        raise ConfigError("namespace", str(namespace)[:64], str(exc)) from None
+    parts = urlsplit(url)
+    head, slash, name = parts.path.rpartition("/")
+    if parts.scheme != "sqlite" or parts.netloc or not name or name == ":memory:":
+        return url
+    stem, dot, extension = name.rpartition(".")
+    renamed = f"{stem}.{namespace}.{extension}" if dot and stem else f"{name}.{namespace}"
+    query = f"?{parts.query}" if parts.query else ""
+    return f"sqlite://{head}{slash}{renamed}{query}"
 
 
 def filesystem_type(directory: Path, mountinfo: Path = MOUNTINFO) -> str | None:
@@ -136,16 +165,21 @@ _PATH_ERRORS = frozenset({
 
 
 def _prepare_files(path: Path, mountinfo: Path) -> None:
-    """Create the directory (0o700) and an empty owner-only database file if missing."""
+    """Create the directory (0o700) and an empty owner-only database file (0o600) if
+    missing. Both are created with those modes (the umask can only narrow them, never
+    widen them, so there is no moment they are open to others) and then set exactly,
+    since a strict umask (0o277) would leave a file its owner cannot write. Existing
+    files and directories keep the mode they have: an operator may have opened one to a
+    group on purpose."""
     parent = path.parent
     try:
         if not parent.exists():
-            parent.mkdir(parents=True, mode=0o700, exist_ok=True)
-            os.chmod(parent, 0o700)  # mkdir's mode is filtered by the umask
+            parent.mkdir(parents=True, mode=DIR_MODE, exist_ok=True)
+            os.chmod(parent, DIR_MODE)
         check_local_filesystem(parent, mountinfo)
         # O_EXCL: only ever create. Opening and closing an fd on a database this process
         # already has open would drop all its POSIX locks ("How To Corrupt" 2.2).
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     except FileExistsError:
         return
     except OSError as exc:
@@ -156,7 +190,12 @@ def _prepare_files(path: Path, mountinfo: Path) -> None:
         if exc.errno in _PATH_ERRORS:  # the path itself is wrong: a config error
             raise ConfigError("broker_url", str(path), reason) from None
         raise BrokerUnavailable(f"{path}: {reason}") from None
-    os.close(fd)  # SQLite gives -wal and -shm the mode of this file
+    try:
+        os.fchmod(fd, FILE_MODE)
+    finally:
+        # SQLite creates -wal and -shm with the mode of this file, and fchmods them to it
+        # if the umask narrowed them (unix_open's robust_open): 0o600 as well.
+        os.close(fd)
 
 
 def _is_file(path: Path) -> bool:

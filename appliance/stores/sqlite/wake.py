@@ -15,10 +15,28 @@ import psutil
 MESSAGES = b"\x01"  # a wake-up byte: messages may be due
 CONTROL = b"\x02"  # a wake-up byte: a control request was sent
 _SUN_PATH_MAX = 107  # bytes of a unix socket path, NUL excluded (Linux sun_path is 108)
+DIR_MODE = 0o700  # `<db>-wake/`: only the database's owner can reach the sockets in it
+SOCKET_MODE = 0o600
+# The umask while a socket is bound: bind() has no mode argument and creates the node as
+# 0o777 minus the umask. 0o077, not 0o177: the umask is the whole process's, and a file
+# or directory another thread creates meanwhile only becomes owner-only, never unusable.
+_BIND_UMASK = 0o077
+
+
+def _bind_owner_only(sock: socket.socket, address: str) -> None:
+    """Bind `sock` so its node is never wider than owner-only, then make it 0o600."""
+    old = os.umask(_BIND_UMASK)
+    try:
+        sock.bind(address)
+    finally:
+        os.umask(old)
+    os.chmod(address, SOCKET_MODE)  # the x bits the umask left mean nothing on a socket
 
 
 class SqliteWaker:
-    """Wake-ups between processes through unix datagram sockets in `<db>-wake/` (0o700).
+    """Wake-ups between processes through unix datagram sockets (0o600) in `<db>-wake/`
+    (0o700): only the database's owner can wake its workers (others' enqueues still run,
+    found by the 1 s fallback poll).
 
     A listener binds `<pid>-<n>.sock` and selects on it. `poke()` sends one byte to every
     socket there; the listing is cached until the directory's mtime changes (or a
@@ -40,8 +58,8 @@ class SqliteWaker:
         if self._listener is not None:
             return self._listener.fileno()
         if not self.dir.exists():
-            self.dir.mkdir(mode=0o700, exist_ok=True)
-            os.chmod(self.dir, 0o700)  # mkdir's mode is filtered by the umask
+            self.dir.mkdir(mode=DIR_MODE, exist_ok=True)
+            os.chmod(self.dir, DIR_MODE)  # a strict umask narrows it past usable
         self._remove_dead()
         name = f"{os.getpid()}-{id(self):x}.sock"
         own = self.dir / name
@@ -50,7 +68,7 @@ class SqliteWaker:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
-            sock.bind(self._address(name))
+            _bind_owner_only(sock, self._address(name))
         except BaseException:
             sock.close()
             raise
