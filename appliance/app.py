@@ -124,7 +124,7 @@ class Stem:
         self.settings = replace(base, **overrides)
         self.registry: dict[str, Task] = {}
         self.schedules: dict[str, Any] = {}  # name -> beat.spec.ScheduleEntry (`schedule`)
-        self.codec = EnvelopeCodec(self.settings.max_payload_bytes)
+        self.codec = EnvelopeCodec(self.settings.max_payload_bytes, self.settings.signing)
         # False for reads (the CLI's observe commands, the TUI): stores are opened only
         # if they exist, never created or migrated (`open_stores(create=False)`).
         self.create_stores = True
@@ -139,7 +139,7 @@ class Stem:
         """Replace the settings (the CLI applies flags and env this way); reopens stores."""
         self.close()
         self.settings = settings
-        self.codec = EnvelopeCodec(settings.max_payload_bytes)
+        self.codec = EnvelopeCodec(settings.max_payload_bytes, settings.signing)
         self._telemetry_pid = -1
         configure_signals(settings.signals_enabled or None, settings.signals_disabled)
 

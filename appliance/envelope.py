@@ -11,11 +11,15 @@ import math
 import os
 import time
 from dataclasses import MISSING, dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from appliance.errors import DecodeError, PayloadTooLarge
+from appliance import envelope_rules
+from appliance.errors import ConfigError, DecodeError, PayloadTooLarge
+
+if TYPE_CHECKING:
+    from appliance.signing import Signer, SigningConfig, Verifier
 
 ENVELOPE_VERSION = 1
 DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024
@@ -118,17 +122,27 @@ def _encode(envelope: Envelope) -> bytes:
 class EnvelopeCodec:
     """The one way an `Envelope` becomes bytes and back, owned by a `Stem` and handed to
     its stores: every payload a broker stores went through `encode` or `reencode`, and
-    every payload a worker runs went through `decode`. The size limit lives here, and
-    signing (when configured) will too."""
+    every payload a worker runs went through `decode`. The size limit and signing live
+    here: with a `SigningConfig`, `encode` and `seal` sign (`appliance.signing`) and
+    `decode` verifies, so no other module handles keys or signatures."""
 
-    def __init__(self, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> None:
+    def __init__(
+        self,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        signing: SigningConfig | None = None,
+    ) -> None:
         self.max_payload_bytes = max_payload_bytes
+        self.signing = signing
+        self.signer: Signer | None = signing.signer() if signing and signing.can_sign else None
+        self.verifier: Verifier | None = (
+            signing.verifier() if signing and signing.can_verify else None
+        )
 
     def encode(self, envelope: Envelope) -> bytes:
-        """A new message from a producer: JSON-checked (non-JSON values and NaN are a
-        `TypeError`/`ValueError`), refused above the size limit with a message saying
-        what to do (`PayloadTooLarge`)."""
-        data = _encode(envelope)
+        """A new message from a producer: sealed (signed when configured), JSON-checked
+        (non-JSON values and NaN are a `TypeError`/`ValueError`), refused above the size
+        limit with a message saying what to do (`PayloadTooLarge`)."""
+        data = _encode(self.seal(envelope))
         if len(data) > self.max_payload_bytes:
             raise PayloadTooLarge(
                 f"task {envelope.name!r}: encoded payload is {len(data)} bytes, above the "
@@ -138,24 +152,47 @@ class EnvelopeCodec:
         return data
 
     def seal(self, envelope: Envelope) -> Envelope:
-        """The envelope as it will be stored, signed when signing is configured: for
+        """The envelope as it will be stored, signed when signing is configured; also for
         envelopes built now and enqueued later by a worker (links, chain steps, a chord's
-        callback), which ride inside another message until then."""
+        callback), which ride inside another message until then. A process configured to
+        verify but not to sign (an Ed25519 worker) refuses: a message it wrote unsigned
+        would only be dead-lettered by every worker."""
+        if self.signer is not None:
+            _reject_non_finite(envelope.args)  # the signature covers the canonical JSON
+            try:
+                return replace(envelope, sig=self.signer.sign(to_raw(envelope)))
+            except (TypeError, orjson.JSONEncodeError) as exc:
+                raise TypeError(f"task arguments are not JSON-serialisable: {exc}") from exc
+        if self.signing is not None:
+            raise ConfigError(
+                "environment", "STEM_SIGNING_PRIVATE_KEY", "this process verifies signed "
+                "messages but holds no key to sign the ones it enqueues; give it the "
+                "private key (or enqueue from a producer that has it)",
+            )  # fmt: skip
         return envelope
 
     def reencode(self, envelope: Envelope) -> bytes:
-        """The next attempt of a message that passed `encode` once (a retry, a replay):
-        its values came out of `decode`, so they are JSON already, and the size limit
-        is not applied again (a settle must never fail on it)."""
+        """The next attempt of a message that passed `encode` once (a retry, a replay, a
+        follow-up the producer sealed): its values came out of `decode`, so they are JSON
+        already; the size limit is not applied again (a settle must never fail on it),
+        and its signature is kept (it covers none of what a retry changes)."""
         return orjson.dumps(envelope)
 
     def decode(self, data: bytes) -> Envelope:
-        """The envelope a worker may run, or `DecodeError` saying what is wrong."""
-        return decode(data)
+        """The envelope a worker may run, or `DecodeError` saying what is wrong; with
+        signing, `SignatureInvalid` (a `DecodeError`) unless a known key signed it."""
+        try:
+            raw = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise DecodeError(f"payload is not JSON: {exc}", data) from exc
+        envelope = from_raw(raw, data)
+        if self.verifier is not None:
+            self.verifier.verify(to_raw(envelope), data)
+        return envelope
 
     def peek(self, data: bytes) -> Envelope | None:
         """The envelope for display (observation, DLQ records), or None if it does not
-        decode; never raises."""
+        decode; never raises, never verifies."""
         try:
             return decode(data)
         except DecodeError:
@@ -244,6 +281,9 @@ def from_raw(raw: Any, data: bytes = b"") -> Envelope:
     for name, value in values.items():
         if type(value) not in _TYPES[name]:
             raise DecodeError(f"envelope field {name!r} has type {type(value).__name__}", data)
+    found = envelope_rules.problem(values, data or None)
+    if found is not None:
+        raise DecodeError(found, data)
     return Envelope(**values)
 
 

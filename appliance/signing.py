@@ -1,26 +1,29 @@
 """Signed envelopes: HMAC-SHA256 (the default) or Ed25519, with key ids for rotation.
 
 What is signed: `signed_content(raw)`, a context label followed by the canonical
-encoding (orjson, keys sorted at every level) of the envelope's JSON object as stored
-(the dict `orjson.loads(payload)` gives), without the fields in `UNSIGNED_FIELDS` and
-without the headers in `UNSIGNED_HEADERS`. The signature travels in the envelope itself
-as `sig`: `[key_id, base64(signature)]`.
+encoding (orjson, keys sorted at every level) of the envelope's fields that differ from
+their defaults (`envelope.to_raw`, which the codec passes in), without the fields in
+`UNSIGNED_FIELDS` and the headers in `UNSIGNED_HEADERS`. The signature travels in the
+envelope itself as `sig`: `[key_id, base64(signature)]`.
 
 Why those fields are left out: with Ed25519 a worker holds only public keys, so it can
 verify but never sign, yet the supervisor must still write a retry (`attempt`,
 `not_before`), fill `previous` (a chain step's input, the result of the step before) at
-settle time, and link a retry's trace to the attempt before it (the
-`stem-previous-attempt` header). Everything the producer decided is covered: id, name,
-args, meta, the other headers, queue, priority, max_retries, enqueued_at, expires,
-parent and root ids, version, `flow` (canvas links, pre-built and signed by the
-producer) and `rate`. So a retry or a chain step keeps the producer's signature, and a
-worker never needs a key that could forge a task. What this leaves to whoever can write
-the store: delaying a message, resetting its attempt count, replaying a signed message
-as it is, and choosing `previous` (see docs/security.md).
+settle time, hand a chain's remaining pre-signed steps on (`then`), and link a retry's
+trace to the attempt before it (the `stem-previous-attempt` header). Everything the
+producer decided is covered: id, name, args, meta, the other headers, queue, priority,
+max_retries, enqueued_at, expires, parent and root ids, version, `flow` (canvas links,
+pre-built and signed by the producer) and `rate`. So a retry or a chain step keeps the
+producer's signature, and a worker never needs a key that could forge a task. What this
+leaves to whoever can write the store: delaying a message, resetting its attempt count,
+replaying a signed message as it is, and choosing `previous` (see docs/security.md).
 
-Canonical form and parsing: the signature is checked over the same parsed dict the
-decoder builds the `Envelope` from, never over the bytes, so two JSON readers can never
-disagree about what was signed (duplicate keys, number spellings, escapes).
+Canonical form and parsing: the codec checks the signature over the `Envelope` it
+decoded (through `to_raw`), never over the bytes, so two JSON readers can never disagree
+about what was signed (duplicate keys, number spellings, escapes), and a writer that
+stores default values (a retry) and one that leaves them out (a pre-built chain step)
+sign the same content. Fields this version does not know are not covered: it ignores
+them, and drops them when it writes a retry.
 
 Keys come from the environment only (`SigningConfig.from_env`); no message, `repr()` or
 log line shows them.
@@ -60,7 +63,7 @@ ENV_PUBLIC_KEYS = "STEM_SIGNING_PUBLIC_KEYS"  # Ed25519 workers: "id:BASE64,..."
 ENV_VARS = (ENV_KEYS, ENV_ACTIVE_KEY, ENV_ALGORITHM, ENV_PRIVATE_KEY, ENV_PUBLIC_KEYS)
 
 # Written by the supervisor after the producer signed (see the module docstring).
-UNSIGNED_FIELDS = frozenset({"attempt", "not_before", "previous", "sig"})
+UNSIGNED_FIELDS = frozenset({"attempt", "not_before", "previous", "sig", "then"})
 _UNSIGNED_ORDER = tuple(sorted(UNSIGNED_FIELDS))
 UNSIGNED_HEADERS = frozenset({"stem-previous-attempt"})  # = telemetry.PREVIOUS_ATTEMPT_HEADER
 # Domain separation: a key shared with another use can never sign an envelope by accident.

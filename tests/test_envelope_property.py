@@ -1,10 +1,9 @@
 """Bytes from the store are hostile input: whatever JSON object a message holds, the
 decoder gives a valid `Envelope` or raises `DecodeError`, never anything else.
 
-`decode()` checks field types; `envelope_rules.problem()` the values the types let
-through. Until `decode()` calls `problem()` (see `decode_with_rules`, the wiring it
-will get), the tests marked `needs_wiring` are expected to fail, strictly: when they
-start passing, remove the mark.
+`decode()` checks field types, then `envelope_rules.problem()` the values the types let
+through; `decode_with_rules` also runs the rules over the whole parsed dict, unknown
+fields included.
 """
 
 from __future__ import annotations
@@ -31,10 +30,6 @@ from appliance.envelope_rules import (
 )
 from appliance.errors import DecodeError
 from appliance.units import MAX_COUNT, PRIORITY_MAX, PRIORITY_MIN, check_name
-
-needs_wiring = pytest.mark.xfail(
-    strict=True, reason="decode() does not call envelope_rules.problem() yet (the lead wires it)"
-)
 
 # --- strategies ---------------------------------------------------------------------------
 
@@ -252,12 +247,9 @@ HOSTILE = {
     "version 0": {**BASE, "version": 0},
     "a sig that is not a pair": {**BASE, "sig": ["k1"]},
 }
-ALREADY = {"string attempt", "list args"}
 
 
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=[] if n in ALREADY else [needs_wiring]) for n in HOSTILE]
-)
+@pytest.mark.parametrize("name", list(HOSTILE))
 def test_decode_refuses_each_hostile_message(name: str) -> None:
     data = payload(HOSTILE[name])
     with pytest.raises(DecodeError):

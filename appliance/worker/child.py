@@ -19,6 +19,7 @@ from typing import Any
 
 from appliance.app import Stem
 from appliance.config import PoolSettings
+from appliance.envelope import decode
 from appliance.errors import DecodeError, NotRegistered
 from appliance.states import OutcomeStatus, SlotState
 from appliance.worker.executor import Executor, error_fields
@@ -147,7 +148,7 @@ def _handle(
     try:
         # The supervisor decoded (and, with signing, verified) this payload before it
         # dispatched it; decoding again here only turns the bytes back into the envelope.
-        envelope = setup.stem.codec.decode(payload)
+        envelope = decode(payload)
         task = setup.stem.get_task(envelope.name)
     except (DecodeError, NotRegistered) as exc:  # the supervisor checks first; belt and braces
         return Outcome(seq, OutcomeStatus.REJECTED, error=error_fields(exc))

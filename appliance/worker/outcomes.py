@@ -15,7 +15,7 @@ from appliance import flow
 from appliance.backend.protocol import ErrorInfo, TaskResult
 from appliance.broker.protocol import DeadLetterInfo, Delivery, Settlement
 from appliance.envelope import Envelope, EnvelopeCodec
-from appliance.errors import DecodeError
+from appliance.errors import DecodeError, SignatureInvalid
 from appliance.retry import Decision, decide
 from appliance.states import DeadLetterReason, OutcomeStatus, SettleKind, TaskEvent, TaskState
 from appliance.tasks import Task
@@ -184,6 +184,12 @@ def triage(
     task, poison pill, expired), else the envelope and task to run."""
     try:
         envelope = codec.decode(delivery.payload)
+    except SignatureInvalid as exc:
+        # Nobody vouches for its fields, so none is acted on: no result under the id it
+        # claims (it could be another task's), no link or chord follow-up. The DLQ
+        # record still shows what it claims to be (peeked, for the operator).
+        return dead_before_run(delivery, None, DeadLetterReason.SIGNATURE_INVALID,
+                               "SignatureInvalid", str(exc), default_ttl=default_ttl)  # fmt: skip
     except DecodeError as exc:
         return dead_before_run(delivery, None, DeadLetterReason.UNDECODABLE, "DecodeError",
                                str(exc), default_ttl=default_ttl)  # fmt: skip

@@ -179,6 +179,9 @@ class Supervisor:
                 os.getpid(), self.tree.table.header.slots, ",".join(self.queues),
                 self.stores.broker.url,
             )  # fmt: skip
+            signing = self.stem.settings.signing
+            unverified = "off (messages are not verified)"
+            log.info("signing: %s", signing.describe() if signing else unverified)
             while self.tree.children or self.accepting:
                 self._turn()
         finally:

@@ -77,3 +77,12 @@ def per_tenant(ctx: TaskContext, n: int = 0) -> int:
 def fast(ctx: TaskContext, n: int = 0) -> int:
     record(ctx, "fast")
     return n
+
+
+@stem.task("c.flaky", max_retries=2, retry_backoff=(0.05, 0.05, 0.0))
+def flaky(ctx: TaskContext, x: int = 0) -> int:
+    """Fails its first attempt: a retry is written by the supervisor (signing keeps)."""
+    record(ctx, "flaky")
+    if ctx.attempt == 0:
+        raise RuntimeError("the first attempt fails on purpose")
+    return x
