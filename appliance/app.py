@@ -431,10 +431,9 @@ class Stem:
 
     def _links(self, envelope: Envelope, given: Any, what: str) -> list[dict[str, Any]]:
         """The pre-built, sealed envelopes of `link=`/`link_error=`, children of `envelope`."""
-        from appliance.canvas import Signature
-
         if given is None:
             return []
+        from appliance.canvas import Signature  # canvas imports this module
         signatures = list(given) if isinstance(given, list | tuple) else [given]
         built = []
         for signature in signatures:

@@ -10,6 +10,7 @@ import base64
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -169,6 +170,20 @@ def test_settings_repr_and_the_log_formatter_mask_everything(env: dict[str, str]
 )  # fmt: skip
 def test_redact_url(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    ["a" * 1_000_000, "a" * 500_000 + "@", "x://" + "a" * 1_000_000 + "@", "a://" * 250_000 + "@"],
+)
+def test_redact_url_is_linear_in_a_hostile_value(hostile: str) -> None:
+    """Regression: an unbounded scheme pattern scanned to the end of the text from every
+    start position, so a 20 kB flag value took 0.45 s and a megabyte would take ~20
+    minutes; every CLI error line passes through here."""
+    started = time.monotonic()
+    shown = redact_url(hostile)
+    assert len(shown) <= len(hostile)
+    assert time.monotonic() - started < 5  # linear: ~10 ms here; quadratic: many minutes
 
 
 def test_secrets_from_the_environment_when_settings_cannot_be_built() -> None:
