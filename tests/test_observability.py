@@ -48,9 +48,13 @@ def record(tmp_path: Path) -> Path:
 @pytest.fixture
 def stem(store_url: str, record: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stem]:
     monkeypatch.setattr(signals_app, "RECORD", str(record))
+    signals_app.connect()  # the producer's signals, recorded in this process
     app = app_on(store_url, signals_app.stem)
-    yield app
-    app.close()
+    try:
+        yield app
+    finally:
+        app.close()
+        signals_app.disconnect()
 
 
 def test_every_signal_fires_in_its_process_with_its_payload(

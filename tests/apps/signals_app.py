@@ -37,13 +37,30 @@ def _recorder(name: str) -> Any:
     return record
 
 
-for _signal in signals.ALL:
-    _signal.connect(_recorder(_signal.name))
-
-
-@signals.task_success.connect(sender="s.ok")
 def _broken_handler(payload: signals.TaskSuccess) -> None:
     raise RuntimeError("a handler that always raises")
+
+
+_RECORDERS = [(signal, _recorder(signal.name)) for signal in signals.ALL]
+
+
+def connect() -> None:
+    """Connect the recorders and the raising handler. Done at import only in a worker
+    (STEM_TEST_SIGNALS set): the pytest process imports this module too, and handlers
+    left connected there would fire for every enqueue of every later test."""
+    for signal, handler in _RECORDERS:
+        signal.connect(handler)
+    signals.task_success.connect(_broken_handler, sender="s.ok")
+
+
+def disconnect() -> None:
+    for signal, handler in _RECORDERS:
+        signal.disconnect(handler)
+    signals.task_success.disconnect(_broken_handler)
+
+
+if "STEM_TEST_SIGNALS" in os.environ:
+    connect()
 
 
 @stem.task("s.ok")
