@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint check bench test-tools redis-server
+.PHONY: demo test lint check bench bench-peers test-tools redis-server
 
 # A venv with the project and its dev tools, rebuilt when pyproject.toml changes.
 # Debian's python3 has no ensurepip, so no `python3 -m venv`, until python3-venv is
@@ -41,6 +41,22 @@ check: lint test
 bench: $(STAMP) redis-server
 	$(BIN)/python bench/drain.py --store sqlite
 	$(BIN)/python bench/drain.py --store redis
+
+# The whole comparison in one run: the peers (Huey, Dramatiq, Celery, RQ) and this
+# project on both stores, interleaved, medians of REPS; figures as ratios in the JSON.
+# BASE_VENV=/path/to/.venv adds a second build of this project (before/after a change).
+SHARED_BENCH := ../shared/bench
+PEERS_VENV ?= $(or $(TMPDIR),/tmp)/peers-venv
+PEERS ?= huey-sqlite,huey-redis,dramatiq-p2t8,celery,stem-sqlite,stem-redis
+REPS ?= 2
+bench-peers: $(STAMP) redis-server
+	PEERS_VENV=$(PEERS_VENV) bash $(SHARED_BENCH)/setup_peers.sh
+	mkdir -p bench/results
+	STEM_VENV=$(CURDIR)/.venv $(if $(BASE_VENV),STEM_BASE_VENV=$(BASE_VENV)) \
+	    $(PEERS_VENV)/bin/python $(if $(BASE_VENV),bench/peers_ab.py,$(SHARED_BENCH)/peers.py) \
+	    --peers $(if $(BASE_VENV),huey-redis$(COMMA)base-sqlite$(COMMA)stem-sqlite$(COMMA)base-redis$(COMMA)stem-redis,$(PEERS)) \
+	    --n 20000 --reps $(REPS) --out bench/results/peers-$$(date +%F-%H%M).json
+COMMA := ,
 
 # The tests need real programs from Debian packages (PROGRAM:PACKAGE): a private
 # redis-server, shellcheck for install.sh, systemd-analyze for the units. They fail,

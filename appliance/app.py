@@ -434,6 +434,7 @@ class Stem:
         if given is None:
             return []
         from appliance.canvas import Signature  # canvas imports this module
+
         signatures = list(given) if isinstance(given, list | tuple) else [given]
         built = []
         for signature in signatures:

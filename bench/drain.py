@@ -148,8 +148,9 @@ def wait_for(predicate: Any, timeout: float) -> bool:
 
 def drain(url: str, tmp: Path, n: int) -> dict[str, Any]:
     marks = tmp / f"drain-{time.monotonic_ns()}.marks"
-    single = producer(url, marks, ENQUEUE_SINGLE.format(n=min(n, 5000)))
-    batch = producer(url, marks, ENQUEUE_BATCH.format(n=n - min(n, 5000)))
+    ones = min(n // 4, 5000)  # a quarter (at most 5,000) one at a time, the rest batched
+    single = producer(url, marks, ENQUEUE_SINGLE.format(n=ones))
+    batch = producer(url, marks, ENQUEUE_BATCH.format(n=n - ones))
     spawned = time.time()
     proc = start_worker(url, marks, tmp / "drain.log")
     sampler = Sampler(proc.pid)

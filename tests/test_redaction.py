@@ -12,17 +12,20 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import quote
 
 import orjson
 import pytest
 
-from appliance.config import load_settings
+from appliance import Stem
+from appliance.config import Settings, load_settings
 from appliance.redaction import Redactor, redact_url, secrets_from_environment, secrets_of
+from appliance.signing import SigningConfig
 from tests.apps import ledger_app
 from tests.conftest import wait_until
-from tests.process import ROOT, WorkerProcess, app_on
+from tests.process import ROOT, WorkerProcess
 from tests.redis_server import RedisServer, free_port
 
 PASSWORD = "Kx7@Qz9-redis-secret"  # an '@' too: the URL holds it percent-encoded
@@ -98,7 +101,10 @@ def test_no_command_and_no_log_line_shows_a_secret(
 ) -> None:
     locked_redis.flush()
     worker.start()
-    app = app_on(locked_redis.url, ledger_app.stem)
+    # The producer signs with the worker's key (the worker runs signed messages only).
+    signing = SigningConfig.from_env(env)
+    app = Stem(settings=replace(Settings(), broker_url=locked_redis.url, signing=signing))
+    app.registry.update(ledger_app.stem.registry)
     try:
         assert app.enqueue("t.record", {"n": 1}).result(timeout=20) == 1
         app.enqueue("t.fails_until_flag", {"flag": str(tmp_path / "never")})
