@@ -23,7 +23,7 @@ from appliance.worker.limits import KillReason
 # busy across one settle-and-claim round of the supervisor (one fsync, ~0.2-1 ms), yet
 # bounded in time, so a message never waits long behind a slow task (slow pools get no
 # prefetch at all).
-PREFETCH_WINDOW_S = 0.003
+PREFETCH_WINDOW_S = 0.010
 EWMA_WEIGHT = 0.05
 
 
