@@ -3,6 +3,7 @@ to one line on stderr and an exit code (see `common.report`)."""
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Sequence
 
@@ -25,7 +26,11 @@ from appliance.states import ExitCode
 GROUPS = (worker, beat, enqueue, observe, schedule, dlq, health, tui, signing, demo)
 
 
+@functools.cache
 def build_parser() -> Parser:
+    """The `stem` command tree, built once per process: building it costs ~25 ms here
+    (argparse looks up a translation for every help string), and nothing changes a
+    parser when it parses, so every `main()` of a process (tests run thousands) shares it."""
     parser = Parser(
         prog="stem",
         description="Stem appliance: a single-host task queue (SQLite by default, Redis by "
