@@ -20,6 +20,7 @@ import os
 import random
 import signal
 import sqlite3
+import subprocess
 import threading
 import time
 import uuid
@@ -27,8 +28,12 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
+
+if TYPE_CHECKING:
+    from tests.process import WorkerProcess
 
 
 @dataclass(frozen=True)
@@ -140,6 +145,15 @@ def kill_session(sid: int) -> None:
     for proc in session_members(sid):  # anything that changed its process group
         with contextlib.suppress(ProcessLookupError, psutil.Error):
             proc.kill()
+
+
+def kill_workers(workers: Iterable[WorkerProcess]) -> None:
+    """Fixture teardown: SIGKILL each started worker's whole session and reap it."""
+    for worker in workers:
+        if worker.proc is not None:
+            kill_session(worker.pid)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                worker.proc.wait(timeout=10)
 
 
 class ChildKiller(threading.Thread):

@@ -5,7 +5,6 @@ and the supervisor are SIGKILLed)."""
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import pytest
 from appliance import ChainError, ChordError, Stem, TaskState
 from appliance.canvas import Signature, chain, chord, group
 from tests.apps import canvas_app
-from tests.chaos import ChildKiller, kill_session
+from tests.chaos import ChildKiller, kill_session, kill_workers
 from tests.conftest import wait_until
 from tests.process import ROOT, WorkerProcess, app_on
 
@@ -43,11 +42,7 @@ def spawn(tmp_path: Path, store_url: str) -> Iterator[Spawn]:
         return worker
 
     yield make
-    for worker in made:
-        if worker.proc is not None:
-            kill_session(worker.pid)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                worker.proc.wait(timeout=10)
+    kill_workers(made)
 
 
 def runs(tmp_path: Path, event: str) -> Counter[str]:

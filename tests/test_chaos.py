@@ -7,7 +7,6 @@ the kill loops for a fixed time."""
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import random
@@ -42,6 +41,7 @@ from tests.chaos import (
     integrity_check,
     interrupted_runs,
     kill_session,
+    kill_workers,
     ledger_lines,
     producer_log,
     session_members,
@@ -76,11 +76,7 @@ def spawn(tmp_path: Path, store_url: str) -> Iterator[Spawn]:
         return worker
 
     yield make
-    for worker in made:
-        if worker.proc is not None:
-            kill_session(worker.pid)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                worker.proc.wait(timeout=10)
+    kill_workers(made)
 
 
 def ledger(tmp_path: Path) -> Path:

@@ -5,7 +5,6 @@ producers, a rate limit shared by two supervisors, expiry, priorities, lineage s
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import pytest
 from appliance import Stem, TaskRevokedError, TaskState
 from appliance.app import EnqueueRequest
 from tests.apps import canvas_app
-from tests.chaos import kill_session
+from tests.chaos import kill_workers
 from tests.conftest import wait_until
 from tests.process import ROOT, WorkerProcess, app_on
 
@@ -44,11 +43,7 @@ def spawn(tmp_path: Path, store_url: str) -> Iterator[Spawn]:
         return worker
 
     yield make
-    for worker in made:
-        if worker.proc is not None:
-            kill_session(worker.pid)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                worker.proc.wait(timeout=10)
+    kill_workers(made)
 
 
 def ledger(tmp_path: Path) -> list[list[str]]:

@@ -7,23 +7,23 @@ public keys runs what producers signed and refuses to enqueue unsigned work itse
 from __future__ import annotations
 
 import base64
-import contextlib
 import sqlite3
-import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import orjson
 import pytest
+import redis
 
 from appliance import Stem, TaskState
 from appliance.broker.protocol import DeadLetterEntry
 from appliance.canvas import chain, chord
 from appliance.config import Settings
 from appliance.signing import SigningConfig, generate_key
+from appliance.stores.redis.keys import band_of
 from tests.apps import canvas_app
-from tests.chaos import kill_session
+from tests.chaos import kill_session, kill_workers
 from tests.conftest import wait_until
 from tests.process import WorkerProcess
 
@@ -58,11 +58,7 @@ def spawn(tmp_path: Path) -> Iterator[Spawn]:
         return worker.start()
 
     yield make
-    for worker in made:
-        if worker.proc is not None:
-            kill_session(worker.pid)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                worker.proc.wait(timeout=10)
+    kill_workers(made)
 
 
 def ran(tmp_path: Path, event: str) -> int:
@@ -119,25 +115,44 @@ def test_signed_work_runs_and_everything_else_is_dead_lettered(
             app.close()
 
 
+def tamper(app: Stem, url: str) -> None:
+    """Change the only stored message's args in place, as someone with write access to
+    the store could: the SQLite row, or the Redis stream entry (entries are immutable,
+    so the entry is replaced by a changed copy)."""
+
+    def changed(payload: bytes) -> bytes:
+        raw = orjson.loads(payload)
+        raw["args"]["y"] = 1000
+        return orjson.dumps(raw)
+
+    if url.startswith("sqlite"):
+        with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
+            (payload,) = conn.execute("SELECT payload FROM messages").fetchone()
+            conn.execute("UPDATE messages SET payload = ?", (changed(payload),))
+        return
+    client = redis.Redis.from_url(url)
+    stream = app.broker.keys.stream("default", band_of(0))  # type: ignore[attr-defined]
+    ((entry_id, fields),) = client.xrange(stream)
+    client.xdel(stream, entry_id)
+    client.xadd(stream, {**fields, b"p": changed(fields[b"p"])})
+    client.close()
+
+
 def test_a_message_changed_in_the_store_is_refused(
-    sqlite_url: str, spawn: Spawn, tmp_path: Path
+    store_url: str, spawn: Spawn, tmp_path: Path
 ) -> None:
     keys = hmac_env(f"k1:{K1}", "k1")
-    app = producer(sqlite_url, keys)
+    app = producer(store_url, keys)
     try:
         handle = app.enqueue("c.add", {"x": 1, "y": 1})
-        path = sqlite_url.removeprefix("sqlite:///")
-        with sqlite3.connect(path) as conn:  # someone with write access to the file
-            (payload,) = conn.execute("SELECT payload FROM messages").fetchone()
-            raw = orjson.loads(payload)
-            raw["args"]["y"] = 1000
-            conn.execute("UPDATE messages SET payload = ?", (orjson.dumps(raw),))
-        spawn(sqlite_url, keys)
+        tamper(app, store_url)
+        spawn(store_url, keys)
         assert wait_until(lambda: dead_letter(app, handle.id) is not None, timeout=20)
         entry = dead_letter(app, handle.id)
         assert entry is not None and entry.reason == "signature-invalid"
         assert "changed after it was signed" in entry.message
         assert ran(tmp_path, "add") == 0
+        assert app.enqueue("c.add", {"x": 1, "y": 1}).result(timeout=20) == 2  # serves on
     finally:
         app.close()
 

@@ -21,6 +21,7 @@ from tui.messages import ActionDone, Loaded, StoreProblem
 from tui.screens.base import Loader, StemScreen
 from tui.screens.dead_letters import DeadLettersScreen
 from tui.screens.queues import QueuesScreen
+from tui.screens.schedules import SchedulesScreen
 from tui.screens.task_lookup import TaskLookupScreen
 from tui.screens.workers import WorkersScreen
 from tui.source import Source, StoreDown
@@ -43,6 +44,7 @@ VIEWS: tuple[View, ...] = (
     View("2", "queues", "Queues", QueuesScreen),
     View("3", "dead_letters", "Dead letters", DeadLettersScreen),
     View("4", "task_lookup", "Task lookup", TaskLookupScreen),
+    View("5", "schedules", "Schedules", SchedulesScreen),
 )
 
 

@@ -22,7 +22,7 @@ MIN_REFRESH_S, MAX_REFRESH_S = 0.2, 3600.0
 
 
 def register(commands: Commands) -> None:
-    text = "the terminal UI: workers, queues, dead letters and task lookup, live"
+    text = "the terminal UI: workers, queues, dead letters, task lookup and schedules, live"
     parser = commands.add_parser(
         "tui", parents=[store_flags()], help=text, description=text[0].upper() + text[1:] + "."
     )

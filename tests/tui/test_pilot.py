@@ -20,6 +20,7 @@ from tui.app import StemTui
 from tui.confirm import ConfirmModal
 from tui.screens.dead_letters import DeadLetterDetail, DeadLettersScreen
 from tui.screens.queues import QueuesScreen
+from tui.screens.schedules import SchedulesScreen
 from tui.screens.task_lookup import TaskLookupScreen
 from tui.screens.workers import WorkersScreen
 
@@ -382,3 +383,61 @@ def test_a_deleted_store_is_noticed_and_the_new_file_read(
         await until(pilot, lambda: app.store_problem is None and rows(app, "#queues")[0][1] == "5")
 
     drive(url, scenario)
+
+
+# --- schedules -------------------------------------------------------------------------
+
+
+def seed_schedules(stem: Stem) -> None:
+    from appliance.beat.scheduler import Beat
+
+    entries = [
+        stem.schedule("cleanup", "files.cleanup", every=30),
+        stem.schedule("report", "reports.build", cron="0 7 * * mon-fri", enabled=False),
+    ]
+    Beat(stem, stem.stores).apply(entries, "code")
+
+
+def test_schedules_are_listed_and_one_is_disabled_then_enabled(url: str, stem: Stem) -> None:
+    seed_schedules(stem)
+
+    async def scenario(app: StemTui, pilot: Pilot[None]) -> None:
+        await open_view(app, pilot, "5", SchedulesScreen)
+        table = rows(app, "#schedules")
+        assert [(r[0], r[6], r[1]) for r in table] == [
+            ("cleanup", "files.cleanup", "enabled"), ("report", "reports.build", "disabled"),
+        ]  # fmt: skip
+        assert table[0][2] != "-" and table[1][2] == "-"  # a next slot only while enabled
+        assert "2 schedule(s), 1 disabled" in text_of(app, "#schedules-line")
+        check = loaded(app, SchedulesScreen)
+        await pilot.press("e")
+        await confirm(app, pilot, "y")
+        await until(pilot, lambda: check() and rows(app, "#schedules")[0][1] == "disabled")
+        assert "cleanup disabled" in notes(app)
+        check = loaded(app, SchedulesScreen)
+        await pilot.press("down", "e")
+        await confirm(app, pilot, "n")  # cancelled: nothing changes
+        await pilot.press("e")
+        await confirm(app, pilot, "y")
+        await until(pilot, lambda: check() and rows(app, "#schedules")[1][1] == "enabled")
+
+    drive(url, scenario)
+    enabled = {s.entry.name: s.enabled for s in stem.stores.schedules.entries()}
+    assert enabled == {"cleanup": False, "report": True}
+
+
+def test_read_only_shows_schedules_but_changes_none(url: str, stem: Stem) -> None:
+    seed_schedules(stem)
+    shown: set[str] = set()
+
+    async def scenario(app: StemTui, pilot: Pilot[None]) -> None:
+        await open_view(app, pilot, "5", SchedulesScreen)
+        shown.update(b.binding.key for b in app.screen.active_bindings.values()
+                     if b.enabled and b.binding.show)  # fmt: skip
+        await pilot.press("e")
+        await pilot.pause(0.1)
+        assert not isinstance(app.screen, ConfirmModal)
+
+    drive(url, scenario, read_only=True)
+    assert "e" not in shown
+    assert all(s.enabled for s in stem.stores.schedules.entries() if s.entry.name == "cleanup")

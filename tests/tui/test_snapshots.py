@@ -25,6 +25,7 @@ from tui.confirm import ConfirmModal
 from tui.screens.base import StemScreen
 from tui.screens.dead_letters import DeadLetterDetail, DeadLettersScreen
 from tui.screens.queues import QueuesScreen
+from tui.screens.schedules import SchedulesScreen
 from tui.screens.task_lookup import TaskLookupScreen
 from tui.screens.workers import WorkersScreen
 from tui.source import Source
@@ -67,6 +68,14 @@ def seeded(frozen: None) -> Iterator[None]:
         error=error, worker="edge-1", started_at=now - 65, finished_at=now - 61.5,
         progress=80.0, meta={"customer": 7},
     )])  # fmt: skip
+    from appliance.beat.scheduler import Beat
+
+    Beat(stem, stem.stores).apply([
+        stem.schedule("cleanup", "files.cleanup", every=30),
+        stem.schedule("report", "report.build", cron="0 7 * * mon-fri", timezone="Europe/Berlin"),
+        stem.schedule("lights", "home.lights", solar="sunset", latitude=52.5, longitude=13.4,
+                      enabled=False),
+    ], "code")  # fmt: skip
     stem.close()
     yield
 
@@ -150,6 +159,12 @@ def test_task_lookup(
         await until(pilot, check)
         await pilot.pause(0.1)
 
+    assert snap_compare(app_for_snapshot(), terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_schedules(seeded: None, snap_compare: Callable[..., bool], size: tuple[int, int]) -> None:
+    run_before = view("5", SchedulesScreen)
     assert snap_compare(app_for_snapshot(), terminal_size=size, run_before=run_before)
 
 
