@@ -95,15 +95,20 @@ def test_signed_work_runs_and_everything_else_is_dead_lettered(
         assert [signed.handle(c).result(timeout=20) for c in children] == [0, 1, 2]
 
         before = ran(tmp_path, "add")
+        # Checked by the child before it runs (the first two), or by the supervisor
+        # when it would settle the message itself (an unknown task, an expired one):
+        # either way signature-invalid, never unknown-task or revoked.
         refused = {
-            "unsigned": unsigned.enqueue("c.add", {"x": 1}).id,
-            "bad-signature": forged.enqueue("c.add", {"x": 1}).id,
-        }
-        for why, task_id in refused.items():
+            ("unsigned", "c.add"): unsigned.enqueue("c.add", {"x": 1}).id,
+            ("bad-signature", "c.add"): forged.enqueue("c.add", {"x": 1}).id,
+            ("bad-signature", "c.nothing"): forged.enqueue("c.nothing").id,
+            ("bad-signature", "c.fast"): forged.enqueue("c.fast", countdown=1.5, expires=1.0).id,
+        }  # the last one is due after it expired
+        for (why, name), task_id in refused.items():
             assert wait_until(lambda t=task_id: dead_letter(signed, t) is not None, timeout=20)
             entry = dead_letter(signed, task_id)
             assert entry is not None and entry.reason == "signature-invalid", entry
-            assert entry.error_type == "SignatureInvalid" and entry.name == "c.add"
+            assert entry.error_type == "SignatureInvalid" and entry.name == name
             if why == "unsigned":
                 assert "not signed" in entry.message
             else:

@@ -19,7 +19,6 @@ from typing import Any
 
 from appliance.app import Stem
 from appliance.config import PoolSettings
-from appliance.envelope import decode
 from appliance.errors import DecodeError, NotRegistered
 from appliance.states import OutcomeStatus, SlotState
 from appliance.worker.executor import Executor, error_fields
@@ -146,9 +145,9 @@ def _handle(
     if setup.header.draining:  # warm shutdown: the supervisor gives it back unstarted
         return Outcome(seq, OutcomeStatus.SKIPPED)
     try:
-        # The supervisor decoded (and, with signing, verified) this payload before it
-        # dispatched it; decoding again here only turns the bytes back into the envelope.
-        envelope = decode(payload)
+        # The supervisor decoded this payload before it dispatched it; here it becomes
+        # the envelope again and, with signing, is verified before anything runs.
+        envelope = setup.stem.codec.decode(payload)
         task = setup.stem.get_task(envelope.name)
     except (DecodeError, NotRegistered) as exc:  # the supervisor checks first; belt and braces
         return Outcome(seq, OutcomeStatus.REJECTED, error=error_fields(exc))

@@ -192,6 +192,13 @@ class ProcessTree:
         if message.status is OutcomeStatus.SKIPPED:
             self.settle(outcomes.released(dispatch.delivery))
             return
+        error = message.error
+        if message.status is OutcomeStatus.REJECTED and error and error.type == "SignatureInvalid":
+            # The child refused it before running anything (`child._handle`).
+            self.settle(outcomes.signature_invalid(
+                dispatch.delivery, error.message, default_ttl=self._default_ttl
+            ))  # fmt: skip
+            return
         if message.runtime is not None:
             child.pool.record_runtime(max(0.0, message.runtime))
         overdue = time.monotonic() - dispatch.lease_end
