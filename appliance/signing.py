@@ -31,6 +31,7 @@ log line shows them.
 
 from __future__ import annotations
 
+import abc
 import base64
 import binascii
 import hashlib
@@ -125,7 +126,7 @@ class EnvelopeView:
         return getattr(self._envelope, name)
 
 
-class Signer:
+class Signer(abc.ABC):
     """Signs with the active key. `sign(raw)` returns the `sig` field's value."""
 
     def __init__(self, key_id: str) -> None:
@@ -141,8 +142,9 @@ class Signer:
         """`sign` of an `Envelope` (its fields read in place, no dict built)."""
         return self.sign(EnvelopeView(envelope))  # type: ignore[arg-type]
 
+    @abc.abstractmethod
     def _sign(self, content: bytes) -> bytes:
-        raise NotImplementedError
+        """The raw signature of `content` (each algorithm's own)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(key_id={self.key_id!r})"
@@ -166,7 +168,7 @@ class _Ed25519Signer(Signer):
         return self._key.sign(content)
 
 
-class Verifier:
+class Verifier(abc.ABC):
     """Checks `sig` against every configured key (rotation: any of them verifies)."""
 
     def __init__(self, key_ids: tuple[str, ...]) -> None:
@@ -211,8 +213,9 @@ class Verifier:
                 data,
             )
 
+    @abc.abstractmethod
     def _check(self, key_id: str, signature: bytes, content: bytes) -> bool:
-        raise NotImplementedError
+        """Whether `signature` by key `key_id` matches `content` (each algorithm's own)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(key_ids={self.key_ids!r})"

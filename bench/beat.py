@@ -20,13 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from appliance import Stem  # noqa: E402
+from bench.common import bench_store, percentile  # noqa: E402
 from tests.process import WorkerProcess  # noqa: E402
-from tests.redis_server import RedisServer  # noqa: E402
-
-
-def percentile(values: list[float], pct: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(pct / 100 * len(ordered)))]
 
 
 def main() -> None:
@@ -35,25 +30,17 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp())
-    server = None
-    if args.store == "redis":
-        server = RedisServer(tmp / "redis")
-        server.start()
-        url = server.url
-    else:
-        url = f"sqlite:///{tmp / 'stem.db'}"
-    worker = WorkerProcess(tmp, url, app="tests.apps.beat_app:stem", concurrency=1,
-                           extra=["--beat"]).start()  # fmt: skip
-    try:
-        time.sleep(args.seconds)
-    finally:
-        worker.stop()
-    stem = Stem(broker=url)
-    runs = stem.stores.schedules.runs("every-second", 500)
-    drifts = [r.drift_ms for r in runs if r.drift_ms is not None]
-    stem.close()
-    if server is not None:
-        server.stop()
+    with bench_store(args.store, tmp) as url:
+        worker = WorkerProcess(tmp, url, app="tests.apps.beat_app:stem", concurrency=1,
+                               extra=["--beat"]).start()  # fmt: skip
+        try:
+            time.sleep(args.seconds)
+        finally:
+            worker.stop()
+        stem = Stem(broker=url)
+        runs = stem.stores.schedules.runs("every-second", 500)
+        drifts = [r.drift_ms for r in runs if r.drift_ms is not None]
+        stem.close()
     print(json.dumps({
         "store": args.store, "runs": len(drifts),
         "drift_ms": {"p50": round(percentile(drifts, 50), 2),

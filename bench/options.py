@@ -29,9 +29,9 @@ sys.path.insert(0, str(ROOT))
 from appliance import Stem  # noqa: E402
 from appliance.app import EnqueueRequest  # noqa: E402
 from appliance.canvas import chord, group  # noqa: E402
+from bench.common import bench_store  # noqa: E402
 from tests.apps import canvas_app  # noqa: E402
 from tests.process import WorkerProcess, app_on  # noqa: E402
-from tests.redis_server import RedisServer  # noqa: E402
 
 APP = "tests.apps.canvas_app:stem"
 
@@ -123,23 +123,15 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=10_000)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp())
-    server = None
-    if args.store == "redis":
-        server = RedisServer(tmp / "redis")
-        server.start()
-        url = server.url
-    else:
-        url = f"sqlite:///{tmp / 'stem.db'}"
-    stem = app_on(url, canvas_app.stem)
-    try:
-        if args.what == "rate":
-            figures = bench_rate(stem, tmp, url, args.seconds)
-        else:
-            figures = bench_chord(stem, tmp, url, args.members)
-    finally:
-        stem.close()
-        if server is not None:
-            server.stop()
+    with bench_store(args.store, tmp) as url:
+        stem = app_on(url, canvas_app.stem)
+        try:
+            if args.what == "rate":
+                figures = bench_rate(stem, tmp, url, args.seconds)
+            else:
+                figures = bench_chord(stem, tmp, url, args.members)
+        finally:
+            stem.close()
     print(json.dumps({"store": args.store, "what": args.what, **figures}, indent=2))
 
 
