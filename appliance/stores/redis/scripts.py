@@ -92,20 +92,24 @@ local function add_record(i, ttl)
   if canvas ~= '' then redis.call('HSET', k, 'canvas', canvas) end
   redis.call('PEXPIRE', k, ttl)
 end
+-- `n` messages from ARGV[first] (8 arguments each), then their records (4 each) to the
+-- end of ARGV, kept `ttl` ms; each queue that got one is listed and woken once.
+local function store_batch(first, n, ttl)
+  local last = first - 1 + n * 8
+  local woken = {}
+  for i = first, last, 8 do
+    local q = store_message(i)
+    if not woken[q] then woken[q] = true; redis.call('SADD', k_queues, q) end
+  end
+  for i = last + 1, #ARGV, 4 do add_record(i, ttl) end
+  for q in pairs(woken) do redis.call('PUBLISH', k_wake(q), '1') end
+end
 """
 
 ENQUEUE = """#!lua
 -- ARGV: prefix, group, record TTL in ms, message count n, then n messages (8 arguments
 -- each: see store_message), then the records (4 each: see add_record)
-local ttl, n = ARGV[3], tonumber(ARGV[4])
-local last = 4 + n * 8
-local woken = {}
-for i = 5, last, 8 do
-  local q = store_message(i)
-  if not woken[q] then woken[q] = true; redis.call('SADD', k_queues, q) end
-end
-for i = last + 1, #ARGV, 4 do add_record(i, ttl) end
-for q in pairs(woken) do redis.call('PUBLISH', k_wake(q), '1') end
+store_batch(5, tonumber(ARGV[4]), ARGV[3])
 return 0
 """
 
@@ -141,15 +145,7 @@ local kc = k_chord(ARGV[3])
 redis.call('HSET', kc, 'size', ARGV[4], 'done', 0, 'q', ARGV[7], 'band', ARGV[8],
            'task', ARGV[9], 'payload', ARGV[10], 'rk', ARGV[11], 'ri', ARGV[12])
 redis.call('PEXPIRE', kc, ARGV[5])
-local ttl, n = ARGV[6], tonumber(ARGV[13])
-local last = 13 + n * 8
-local woken = {}
-for i = 14, last, 8 do
-  local q = store_message(i)
-  if not woken[q] then woken[q] = true; redis.call('SADD', k_queues, q) end
-end
-for i = last + 1, #ARGV, 4 do add_record(i, ttl) end
-for q in pairs(woken) do redis.call('PUBLISH', k_wake(q), '1') end
+store_batch(14, tonumber(ARGV[13]), ARGV[6])
 return 0
 """
 
