@@ -8,6 +8,7 @@ without its result), and chord counters, Beat slot claims and revokes will too.
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 
 import pytest
@@ -92,3 +93,44 @@ def test_a_redis_unit_whose_server_dies_before_it_is_sent_commits_neither(
         redis_server.kill()  # SIGKILL: the unit never reaches the server
     redis_server.start()  # the same port and data directory (AOF on)
     assert_untouched(stores, envelope)
+
+
+# -- units and threads ----------------------------------------------------------------------
+
+
+def test_a_unit_belongs_to_its_thread(stores: Stores) -> None:
+    """A write from another thread while a unit is open is its own: it waits for the
+    unit instead of joining it, so the unit's rollback cannot take it along (the
+    supervisor's metrics export reads from a thread of its own)."""
+    envelope, delivery = leased_one(stores, Consumer.this_process())
+    other = Envelope(id=new_task_id(), name="tests.noop", enqueued_at=time.time())
+    done = threading.Event()
+
+    def enqueue_from_another_thread() -> None:
+        stores.broker.enqueue([other])
+        done.set()
+
+    with pytest.raises(RuntimeError), stores.unit_of_work():
+        finish(stores, envelope, delivery)
+        thread = threading.Thread(target=enqueue_from_another_thread)
+        thread.start()
+        # SQLite: the other thread waits for the unit's lock; Redis: it is sent at once.
+        done.wait(0.3)
+        raise RuntimeError("the unit fails after the other thread wrote")
+    thread.join(10)
+    assert done.is_set()
+    assert_untouched(stores, envelope)  # the unit's own writes were undone ...
+    found = stores.broker.find_message(other.id)
+    assert found is not None and found.state == "ready"  # ... the other thread's were not
+
+
+def test_a_redis_unit_is_invisible_to_other_threads(redis_url: str) -> None:
+    stores = open_test_stores(redis_url, Settings())
+    session = stores.broker.session  # type: ignore[attr-defined]
+    seen: list[object] = []
+    with stores.unit_of_work():
+        assert session.pipe is not None
+        thread = threading.Thread(target=lambda: seen.append(session.pipe))
+        thread.start()
+        thread.join(10)
+    assert seen == [None]

@@ -4,6 +4,7 @@ together), the outage log, and the open unit of work."""
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -27,9 +28,20 @@ class RedisSession:
         self.url = url
         self.client = client
         self.outage = OutageLog(redact(url))
-        self.pipe: Any = None  # the open unit's pipeline
+        # The open unit's pipeline belongs to the thread that opened it: the supervisor's
+        # store round may run in a thread of its own while metrics export reads in another.
+        self._local = threading.local()
         self._scripts: list[Script] = []
         self._loaded = False
+
+    @property
+    def pipe(self) -> Any:
+        """This thread's open unit of work (a MULTI/EXEC pipeline), or None."""
+        return getattr(self._local, "pipe", None)
+
+    @pipe.setter
+    def pipe(self, value: Any) -> None:
+        self._local.pipe = value
 
     def script(self, source: str) -> Script:
         """Register a script of this store (loaded by `load_scripts`)."""

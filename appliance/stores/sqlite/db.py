@@ -243,7 +243,11 @@ class Database:
         self.busy_deadline = busy_deadline
         # check_same_thread=False plus this lock: a TUI may read from a worker thread.
         self._lock = threading.RLock()
-        self._unit_depth = 0  # > 0 inside unit_of_work(): writes join its transaction
+        # > 0 inside unit_of_work(): writes of the thread that opened it join its
+        # transaction; another thread (the supervisor's store round runs in one, metrics
+        # export in another) waits for the lock instead of writing into it.
+        self._unit_depth = 0
+        self._unit_thread = 0
         self._after_commit: list[Callable[[], None]] = []
 
     @property
@@ -266,7 +270,7 @@ class Database:
         first task that enqueued from inside a child). With every connection closed,
         the child starts as if it had never seen the file."""
         with self._lock:
-            if self._unit_depth:
+            if self._in_unit():
                 raise RuntimeError("cannot close for fork() inside a unit of work")
             if self._conn is not None and os.getpid() == self.pid:
                 self._conn.close()
@@ -276,8 +280,8 @@ class Database:
     def unit_of_work(self) -> Iterator[None]:
         """Every read and write made inside joins one `BEGIN IMMEDIATE` transaction that
         commits at the end (group commit: one fsync for many settles and claims).
-        Reentrant; an exception rolls the whole unit back."""
-        if self._unit_depth:
+        Reentrant within its thread; an exception rolls the whole unit back."""
+        if self._in_unit():
             self._unit_depth += 1
             try:
                 yield
@@ -285,8 +289,7 @@ class Database:
                 self._unit_depth -= 1
             return
         with self._lock:
-            self._retrying(lambda conn: None, "BEGIN IMMEDIATE", commit=False)
-            self._unit_depth = 1
+            self._begin_unit()
             try:
                 yield
                 self.conn.execute("COMMIT")
@@ -302,14 +305,23 @@ class Database:
             for action in committed:  # only reached when the COMMIT went through
                 action()
 
+    def _begin_unit(self) -> None:
+        """BEGIN IMMEDIATE for a unit of work of this thread (the lock held)."""
+        self._retrying(lambda conn: None, "BEGIN IMMEDIATE", commit=False)
+        self._unit_depth, self._unit_thread = 1, threading.get_ident()
+
     def on_commit(self, action: Callable[[], None]) -> None:
         """Run `action` once what was just written is committed: now outside a unit of
         work, after its COMMIT inside one (wake-ups must not reach a listener before
         the rows they announce can be seen)."""
-        if self._unit_depth:
+        if self._in_unit():
             self._after_commit.append(action)
         else:
             action()
+
+    def _in_unit(self) -> bool:
+        """Whether this thread has a unit of work open (other threads' units don't count)."""
+        return self._unit_depth > 0 and self._unit_thread == threading.get_ident()
 
     @property
     def path(self) -> Path:
@@ -335,7 +347,7 @@ class Database:
         self, work: Callable[[sqlite3.Connection], T], begin: str | None, *, commit: bool = True
     ) -> T:
         self._check_pid()
-        if self._unit_depth:  # inside a unit of work: its transaction is ours; no retry
+        if self._in_unit():  # inside our unit of work: its transaction is ours; no retry
             try:
                 return work(self.conn)
             except sqlite3.Error as exc:
