@@ -73,7 +73,8 @@ _SIGNED: tuple[tuple[str, Any], ...] = tuple(
     if name not in UNSIGNED_FIELDS
 )
 _HEADERS_AT = [name for name, _ in _SIGNED].index("headers")
-UNSIGNED_HEADERS = frozenset({"stem-previous-attempt"})  # = telemetry.PREVIOUS_ATTEMPT_HEADER
+# = telemetry.PREVIOUS_ATTEMPT_HEADER and FOLLOWS_HEADER: trace context the supervisor adds.
+UNSIGNED_HEADERS = frozenset({"stem-previous-attempt", "stem-follows"})
 # Domain separation: a key shared with another use can never sign an envelope by accident.
 CONTEXT = b"stem-envelope-v1\n"
 

@@ -16,8 +16,10 @@ import orjson
 import pytest
 
 from appliance import Stem, TaskError, TaskRevokedError, TimeLimitExceeded, signals
+from appliance.canvas import chain
 from appliance.config import Settings
 from appliance.control.client import ControlClient
+from appliance.envelope import new_task_id
 from tests.apps import signals_app
 from tests.conftest import wait_until
 from tests.otlp_receiver import OtlpReceiver
@@ -181,6 +183,12 @@ def test_spans_join_producer_and_worker_and_metrics_arrive(
         assert ok.result(timeout=20) == 2
         with pytest.raises(TaskError):
             app.enqueue("s.fail").result(timeout=20)
+        step_ids = [new_task_id(), new_task_id()]
+        steps = chain(
+            app.signature("s.add", {"n": 5}, task_id=step_ids[0]),
+            app.signature("s.add", {"n": 6}, task_id=step_ids[1]),
+        ).enqueue()
+        assert steps.result(timeout=20) == 11
         app.telemetry.flush()
 
         def spans() -> list[dict[str, Any]]:
@@ -204,12 +212,23 @@ def test_spans_join_producer_and_worker_and_metrics_arrive(
     first, second = sorted((s for s in received if s["name"] == "run s.fail"),
                            key=lambda s: s["attributes"]["stem.attempt"])  # fmt: skip
     assert second["links"] == [(first["trace_id"], first["span_id"])]  # the retry links back
+    # A chain is one trace: the next step's run is a child of the step before it, which
+    # is a child of the chain's enqueue.
+    (step1,) = [s for s in received if s["name"] == "run s.add" and _task_id(s) == step_ids[0]]
+    (step2,) = [s for s in received if s["name"] == "run s.add" and _task_id(s) == step_ids[1]]
+    (start,) = [s for s in received if s["name"] == "enqueue s.add"]
+    assert step1["trace_id"] == start["trace_id"] and step1["parent_span_id"] == start["span_id"]
+    assert step2["trace_id"] == step1["trace_id"] and step2["parent_span_id"] == step1["span_id"]
     points = receiver.snapshot().points
     names = {p["name"] for p in points}
     assert {"stem.queue.depth", "stem.pool.concurrency", "stem.task.duration"} <= names, names
     outcomes = {p["attributes"].get("stem.outcome") for p in points
                 if p["name"] == "stem.task.outcomes"}  # fmt: skip
     assert {"success", "retry", "dead"} <= outcomes, outcomes
+
+
+def _task_id(span: dict[str, Any]) -> Any:
+    return span["attributes"].get("stem.task.id")
 
 
 def test_a_worker_without_the_endpoint_imports_no_opentelemetry(

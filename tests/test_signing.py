@@ -22,7 +22,7 @@ from appliance.signing import (
     generate_key,
     signed_content,
 )
-from appliance.telemetry import PREVIOUS_ATTEMPT_HEADER
+from appliance.telemetry import FOLLOWS_HEADER, PREVIOUS_ATTEMPT_HEADER
 
 
 def b64(key: bytes) -> str:
@@ -104,7 +104,11 @@ def test_the_worker_managed_fields_can_change_without_breaking_the_signature(
     producer, worker = pair
     raw = signed(producer)
     raw.update(attempt=3, not_before=1_800_000_000.0, previous={"step": [1, 2]})
-    raw["headers"] = {**raw["headers"], PREVIOUS_ATTEMPT_HEADER: "00-ab-cd-01"}
+    raw["headers"] = {
+        **raw["headers"],
+        PREVIOUS_ATTEMPT_HEADER: "00-ab-cd-01",
+        FOLLOWS_HEADER: "00-ef-01-01",
+    }
     worker.verifier().verify(raw)
 
 
@@ -354,10 +358,10 @@ def test_repr_and_describe_show_key_ids_only() -> None:
     assert hmac_cfg.describe() == "hmac-sha256, signs with k2, verifies k1, k2"
 
 
-def test_the_unsigned_header_is_the_one_telemetry_writes_at_retry() -> None:
+def test_the_unsigned_headers_are_the_ones_the_supervisor_writes() -> None:
     from appliance.signing import UNSIGNED_HEADERS
 
-    assert frozenset({PREVIOUS_ATTEMPT_HEADER}) == UNSIGNED_HEADERS
+    assert frozenset({PREVIOUS_ATTEMPT_HEADER, FOLLOWS_HEADER}) == UNSIGNED_HEADERS
 
 
 # --- stem signing keygen ------------------------------------------------------------------

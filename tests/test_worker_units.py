@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from appliance import Stem, TaskContext
 from appliance.broker.protocol import Delivery
+from appliance.config import PoolSettings
 from appliance.envelope import Envelope
+from appliance.envelope_rules import MAX_HEADERS, headers_problem
 from appliance.states import (
     DeadLetterReason,
     OutcomeStatus,
@@ -15,6 +19,7 @@ from appliance.states import (
     TaskEvent,
     TaskState,
 )
+from appliance.telemetry import PREVIOUS_ATTEMPT_HEADER
 from appliance.worker import outcomes
 from appliance.worker.heartbeat import Slot
 from appliance.worker.ipc import (
@@ -29,6 +34,7 @@ from appliance.worker.ipc import (
     split_dispatch,
 )
 from appliance.worker.limits import check_memory, check_slot, respawn_delay
+from appliance.worker.pool import Pool
 
 
 def running_slot(started: float, hard: float, beat: float) -> Slot:
@@ -225,3 +231,54 @@ def test_a_retry_strategy_that_raises_dead_letters_the_task_not_the_worker(
     assert failed.settlement.dead is not None
     assert failed.settlement.dead.reason is DeadLetterReason.PERMANENT
     assert "retry strategy failed" in failed.settlement.dead.message
+
+
+# --- prefetch depth ---------------------------------------------------------------------------
+
+
+def test_a_pool_earns_prefetch_from_its_first_measured_task() -> None:
+    """The cautious start (1 s per task: no prefetch) gives way to the first runtime at
+    once, so a burst of short tasks is prefetched from its first round on."""
+    pool = Pool(PoolSettings(name="p", queues=("default",), concurrency=2), first_slot=0)
+    assert pool.depth() == 1
+    pool.record_runtime(0.002)
+    assert 5 <= pool.depth() <= 6  # ~10 ms of 2 ms tasks behind the running one
+    slow = Pool(PoolSettings(name="s", queues=("default",), concurrency=2), first_slot=0)
+    slow.record_runtime(2.0)
+    assert slow.depth() == 1  # a slow first task keeps the pool unprefetched
+
+
+def test_a_pool_runtime_estimate_is_the_plain_mean_then_an_ewma() -> None:
+    pool = Pool(PoolSettings(name="p", queues=("default",), concurrency=1), first_slot=0)
+    for seconds in (0.001, 0.003):
+        pool.record_runtime(seconds)
+    assert pool.avg_task_s == pytest.approx(0.002)
+    for _ in range(200):  # long after the first twenty: one sample moves it by 5 % only
+        pool.record_runtime(0.002)
+    pool.record_runtime(1.002)
+    assert pool.avg_task_s == pytest.approx(0.002 + 0.05 * 1.0)
+
+
+# --- trace context the supervisor adds ---------------------------------------------------
+
+
+def test_a_retry_of_a_task_with_the_most_headers_stays_a_valid_message(sqlite_url: str) -> None:
+    """With tracing on, a retry carries the failed attempt's span in a header of its own;
+    a message that already has as many headers as allowed goes on without it, rather
+    than becoming one the next worker refuses."""
+    stem = Stem(broker=sqlite_url)
+
+    @stem.task("h", max_retries=1)
+    def h(ctx: TaskContext) -> None: ...
+
+    traced = replace(FAILED, traceparent="00-" + "1" * 32 + "-" + "2" * 16 + "-01")
+    for count, expected in ((3, 4), (MAX_HEADERS, MAX_HEADERS)):
+        headers = {f"h{i}": "v" for i in range(count)}
+        env = Envelope(id="1", name="h", max_retries=1, headers=headers)
+        settled = outcomes.from_outcome(
+            _delivery(), env, stem.get_task("h"), traced, worker="w", default_ttl=60
+        )
+        following = settled.settlement.envelope
+        assert following is not None and len(following.headers) == expected
+        assert headers_problem(following.headers) is None
+        assert (PREVIOUS_ATTEMPT_HEADER in following.headers) is (count < MAX_HEADERS)

@@ -15,7 +15,8 @@ Who calls what (one `Telemetry` per process, built by `load(settings)`):
 - supervisor: `t.start_metrics(depth=..., pools=...)` once, `t.tick(now)` each loop
   turn, `t.record_*` as things happen, `t.shutdown()` on the way out; when it settles a
   retry, `t.link_retry(headers, outcome_traceparent)` so the next attempt's span links
-  to the one before.
+  to the one before; a chain's next step or a link it enqueues gets the finished task's
+  span in `FOLLOWS_HEADER`, the parent of the follow-up's execution span.
 
 Every metric is recorded by the supervisor, which sees every outcome: children export
 only spans (fewer connections, no per-child duplicate series).
@@ -37,6 +38,10 @@ if TYPE_CHECKING:
 
 # The header that carries the previous attempt's execution span to the next attempt.
 PREVIOUS_ATTEMPT_HEADER = "stem-previous-attempt"
+# The header that carries, to a task a finished one set off (a chain's next step, a
+# link), the finished task's execution span: the parent of the follow-up's own, so a
+# whole chain is one trace. The supervisor writes both, so neither is signed.
+FOLLOWS_HEADER = "stem-follows"
 
 
 @dataclass(frozen=True, slots=True, repr=False)

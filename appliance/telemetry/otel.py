@@ -40,6 +40,7 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from appliance.telemetry import (
+    FOLLOWS_HEADER,
     PREVIOUS_ATTEMPT_HEADER,
     DepthSource,
     PoolSource,
@@ -200,9 +201,11 @@ class OtelTelemetry(Telemetry):
 
     @contextlib.contextmanager
     def task_span(self, ctx: TaskContext) -> Iterator[TaskSpan]:
-        # The parent comes from the envelope only: an empty context when it carries
-        # none, so the span never nests under whatever was current in this process.
-        parent = _PROPAGATOR.extract(ctx.headers)
+        # The parent comes from the envelope only: the task that set this one off
+        # (FOLLOWS_HEADER), else the enqueue's; an empty context when it carries none,
+        # so the span never nests under whatever was current in this process.
+        follows = ctx.headers.get(FOLLOWS_HEADER)
+        parent = _PROPAGATOR.extract({"traceparent": follows} if follows else ctx.headers)
         attributes = _task_attributes(ctx.id, ctx.name, ctx.queue, ctx.attempt, "process")
         with self._get_tracer().start_as_current_span(
             f"run {ctx.name}", context=parent, kind=SpanKind.CONSUMER,

@@ -15,11 +15,12 @@ from appliance import flow
 from appliance.backend.protocol import ErrorInfo, TaskResult
 from appliance.broker.protocol import DeadLetterInfo, Delivery, Settlement
 from appliance.envelope import Envelope, EnvelopeCodec
+from appliance.envelope_rules import MAX_HEADERS
 from appliance.errors import DecodeError, SignatureInvalid
 from appliance.retry import Decision, decide
 from appliance.states import DeadLetterReason, OutcomeStatus, SettleKind, TaskEvent, TaskState
 from appliance.tasks import Task
-from appliance.telemetry import PREVIOUS_ATTEMPT_HEADER
+from appliance.telemetry import FOLLOWS_HEADER, PREVIOUS_ATTEMPT_HEADER
 from appliance.worker.ipc import ErrorFields, Outcome
 from appliance.worker.limits import BYSTANDER, COLD_SHUTDOWN, KillReason
 
@@ -39,6 +40,24 @@ def _error(fields: ErrorFields | None) -> ErrorInfo:
     if fields is None:
         return ErrorInfo("Error", "")
     return ErrorInfo(fields.type, fields.message, fields.traceback)
+
+
+def _with_header(envelope: Envelope, name: str, value: str) -> Envelope:
+    """`envelope` with one trace header more: none when it already has as many headers
+    as a message may (the task still runs; only its span is not connected)."""
+    headers = envelope.headers
+    if name not in headers and len(headers) >= MAX_HEADERS:
+        return envelope
+    return replace(envelope, headers={**headers, name: value})
+
+
+def _follows(follow: flow.FollowUps | None, traceparent: str | None) -> flow.FollowUps | None:
+    """The follow-ups (a chain's next step, links) with the finished task's execution
+    span as their parent (`FOLLOWS_HEADER`), when tracing is on."""
+    if follow is None or not traceparent or not follow.enqueue:
+        return follow
+    enqueue = tuple(_with_header(e, FOLLOWS_HEADER, traceparent) for e in follow.enqueue)
+    return replace(follow, enqueue=enqueue)
 
 
 def _result_ttl(task: Task | None, default_ttl: float, now: float) -> float:
@@ -84,6 +103,7 @@ def from_outcome(
             else TaskResult(state=TaskState.SUCCESS, value=outcome.value, **common)
         )
         follow, more = flow.after_success(envelope, outcome.value, now, default_ttl)
+        follow = _follows(follow, outcome.traceparent)
         return Settled(
             Settlement.ack(delivery, follow), result, TaskEvent.SUCCESS, more, outcome.runtime
         )
@@ -93,14 +113,14 @@ def from_outcome(
         retry = TaskResult(state=TaskState.RETRY, error=error, **common)
         following = envelope.next_attempt(decision.not_before)
         if outcome.traceparent:  # the next attempt's span links to this one
-            headers = {**following.headers, PREVIOUS_ATTEMPT_HEADER: outcome.traceparent}
-            following = replace(following, headers=headers)
+            following = _with_header(following, PREVIOUS_ATTEMPT_HEADER, outcome.traceparent)
         settlement = Settlement.retry(delivery, following)
         return Settled(settlement, retry, TaskEvent.RETRY, runtime=outcome.runtime)
     reason = decision.reason or DeadLetterReason.EXHAUSTED
     dead = TaskResult(state=TaskState.DEAD, error=error, **common)
     info = DeadLetterInfo(reason, error.type, error.message, error.traceback)
     follow, more = flow.after_failure(envelope, error, now, default_ttl, failed=True)
+    follow = _follows(follow, outcome.traceparent)
     settlement = Settlement.dead_letter(delivery, info, follow)
     return Settled(settlement, dead, TaskEvent.DEAD, more, outcome.runtime)
 

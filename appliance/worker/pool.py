@@ -84,6 +84,7 @@ class Pool:
         self.respawn_at: dict[int, float] = {}  # empty slot index -> monotonic time
         self.early_deaths = 0
         self.avg_task_s = 1.0  # pessimistic until measured: no prefetch at start
+        self.runtimes_seen = 0
         self.maybe_ready = True  # the queues may hold claimable messages
         self.next_poll = 0.0  # monotonic: claim again by then even without a wake-up
 
@@ -96,7 +97,7 @@ class Pool:
         return tuple(q for q in self.settings.queues if q not in paused)
 
     def depth(self) -> int:
-        """Deliveries a child may hold: the running one plus ~3 ms of short tasks."""
+        """Deliveries a child may hold: the running one plus ~10 ms of short tasks."""
         extra = int(PREFETCH_WINDOW_S / max(self.avg_task_s, 1e-6))
         return 1 + min(self.settings.prefetch, extra)
 
@@ -118,7 +119,12 @@ class Pool:
         return best
 
     def record_runtime(self, seconds: float) -> None:
-        self.avg_task_s += EWMA_WEIGHT * (seconds - self.avg_task_s)
+        # The plain mean of the first runtimes (1/n stays above the EWMA's weight up to
+        # the 20th), so the first one replaces the cautious start at once: with the EWMA
+        # alone, 1 ms tasks needed ~100 runs before they earned any prefetch.
+        self.runtimes_seen += 1
+        weight = max(EWMA_WEIGHT, 1.0 / self.runtimes_seen)
+        self.avg_task_s += weight * (seconds - self.avg_task_s)
 
     def held(self) -> int:
         return sum(len(c.outstanding) for c in self.children.values())

@@ -69,6 +69,11 @@ def ok(ctx: TaskContext, n: int = 0) -> int:
     return n
 
 
+@stem.task("s.add")
+def add(ctx: TaskContext, n: int = 0, previous: int = 0) -> int:
+    return previous + n  # a chain's step: the step before it gives `previous`
+
+
 @stem.task("s.fail", max_retries=1, retry_backoff=(0.05, 0.05, 0.0))
 def fail(ctx: TaskContext) -> None:
     raise ValueError("always")
