@@ -121,3 +121,22 @@ def test_dumps_json_refuses_deep_values_with_a_type_error() -> None:
         dumps_json(nested(10_000, None))
     with pytest.raises(ValueError, match="no JSON form"):
         dumps_json({"a": [1, {"b": float("inf")}]})
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"value": float("nan"), "error": None},  # a NaN beside a top-level None
+        {"value": None, "meta": {"x": float("inf")}},
+        {"value": None, "meta": None, "data": [None, float("-inf")]},
+        {"text": "null", "v": float("nan")},  # a "null" string does not excuse a NaN
+    ],
+)
+def test_dumps_json_finds_a_nan_however_many_nones_sit_beside_it(value: object) -> None:
+    with pytest.raises(ValueError, match="no JSON form"):
+        dumps_json(value)
+
+
+def test_dumps_json_keeps_nones_and_null_strings() -> None:
+    value = {"value": None, "error": None, "text": "nullable", "nested": {"n": None}}
+    assert orjson.loads(dumps_json(value)) == value
