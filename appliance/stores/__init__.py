@@ -66,6 +66,15 @@ class Stores:
     # (`Database.close_for_fork`); the next use reopens it.
     fork_guards: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
+    # What deletes expired rows for good. Default: the backend's purge. Split stores add
+    # the broker's store: its chords, rate limiters, records and control requests live
+    # there, and its own backend is otherwise never asked.
+    purgers: list[Callable[[], int]] = field(default_factory=list, repr=False)
+
+    def purge_expired(self) -> int:
+        """Delete what has expired in every store these use; how many entries went."""
+        return sum(purge() for purge in self.purgers or [self.backend.purge_expired])
+
     def before_fork(self) -> None:
         for guard in self.fork_guards:
             guard()
@@ -114,6 +123,7 @@ def open_stores(
         broker_store.broker, backend_store.backend, both, broker_store.control,
         broker_store.schedules, [broker_store.close, backend_store.close],
         [*broker_store.fork_guards, *backend_store.fork_guards],
+        [broker_store.purge_expired, backend_store.purge_expired],
     )  # fmt: skip
 
 

@@ -404,7 +404,7 @@ class Supervisor:
                 pool.maybe_ready = True
 
     def _purge_expired(self, now: float) -> None:
-        self.round.guarded(self.stores.backend.purge_expired)
+        self.round.guarded(self.stores.purge_expired)
 
     def _idle_upkeep(self, now: float) -> float | None:
         if self.round.pending or self.tree.busy():

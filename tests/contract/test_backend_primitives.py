@@ -431,3 +431,33 @@ def test_sqlite_database_from_before_the_primitives_is_migrated(
         assert backend.incr("n") == 1
     finally:
         backend.close()
+
+
+def test_split_stores_purge_what_expired_in_the_broker_store_too(
+    tmp_path: Path, store_url: str
+) -> None:
+    """With the results elsewhere, the broker's SQLite file still holds chords (and rate
+    limiters, records, control requests) that expire: the purge must reach it as well."""
+    from appliance.envelope import Envelope, EnvelopeCodec
+    from appliance.stores import open_stores
+
+    broker_url = f"sqlite:///{tmp_path / 'broker.db'}"
+    settings = Settings(broker_url=broker_url, result_backend_url=store_url)
+    stores = open_stores(settings, EnvelopeCodec())
+    try:
+        chord_id, now = new_task_id(), time.time()
+        member = Envelope(id=new_task_id(), name="m", enqueued_at=now)
+        callback = Envelope(id=new_task_id(), name="cb", enqueued_at=now)
+        stores.broker.enqueue_chord(chord_id, [member], callback, ttl=-1.0)  # expired
+        db = stores.broker._db  # type: ignore[attr-defined]
+
+        def chords() -> int:
+            return int(
+                db.read(lambda conn: conn.execute("SELECT COUNT(*) FROM chords").fetchone()[0])
+            )
+
+        assert chords() == 1
+        assert stores.purge_expired() >= 1
+        assert chords() == 0
+    finally:
+        stores.close()
