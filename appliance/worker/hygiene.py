@@ -21,7 +21,8 @@ task outlives the kill, the child or the supervisor.
   before the first fork: a full collection in the supervisor took 18 ms of its loop
   (a task arriving then waited for it; measured with gc callbacks at 200 tasks/s, one
   every ~5 s), and in a child it would also write to every inherited object's header,
-  copying the pages it shares with the supervisor.
+  copying the pages it shares with the supervisor. Before it, `trim_heap` hands back
+  what the imports freed.
 - The undertaker: if the supervisor is SIGKILLed, its children die of their
   parent-death signal, but their descendants do not. A small process forked first
   (`start_undertaker`) waits on a pipe only the supervisor holds; when it reads EOF
@@ -59,10 +60,21 @@ def neutralize_inherited_fds(keep: Iterable[int]) -> None:
 
 
 def freeze_heap() -> None:
-    """Collect what start-up left as garbage, then freeze the rest (see above): later
-    collections, here and in every child forked after this, only look at newer objects."""
+    """Collect what start-up left as garbage, give the freed memory back to the system,
+    then freeze the rest (see above): later collections, here and in every child forked
+    after this, only look at newer objects."""
     gc.collect()
+    trim_heap()
     gc.freeze()
+
+
+def trim_heap() -> None:
+    """Return the free memory at the top of malloc's heap to the system (glibc's
+    `malloc_trim`; nothing elsewhere). Importing leaves some behind, the compiler's
+    and the importer's temporaries: 1.7 MB of the supervisor's RSS on Redis (39.6 ->
+    37.9 MB after its imports), and children forked after it do not inherit it."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def become_subreaper() -> bool:
