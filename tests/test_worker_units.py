@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import tracemalloc
 
 import pytest
 
 from appliance import Stem, TaskContext
+from appliance.backend.protocol import TaskResult, decode_result, encode_result
 from appliance.broker.protocol import Delivery
 from appliance.envelope import Envelope
 from appliance.states import (
@@ -245,3 +247,17 @@ def test_trim_heap_gives_freed_malloc_memory_back_to_the_system() -> None:
     trim_heap()
     assert before - _rss_bytes() > 32 * 2**20
     assert len(kept) == 256
+
+
+def test_an_encoded_result_holds_only_its_own_bytes() -> None:
+    """orjson 3.12+ returns a buffer of at least 4 KiB however short the JSON; the
+    supervisor holds a settle batch of them at once (`encode_result` copies)."""
+    result = TaskResult("t1", TaskState.SUCCESS, name="bench.noop", value=None, attempt=1)
+    tracemalloc.start()
+    try:
+        encoded = [encode_result(result) for _ in range(100)]
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert decode_result(encoded[0]) == result
+    assert held < 100 * (len(encoded[0]) + 200)  # the bytes plus the list, not 100 x 4 KiB
