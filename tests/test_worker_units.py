@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import tracemalloc
+from pathlib import Path
 
 import pytest
 
@@ -21,7 +23,7 @@ from appliance.states import (
 )
 from appliance.worker import outcomes
 from appliance.worker.heartbeat import Slot
-from appliance.worker.hygiene import trim_heap
+from appliance.worker.hygiene import children_of_this_process, orphans, trim_heap
 from appliance.worker.ipc import (
     ErrorFields,
     FrameReader,
@@ -261,3 +263,17 @@ def test_an_encoded_result_holds_only_its_own_bytes() -> None:
         tracemalloc.stop()
     assert decode_result(encoded[0]) == result
     assert held < 100 * (len(encoded[0]) + 200)  # the bytes plus the list, not 100 x 4 KiB
+
+
+def test_orphans_are_the_children_this_process_did_not_fork_itself(tmp_path: Path) -> None:
+    """From /proc/self/task/*/children, and from psutil where the kernel has no such
+    file (a /proc without it: `tmp_path`)."""
+    with subprocess.Popen(["sleep", "30"]) as known, subprocess.Popen(["sleep", "30"]) as other:
+        try:
+            for proc in ("/proc", str(tmp_path)):
+                assert {known.pid, other.pid} <= set(children_of_this_process(proc))
+                found = orphans([known.pid], proc=proc)
+                assert other.pid in found and known.pid not in found
+        finally:
+            known.kill()
+            other.kill()

