@@ -23,7 +23,7 @@ from appliance.observe import read_task
 from appliance.ratelimit import limiter_key
 from appliance.signals import configure as configure_signals
 from appliance.states import TaskState
-from appliance.stores import Stores, open_stores
+from appliance.stores import Stores, open_stores, preload
 from appliance.tasks import Task, TaskHandle, TaskHandler, TaskOptions
 from appliance.telemetry import NOOP, Telemetry
 from appliance.telemetry import load as load_telemetry
@@ -134,6 +134,7 @@ class Stem:
         self._telemetry: Telemetry = NOOP
         self._telemetry_pid = -1
         configure_signals(self.settings.signals_enabled or None, self.settings.signals_disabled)
+        preload(self.settings.broker_url, self.settings.backend_url)  # not in the first enqueue
 
     def configure(self, settings: Settings) -> None:
         """Replace the settings (the CLI applies flags and env this way); reopens stores."""
@@ -142,6 +143,7 @@ class Stem:
         self.codec = EnvelopeCodec(settings.max_payload_bytes, settings.signing)
         self._telemetry_pid = -1
         configure_signals(settings.signals_enabled or None, settings.signals_disabled)
+        preload(settings.broker_url, settings.backend_url)
 
     # --- stores ----------------------------------------------------------------------
 

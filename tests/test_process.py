@@ -294,3 +294,12 @@ def test_a_config_with_two_pools_serves_each_pools_queues(tmp_path: Path, sqlite
         worker.stop()
         stem.close()
     assert len(io_pids) == 1 and not io_pids & fast_pids  # the io pool's one child
+
+
+def test_children_inherit_the_supervisors_heap_frozen(stem: Stem, worker: WorkerProcess) -> None:
+    """The supervisor freezes its start-up heap before it forks (`hygiene.freeze_heap`):
+    a full collection of it stalled the loop (18 ms on Redis), and in a child it would
+    write to every inherited object. What the child sees frozen came from its parent."""
+    worker.start()
+    frozen = stem.enqueue("t.gc_frozen").result(timeout=20)
+    assert frozen > 10_000, worker.read_log()  # redis-py or sqlite-utils, the app, the stores

@@ -40,3 +40,18 @@ def test_the_core_never_imports_textual_or_redis_for_sqlite_users() -> None:
     result = run(sys.executable, "-c", code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_a_stem_imports_its_store_package_when_made_not_in_its_first_enqueue() -> None:
+    """The import (redis-py: 110-160 ms) once came inside the first enqueue, so a paced
+    producer fell behind and sent a burst. Made, not connected: nothing listens on port 1."""
+    code = (
+        "import sys\n"
+        "from appliance import Stem\n"
+        "Stem(broker='redis://127.0.0.1:1/0', result_backend='sqlite:///:memory:')\n"
+        "print(sorted(m for m in sys.modules if m in ('appliance.stores.redis', "
+        "'appliance.stores.sqlite')))"
+    )
+    result = run(sys.executable, "-c", code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['appliance.stores.redis', 'appliance.stores.sqlite']"

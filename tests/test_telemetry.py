@@ -170,6 +170,25 @@ def test_without_an_endpoint_nothing_imports_opentelemetry() -> None:
     assert result.stdout.strip() == "[]"
 
 
+REDIS_NO_OTEL_CODE = """
+import sys
+from appliance import Stem
+Stem(broker="redis://127.0.0.1:1/0")  # imports redis-py (no connection)
+import redis.observability.metrics as metrics, redis.observability.providers as providers
+print(sorted(m for m in sys.modules if m.split(".")[0] == "opentelemetry"))
+import opentelemetry.sdk.metrics  # still importable for whoever wants it
+print(metrics.OTEL_AVAILABLE, providers.OTEL_AVAILABLE)
+"""
+
+
+def test_on_redis_without_an_endpoint_redis_py_imports_no_opentelemetry() -> None:
+    """redis-py 8 loads the OTel SDK's metrics (62 modules, ~3 MB) at `import redis`
+    when the SDK is installed; we never turn its metrics on (`stores.redis.client`)."""
+    result = run_python(REDIS_NO_OTEL_CODE)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == ["[]", "False False"]
+
+
 def test_an_endpoint_without_the_extra_is_a_config_error_that_says_what_to_install() -> None:
     code = """
 import sys

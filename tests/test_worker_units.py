@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import tracemalloc
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from appliance import Stem, TaskContext
+from appliance.backend.protocol import TaskResult, decode_result, encode_result
 from appliance.broker.protocol import Delivery
 from appliance.config import PoolSettings
 from appliance.envelope import Envelope
@@ -22,6 +27,7 @@ from appliance.states import (
 from appliance.telemetry import PREVIOUS_ATTEMPT_HEADER
 from appliance.worker import outcomes
 from appliance.worker.heartbeat import Slot
+from appliance.worker.hygiene import children_of_this_process, orphans, trim_heap
 from appliance.worker.ipc import (
     ErrorFields,
     FrameReader,
@@ -282,3 +288,48 @@ def test_a_retry_of_a_task_with_the_most_headers_stays_a_valid_message(sqlite_ur
         assert following is not None and len(following.headers) == expected
         assert headers_problem(following.headers) is None
         assert (PREVIOUS_ATTEMPT_HEADER in following.headers) is (count < MAX_HEADERS)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm", "rb") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_trim_heap_gives_freed_malloc_memory_back_to_the_system() -> None:
+    """What start-up frees inside malloc's heap stays in the RSS until trimmed; a kept
+    block every 64 stops malloc from trimming it by itself on free."""
+    blocks = [bytearray(4096) for _ in range(16384)]  # 64 MiB through malloc, not pymalloc
+    kept = blocks[::64]
+    del blocks
+    before = _rss_bytes()
+    trim_heap()
+    assert before - _rss_bytes() > 32 * 2**20
+    assert len(kept) == 256
+
+
+def test_an_encoded_result_holds_only_its_own_bytes() -> None:
+    """orjson 3.12+ returns a buffer of at least 4 KiB however short the JSON; the
+    supervisor holds a settle batch of them at once (`encode_result` copies)."""
+    result = TaskResult("t1", TaskState.SUCCESS, name="bench.noop", value=None, attempt=1)
+    tracemalloc.start()
+    try:
+        encoded = [encode_result(result) for _ in range(100)]
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert decode_result(encoded[0]) == result
+    assert held < 100 * (len(encoded[0]) + 200)  # the bytes plus the list, not 100 x 4 KiB
+
+
+def test_orphans_are_the_children_this_process_did_not_fork_itself(tmp_path: Path) -> None:
+    """From /proc/self/task/*/children, and from psutil where the kernel has no such
+    file (a /proc without it: `tmp_path`)."""
+    with subprocess.Popen(["sleep", "30"]) as known, subprocess.Popen(["sleep", "30"]) as other:
+        try:
+            for proc in ("/proc", str(tmp_path)):
+                assert {known.pid, other.pid} <= set(children_of_this_process(proc))
+                found = orphans([known.pid], proc=proc)
+                assert other.pid in found and known.pid not in found
+        finally:
+            known.kill()
+            other.kill()

@@ -106,8 +106,12 @@ _RESULT_FIELDS = tuple(f.name for f in fields(TaskResult))
 
 
 def encode_result(result: TaskResult) -> bytes:
-    """A `TaskResult` as JSON bytes (`dumps_json` refuses NaN and non-JSON values)."""
-    return dumps_json({name: getattr(result, name) for name in _RESULT_FIELDS})
+    """A `TaskResult` as JSON bytes (`dumps_json` refuses NaN and non-JSON values), in a
+    buffer of its own size: orjson 3.12+ returns at least 4 KiB however short the JSON
+    (a no-op task's result is ~250 bytes), and the supervisor encodes a whole settle
+    batch (up to 256) before it sends it: 1 MB of its peak RSS in a drain. The copy
+    costs ~0.2 us."""
+    return bytes(memoryview(dumps_json({name: getattr(result, name) for name in _RESULT_FIELDS})))
 
 
 def decode_result(raw: bytes) -> TaskResult:

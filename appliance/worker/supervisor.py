@@ -43,7 +43,7 @@ from appliance.states import ExitCode, TaskEvent
 from appliance.worker.commands import WorkerCommands
 from appliance.worker.duties import Duties
 from appliance.worker.events import SupervisorEvents
-from appliance.worker.hygiene import become_subreaper, start_undertaker
+from appliance.worker.hygiene import become_subreaper, freeze_heap, start_undertaker
 from appliance.worker.pool import Pool
 from appliance.worker.store_round import POLL_S, StoreRound
 from appliance.worker.systemd import Notifier
@@ -170,6 +170,7 @@ class Supervisor:
                 self.stores.close()
                 return int(ExitCode.CONFIG)
         self._plan_duties()
+        freeze_heap()  # start-up is over: what exists now lives as long as the loop
         try:
             self.tree.spawn_missing(time.monotonic())
             self.notifier.send("READY=1", f"STATUS=serving {','.join(self.queues)}")

@@ -101,3 +101,11 @@ def slow_then_ok(ctx: TaskContext, seconds: float = 1.0) -> str:
         raise RuntimeError("first attempt fails")
     record(ctx)
     return "ok"
+
+
+@stem.task("t.gc_frozen")
+def gc_frozen(ctx: TaskContext) -> int:
+    """How many objects the child inherited frozen (`gc.freeze`) from its supervisor."""
+    import gc
+
+    return gc.get_freeze_count()

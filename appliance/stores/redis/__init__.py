@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+# First: redis-py is imported here, once, without the OTel SDK (see `client`).
+from appliance.stores.redis import client  # noqa: F401  # isort: skip
 from appliance.stores import Stores
 from appliance.stores.redis.backend import RedisBackend
 from appliance.stores.redis.beat import RedisSchedules

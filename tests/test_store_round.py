@@ -1,0 +1,90 @@
+"""The supervisor's store round against real stores: the group-commit linger never holds
+back a delivery an idle child could start (counted, not timed)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from appliance import Stem
+from appliance.broker.protocol import Consumer, Delivery
+from appliance.config import PoolSettings
+from appliance.states import OutcomeStatus
+from appliance.stores import Stores
+from appliance.worker import outcomes
+from appliance.worker.ipc import Outcome
+from appliance.worker.pool import Child, Dispatch, Pool
+from appliance.worker.store_round import StoreRound
+from tests.apps import ledger_app
+from tests.process import app_on
+
+
+@pytest.fixture
+def stem(store_url: str) -> Iterator[Stem]:
+    app = app_on(store_url, ledger_app.stem)
+    yield app
+    app.close()
+
+
+@pytest.fixture
+def stores(stem: Stem) -> Iterator[Stores]:
+    opened = stem.open_stores(busy_wait=0.25)
+    yield opened
+    opened.close()
+
+
+def _pool_of_two() -> Pool:
+    """A pool with two children as the supervisor books them (no processes: the round
+    only reads what each child holds)."""
+    pool = Pool(PoolSettings(concurrency=2), 0)
+    pool.avg_task_s = 1e-4  # no-op tasks: deep prefetch, as in a drain
+    for index in (0, 1):
+        pool.children[index] = Child(pool, index, pid=0, to_fd=-1, from_fd=-1, spawned_at=0.0)
+    return pool
+
+
+def _done(stem: Stem, delivery: Delivery) -> outcomes.Settled:
+    """The settle of a delivery whose task succeeded."""
+    envelope = stem.codec.decode(delivery.payload)
+    outcome = Outcome(1, OutcomeStatus.SUCCESS, started=1.0, finished=1.0, runtime=1e-4)
+    task = stem.get_task(envelope.name)
+    return outcomes.from_outcome(delivery, envelope, task, outcome, worker="w", default_ttl=60)
+
+
+def _hold(stem: Stem, child: Child, delivery: Delivery, seq: int) -> None:
+    envelope = stem.codec.decode(delivery.payload)
+    task = stem.get_task(envelope.name)
+    child.outstanding[seq] = Dispatch(seq, delivery, envelope, task, 1e9, 1e9)
+
+
+def test_an_idle_child_gets_new_work_at_once_while_settles_are_pending(
+    stem: Stem, stores: Stores
+) -> None:
+    pool = _pool_of_two()
+    round_ = StoreRound(stores, Consumer.this_process(), [pool], claim_lease=30.0)
+    stem.enqueue("t.record")
+    (first,) = [d for _, d in round_.run(1.0, accepting=True)]
+    round_.settle(_done(stem, first))  # it finished: its settle waits for a commit
+    assert round_.pending and not pool.maybe_ready
+    stem.enqueue("t.record", args={"n": 2})
+    pool.maybe_ready = True  # what the wake-up does
+    claimed = round_.run(1.0001, accepting=True)  # well inside the linger window
+    assert [stem.codec.decode(d.payload).args for _, d in claimed] == [{"n": 2}]
+    assert not round_.pending  # settled in the same unit, nothing held back
+
+
+def test_settles_linger_only_while_every_child_has_work_queued(stem: Stem, stores: Stores) -> None:
+    pool = _pool_of_two()
+    round_ = StoreRound(stores, Consumer.this_process(), [pool], claim_lease=30.0)
+    stem.enqueue_many([("t.record", {"n": i}) for i in range(5)])
+    claimed = [d for _, d in round_.run(1.0, accepting=True)]
+    assert len(claimed) == 5
+    for seq, delivery in enumerate(claimed[:4]):
+        _hold(stem, pool.children[seq % 2], delivery, seq)
+    round_.settle(_done(stem, claimed[4]))
+    pool.maybe_ready = True
+    assert round_.run(1.0001, accepting=True) == [] and round_.pending  # both busy: linger
+    pool.children[1].outstanding.popitem()  # one child is down to its running task
+    round_.run(1.0002, accepting=True)
+    assert not round_.pending  # committed at once
