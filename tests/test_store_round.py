@@ -15,7 +15,7 @@ from appliance.stores import Stores
 from appliance.worker import outcomes
 from appliance.worker.ipc import Outcome
 from appliance.worker.pool import Child, Dispatch, Pool
-from appliance.worker.store_round import StoreRound
+from appliance.worker.store_round import POLL_S, StoreRound
 from tests.apps import ledger_app
 from tests.process import app_on
 
@@ -88,3 +88,21 @@ def test_settles_linger_only_while_every_child_has_work_queued(stem: Stem, store
     pool.children[1].outstanding.popitem()  # one child is down to its running task
     round_.run(1.0002, accepting=True)
     assert not round_.pending  # committed at once
+
+
+def test_a_short_claim_learns_when_the_next_delayed_message_is_due_after_handing_out(
+    stem: Stem, stores: Stores
+) -> None:
+    """The hint (the next delayed message's due time) is a store call of its own on
+    Redis: it is asked after the claims were handed out (`look_ahead`), never before."""
+    pool = _pool_of_two()
+    round_ = StoreRound(stores, Consumer.this_process(), [pool], claim_lease=30.0)
+    stem.enqueue("t.record")
+    stem.enqueue("t.record", args={"n": 2}, countdown=0.5)
+    claimed = round_.run(100.0, accepting=True)
+    assert len(claimed) == 1 and not pool.maybe_ready
+    assert pool.next_poll == 100.0 + POLL_S  # no hint yet: nothing waited for it
+    round_.look_ahead(100.0)
+    assert 100.0 + 0.2 < pool.next_poll <= 100.0 + 0.5  # the delayed one's due time
+    round_.look_ahead(100.0)  # asked once per short claim
+    assert round_._hints_due == []

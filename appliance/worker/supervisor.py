@@ -310,6 +310,7 @@ class Supervisor:
         for pool, delivery in self.round.run(now, accepting=self.accepting):
             tree.dispatch(pool, delivery, now)
         tree.flush()
+        self.round.look_ahead(now)
         self.round.renew(tree.renewals_due(now), now)
         self.duties.run_due(now)
         self.telemetry.tick(now)
