@@ -24,8 +24,10 @@ from appliance.envelope import Envelope, decode, new_task_id
 from appliance.errors import BrokerBusy, BrokerFull, ConfigError
 from appliance.states import DeadLetterReason
 from appliance.stores.sqlite import schema as sqlite_schema
+from appliance.stores.sqlite.backend import SqliteBackend
 from appliance.stores.sqlite.broker import CLAIM_SQL, SqliteBroker
-from appliance.stores.sqlite.db import filesystem_type, parse_url
+from appliance.stores.sqlite.db import connect, filesystem_type, parse_url
+from tests.contract.test_backend_primitives import heartbeat as heartbeat_for
 from tests.stores import open_test_stores
 
 
@@ -426,3 +428,29 @@ def test_synchronous_normal_is_reported_as_a_durability_warning(tmp_path: Path) 
         assert "power loss" in warning
     finally:
         broker.close()
+
+
+def test_a_heartbeat_commits_without_the_fsync_and_every_other_write_keeps_it(
+    tmp_path: Path,
+) -> None:
+    """Worker heartbeats are written with synchronous=NORMAL (no fsync: they are replaced
+    every few seconds); the setting is FULL again for the next write, even after one
+    that failed."""
+    db = connect(parse_url(f"sqlite:///{tmp_path / 'q.db'}"))
+    sqlite_schema.ensure(db)
+    backend = SqliteBackend(db, f"sqlite:///{tmp_path / 'q.db'}")
+
+    def level(conn: sqlite3.Connection) -> int:
+        return int(conn.execute("PRAGMA synchronous").fetchone()[0])  # 1 NORMAL, 2 FULL
+
+    assert db.write(level, durable=False) == 1
+    assert db.write(level) == 2
+    with pytest.raises(ZeroDivisionError):
+        db.write(lambda conn: 1 // 0, durable=False)
+    assert db.read(level) == 2
+    backend.put_worker_heartbeat(heartbeat_for("w1"), 30)  # the caller of durable=False
+    assert [w.id for w in backend.list_workers()] == ["w1"]
+    # A database opened with synchronous=NORMAL stays NORMAL (nothing to switch back).
+    normal = connect(parse_url(f"sqlite:///{tmp_path / 'n.db'}?synchronous=NORMAL"))
+    assert normal.write(level, durable=False) == 1 and normal.write(level) == 1
+    backend.close()

@@ -330,7 +330,7 @@ class SqliteBackend:
         def work(conn: sqlite3.Connection) -> None:
             conn.execute(_PUT_WORKER, (heartbeat.id, data, time.time() + ttl))
 
-        self._db.write(work)
+        self._db.write(work, durable=False)  # the next beat replaces it in seconds
 
     def list_workers(self) -> list[WorkerHeartbeat]:
         def work(conn: sqlite3.Connection) -> list[Any]:
