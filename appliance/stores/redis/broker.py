@@ -32,6 +32,7 @@ import redis
 
 from appliance.broker.protocol import (
     Consumer,
+    Copies,
     DeadLetterEntry,
     Delivery,
     HealthCheck,
@@ -63,11 +64,20 @@ def record_args(envelopes: Sequence[Envelope]) -> list[Any]:
     place; none for plain enqueues."""
     args: list[Any] = []
     for envelope in envelopes:
-        if envelope.parent_id is None and envelope.flow is None:
-            continue
-        canvas = canvas_of(envelope)
-        args += [envelope.id, envelope.parent_id or "", envelope.root_id or "",
-                 orjson.dumps(canvas) if canvas else ""]  # fmt: skip
+        args += copy_record_args(envelope, (envelope.id,))
+    return args
+
+
+def copy_record_args(envelope: Envelope, ids: Sequence[str]) -> list[Any]:
+    """The record arguments of copies of `envelope` with these ids (see `record_args`)."""
+    if envelope.parent_id is None and envelope.flow is None:
+        return []
+    canvas = canvas_of(envelope)
+    shared = [envelope.parent_id or "", envelope.root_id or "",
+              orjson.dumps(canvas) if canvas else ""]  # fmt: skip
+    args: list[Any] = []
+    for task_id in ids:
+        args += [task_id, *shared]
     return args
 
 
@@ -188,6 +198,18 @@ class RedisBroker:
         args += record_args(envelopes)
         self._send(self._enqueue, args)
 
+    def enqueue_copies(self, batches: Sequence[Copies]) -> None:
+        now = time.time()
+        count = sum(len(copies.ids) for copies in batches)
+        if not count:
+            return
+        args: list[Any] = [*self._head, _RECORD_TTL_MS, count]
+        for copies in batches:
+            args += self.copy_args(copies, now)
+        for copies in batches:
+            args += copy_record_args(copies.envelope, copies.ids)
+        self._send(self._enqueue, args)
+
     def _send(self, script: Any, args: list[Any]) -> Any:
         with self._guard("enqueue"):
             self.session.load_scripts()
@@ -199,14 +221,22 @@ class RedisBroker:
         self, envelope: Envelope, now: float, payload: bytes | None = None
     ) -> list[Any]:
         """The eight script arguments of one new message (see `store_message`)."""
-        due = envelope.not_before is not None and envelope.not_before > now
-        rate = envelope.rate
-        return [
-            envelope.queue, rk.band_of(envelope.priority), envelope.id,
-            self.codec.encode(envelope) if payload is None else payload,
-            repr(envelope.not_before) if due else "", os.urandom(6).hex() if due else "",
-            rate[0] if rate else "", repr(rate[1]) if rate else "",
-        ]  # fmt: skip
+        data = self.codec.encode(envelope) if payload is None else payload
+        return self.copy_args(Copies.of(envelope, data), now)
+
+    def copy_args(self, copies: Copies, now: float) -> list[Any]:
+        """The script arguments of messages that differ only in task id and payload,
+        eight each (see `store_message`)."""
+        env, rate = copies.envelope, copies.envelope.rate
+        due = env.not_before is not None and env.not_before > now
+        queue, band, score = env.queue, rk.band_of(env.priority), repr(env.not_before)
+        limiter = (rate[0], repr(rate[1])) if rate else ("", "")
+        args: list[Any] = []
+        for task_id, payload in zip(copies.ids, copies.payloads, strict=True):
+            # A delayed message's nonce tells apart two copies due at the same time.
+            args += [queue, band, task_id, payload, score if due else "",
+                     os.urandom(6).hex() if due else "", *limiter]  # fmt: skip
+        return args
 
     def enqueue_guarded(
         self, envelope: Envelope, key: str, ttl: float, *, note_duplicate: bool = False
