@@ -191,24 +191,22 @@ class RedisBroker:
             )
         if not envelopes:
             return
-        now = time.time()
-        args: list[Any] = [*self._head, _RECORD_TTL_MS, len(envelopes)]
-        for envelope in envelopes:
-            args += self.message_args(envelope, now)
-        args += record_args(envelopes)
-        self._send(self._enqueue, args)
+        self.enqueue_copies([Copies.of(e, self.codec.encode(e)) for e in envelopes])
 
     def enqueue_copies(self, batches: Sequence[Copies]) -> None:
-        now = time.time()
-        count = sum(len(copies.ids) for copies in batches)
-        if not count:
+        if not any(copies.ids for copies in batches):
             return
-        args: list[Any] = [*self._head, _RECORD_TTL_MS, count]
+        self._send(self._enqueue, [*self._head, _RECORD_TTL_MS, *self.batch_args(batches)])
+
+    def batch_args(self, batches: Sequence[Copies]) -> list[Any]:
+        """The arguments of `store_batch`: the count of runs, the runs, the records."""
+        now = time.time()
+        args: list[Any] = [len(batches)]
         for copies in batches:
             args += self.copy_args(copies, now)
         for copies in batches:
             args += copy_record_args(copies.envelope, copies.ids)
-        self._send(self._enqueue, args)
+        return args
 
     def _send(self, script: Any, args: list[Any]) -> Any:
         with self._guard("enqueue"):
@@ -221,21 +219,31 @@ class RedisBroker:
         self, envelope: Envelope, now: float, payload: bytes | None = None
     ) -> list[Any]:
         """The eight script arguments of one new message (see `store_message`)."""
-        data = self.codec.encode(envelope) if payload is None else payload
-        return self.copy_args(Copies.of(envelope, data), now)
+        due = envelope.not_before is not None and envelope.not_before > now
+        rate = envelope.rate
+        return [
+            envelope.queue, rk.band_of(envelope.priority), envelope.id,
+            self.codec.encode(envelope) if payload is None else payload,
+            repr(envelope.not_before) if due else "", os.urandom(6).hex() if due else "",
+            rate[0] if rate else "", repr(rate[1]) if rate else "",
+        ]  # fmt: skip
 
     def copy_args(self, copies: Copies, now: float) -> list[Any]:
-        """The script arguments of messages that differ only in task id and payload,
-        eight each (see `store_message`)."""
+        """The script arguments of one run of copies (see `store_copies`): what they
+        share once, then each one's task id and payload (and nonce, when delayed)."""
         env, rate = copies.envelope, copies.envelope.rate
         due = env.not_before is not None and env.not_before > now
-        queue, band, score = env.queue, rk.band_of(env.priority), repr(env.not_before)
-        limiter = (rate[0], repr(rate[1])) if rate else ("", "")
-        args: list[Any] = []
+        args: list[Any] = [
+            env.queue, rk.band_of(env.priority), repr(env.not_before) if due else "",
+            *((rate[0], repr(rate[1])) if rate else ("", "")), len(copies.ids),
+        ]  # fmt: skip
+        if not due:
+            for pair in zip(copies.ids, copies.payloads, strict=True):
+                args += pair
+            return args
         for task_id, payload in zip(copies.ids, copies.payloads, strict=True):
             # A delayed message's nonce tells apart two copies due at the same time.
-            args += [queue, band, task_id, payload, score if due else "",
-                     os.urandom(6).hex() if due else "", *limiter]  # fmt: skip
+            args += [task_id, payload, os.urandom(6).hex()]
         return args
 
     def enqueue_guarded(
@@ -251,17 +259,14 @@ class RedisBroker:
     def enqueue_chord(
         self, chord_id: str, members: Sequence[Envelope], callback: Envelope, ttl: float
     ) -> None:
-        now = time.time()
         rate = callback.rate
         args: list[Any] = [
             *self._head, chord_id, len(members), max(1, int(ttl * 1000)), _RECORD_TTL_MS,
             callback.queue, rk.band_of(callback.priority), callback.id,
             self.codec.encode(callback), rate[0] if rate else "", repr(rate[1]) if rate else "",
-            len(members),
+            *self.batch_args([Copies.of(e, self.codec.encode(e)) for e in members]),
+            *record_args([callback]),  # records go last: after the members' own
         ]  # fmt: skip
-        for envelope in members:
-            args += self.message_args(envelope, now)
-        args += record_args([*members, callback])
         self._send(self._enqueue_chord, args)
 
     def chord_values(self, chord_id: str, size: int) -> list[Any]:
