@@ -272,6 +272,10 @@ class Stem:
         settling meanwhile). If a chunk fails, the error's notes say how many tasks were
         stored before it (their handles are the first ones the call would have returned).
         Unique tasks are stored one at a time, each with its lock.
+
+        Requests that give only a name, args, queue and priority are encoded from one
+        template per distinct (name, queue, priority) and chunk (`appliance.batch`): the
+        same stored bytes as one `build_envelope` each, at a fraction of the cost.
         """
         requests = list(requests)
         builder = self._batch(requests)
@@ -294,7 +298,7 @@ class Stem:
         ):
             return None
         builder = BatchBuilder(
-            self.codec, self.registry, self.template_envelope,
+            self.codec, self.registry, self._template_envelope,
             lambda key, args: self.build_envelope(
                 EnqueueRequest(key[0], args, queue=key[1], priority=key[2])
             ),
@@ -308,7 +312,7 @@ class Stem:
                 builder.add(key, r[1] if type(r) is tuple else r.args)  # type: ignore[union-attr]
         return builder
 
-    def template_envelope(self, key: TemplateKey) -> Envelope | None:
+    def _template_envelope(self, key: TemplateKey) -> Envelope | None:
         """The envelope that the batch path copies for tasks of `key` (name, queue,
         priority): built by `build_envelope`'s own rules with empty args and a fresh id;
         None for a task that needs the full path (unique tasks: one lock each)."""
