@@ -281,9 +281,10 @@ class Stem:
         builder = self._batch(requests)
         if builder is None or builder.guarded:
             return self.publish([self.build_envelope(_request(r)) for r in requests])
-        self._store_chunks(
-            [(len(chunk), partial(self.broker.enqueue_copies, chunk)) for chunk in builder.chunks]
-        )
+        self._store_chunks([
+            (sum(len(copies.ids) for copies in chunk), partial(self.broker.enqueue_copies, chunk))
+            for chunk in builder.chunks
+        ])  # fmt: skip
         return [TaskHandle(task_id, self) for task_id in builder.ids()]
 
     def _batch(self, requests: Sequence[EnqueueRequest | tuple[str, Any]]) -> BatchBuilder | None:
