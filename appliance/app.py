@@ -388,6 +388,9 @@ class Stem:
         return [TaskHandle(task_id, self) for task_id in ids]
 
     def _store_in_chunks(self, envelopes: Sequence[Envelope]) -> None:
+        if len(envelopes) <= ENQUEUE_BATCH:  # one call (every single enqueue): no notes
+            self.broker.enqueue(envelopes)
+            return
         self._store_chunks([
             (len(chunk), partial(self.broker.enqueue, chunk))
             for chunk in (envelopes[i : i + ENQUEUE_BATCH]
@@ -430,9 +433,7 @@ class Stem:
         args = dict(request.args or {})
         if task is not None:
             task.check_args({**args, "previous": None} if expects_previous else args)
-        return self._envelope(
-            request, task, args, lineage=lineage, flow=flow, expects_previous=expects_previous
-        )
+        return self._envelope(request, task, args, lineage, flow, expects_previous)
 
     def _task(self, name: str) -> Task | None:
         """The registered task `name`, or None after checking the name is one."""
@@ -446,7 +447,6 @@ class Stem:
         request: EnqueueRequest,
         task: Task | None,
         args: dict[str, Any],
-        *,
         lineage: Lineage | None = None,
         flow: Mapping[str, Any] | None = None,
         expects_previous: bool = False,

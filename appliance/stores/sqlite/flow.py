@@ -96,19 +96,26 @@ def insert_messages(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -
 
 
 def message_row(envelope: Envelope, now: float, payload: bytes) -> tuple[Any, ...]:
-    return message_rows(Copies.of(envelope, payload), now)[0]
+    shared, limiter = _row_parts(envelope, now)
+    return (envelope.id, *shared, payload, *limiter)
 
 
 def message_rows(copies: Copies, now: float) -> list[tuple[Any, ...]]:
     """The `INSERT_MESSAGE` rows of messages that differ only in task id and payload."""
-    env, rate = copies.envelope, copies.envelope.rate
-    shared = (env.name, env.queue, env.priority, state_of(env, now), env.not_before,
-              env.attempt, env.enqueued_at or now)  # fmt: skip
-    limiter = (rate[0], rate[1]) if rate else (None, None)
+    shared, limiter = _row_parts(copies.envelope, now)
     return [
         (task_id, *shared, payload, *limiter)
         for task_id, payload in zip(copies.ids, copies.payloads, strict=True)
     ]
+
+
+def _row_parts(env: Envelope, now: float) -> tuple[tuple[Any, ...], tuple[Any, Any]]:
+    """What a message row holds besides its task id and payload: the columns between
+    them, and the limiter's two after them (see `INSERT_MESSAGE`)."""
+    rate = env.rate
+    shared = (env.name, env.queue, env.priority, state_of(env, now), env.not_before,
+              env.attempt, env.enqueued_at or now)  # fmt: skip
+    return shared, ((rate[0], rate[1]) if rate else (None, None))
 
 
 # --- task records ------------------------------------------------------------------------
