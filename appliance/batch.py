@@ -4,7 +4,7 @@ from one template instead of one `Envelope` each.
 Why: a batch of 1,000 spent ~21 us per task building, validating and serialising an
 envelope from scratch, four times what SQLite takes to insert its row. Here the options
 of each distinct (name, queue, priority) are validated once, by the same code as a
-single enqueue (`Stem.template_envelope`), and each task costs only what is its own:
+single enqueue (`Stem._template_envelope`), and each task costs only what is its own:
 its argument check, a new id, the JSON of its args spliced into the template's bytes
 (`EnvelopeTemplate`), and the size limit. What a template cannot express (meta,
 headers, times, task ids, links, unique tasks) takes the full path, per request, in
