@@ -547,13 +547,16 @@ def _request(given: EnqueueRequest | tuple[Any, ...]) -> EnqueueRequest:
 
 def _template_key(given: EnqueueRequest | tuple[Any, ...]) -> TemplateKey | None:
     """(name, queue, priority) of a request the batch path can copy from a template:
-    one that gives nothing else but args; None for any other."""
+    one that gives nothing else but args; None for any other. Values of other types
+    than these take the full path too, which refuses them with its own words."""
     if type(given) is tuple:
-        return (given[0], None, None) if len(given) == 2 else None
+        return (given[0], None, None) if len(given) == 2 and type(given[0]) is str else None
     if type(given) is not EnqueueRequest or not (
         given.meta is None and given.headers is None and given.countdown is None
         and given.eta is None and given.expires is None and given.task_id is None
-        and given.link is None and given.link_error is None
+        and given.link is None and given.link_error is None and type(given.name) is str
+        and (given.queue is None or type(given.queue) is str)
+        and (given.priority is None or type(given.priority) is int)
     ):  # fmt: skip
         return None
     return given.name, given.queue, given.priority

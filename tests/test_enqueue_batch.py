@@ -186,6 +186,9 @@ def test_bad_args_are_refused_as_by_the_full_path_and_nothing_is_stored(
         (EnqueueRequest("b.add", {"x": 1}, priority=2**31), ValueError, "priority"),
         (EnqueueRequest("b.add", {"x": 1}, priority=True), TypeError, "priority"),
         (("b.add", "not a mapping"), ValueError, "dictionary update sequence"),
+        (EnqueueRequest("b.add", {"x": 1}, queue=["mail"]), TypeError, "queue must be a str"),  # type: ignore[arg-type]
+        (EnqueueRequest("b.add", {"x": 1}, priority={}), TypeError, "priority"),  # type: ignore[arg-type]
+        ((7, {"x": 1}), TypeError, "task name must be a string"),
     ],
 )
 def test_bad_options_are_refused_before_anything_is_stored(
