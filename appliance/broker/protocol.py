@@ -207,6 +207,22 @@ class DeadLetterEntry:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class Copies:
+    """Messages that are `envelope` in every stored field but their task id and payload
+    (`payloads[i]` is what `EnvelopeCodec` encoded for `ids[i]`): how `Stem.enqueue_many`
+    hands a broker many tasks of one template without an `Envelope` each. A lone
+    envelope is `Copies.of` it."""
+
+    envelope: Envelope
+    ids: list[str]
+    payloads: list[bytes]
+
+    @classmethod
+    def of(cls, envelope: Envelope, payload: bytes) -> Copies:
+        return cls(envelope, [envelope.id], [payload])
+
+
 class Broker(Protocol):
     """Durable queues with leases. All methods are safe to call from any process that
     opened its own broker (connections never cross a fork)."""
@@ -221,6 +237,11 @@ class Broker(Protocol):
         database file, so the messages commit or roll back with the caller's work.
         Raises `BrokerFull` when out of space, `BrokerUnavailable` when unreachable.
         """
+        ...
+
+    def enqueue_copies(self, batches: Sequence[Copies]) -> None:
+        """Store the messages of `batches`, already encoded, in order, as `enqueue` would
+        store the envelopes they stand for: durably, all or none, then wake listeners."""
         ...
 
     def enqueue_guarded(

@@ -32,6 +32,7 @@ import redis
 
 from appliance.broker.protocol import (
     Consumer,
+    Copies,
     DeadLetterEntry,
     Delivery,
     HealthCheck,
@@ -63,11 +64,20 @@ def record_args(envelopes: Sequence[Envelope]) -> list[Any]:
     place; none for plain enqueues."""
     args: list[Any] = []
     for envelope in envelopes:
-        if envelope.parent_id is None and envelope.flow is None:
-            continue
-        canvas = canvas_of(envelope)
-        args += [envelope.id, envelope.parent_id or "", envelope.root_id or "",
-                 orjson.dumps(canvas) if canvas else ""]  # fmt: skip
+        args += copy_record_args(envelope, (envelope.id,))
+    return args
+
+
+def copy_record_args(envelope: Envelope, ids: Sequence[str]) -> list[Any]:
+    """The record arguments of copies of `envelope` with these ids (see `record_args`)."""
+    if envelope.parent_id is None and envelope.flow is None:
+        return []
+    canvas = canvas_of(envelope)
+    shared = [envelope.parent_id or "", envelope.root_id or "",
+              orjson.dumps(canvas) if canvas else ""]  # fmt: skip
+    args: list[Any] = []
+    for task_id in ids:
+        args += [task_id, *shared]
     return args
 
 
@@ -181,12 +191,22 @@ class RedisBroker:
             )
         if not envelopes:
             return
+        self.enqueue_copies([Copies.of(e, self.codec.encode(e)) for e in envelopes])
+
+    def enqueue_copies(self, batches: Sequence[Copies]) -> None:
+        if not any(copies.ids for copies in batches):
+            return
+        self._send(self._enqueue, [*self._head, _RECORD_TTL_MS, *self.batch_args(batches)])
+
+    def batch_args(self, batches: Sequence[Copies]) -> list[Any]:
+        """The arguments of `store_batch`: the count of runs, the runs, the records."""
         now = time.time()
-        args: list[Any] = [*self._head, _RECORD_TTL_MS, len(envelopes)]
-        for envelope in envelopes:
-            args += self.message_args(envelope, now)
-        args += record_args(envelopes)
-        self._send(self._enqueue, args)
+        args: list[Any] = [len(batches)]
+        for copies in batches:
+            args += self.copy_args(copies, now)
+        for copies in batches:
+            args += copy_record_args(copies.envelope, copies.ids)
+        return args
 
     def _send(self, script: Any, args: list[Any]) -> Any:
         with self._guard("enqueue"):
@@ -208,6 +228,24 @@ class RedisBroker:
             rate[0] if rate else "", repr(rate[1]) if rate else "",
         ]  # fmt: skip
 
+    def copy_args(self, copies: Copies, now: float) -> list[Any]:
+        """The script arguments of one run of copies (see `store_copies`): what they
+        share once, then each one's task id and payload (and nonce, when delayed)."""
+        env, rate = copies.envelope, copies.envelope.rate
+        due = env.not_before is not None and env.not_before > now
+        args: list[Any] = [
+            env.queue, rk.band_of(env.priority), repr(env.not_before) if due else "",
+            *((rate[0], repr(rate[1])) if rate else ("", "")), len(copies.ids),
+        ]  # fmt: skip
+        if not due:
+            for pair in zip(copies.ids, copies.payloads, strict=True):
+                args += pair
+            return args
+        for task_id, payload in zip(copies.ids, copies.payloads, strict=True):
+            # A delayed message's nonce tells apart two copies due at the same time.
+            args += [task_id, payload, os.urandom(6).hex()]
+        return args
+
     def enqueue_guarded(
         self, envelope: Envelope, key: str, ttl: float, *, note_duplicate: bool = False
     ) -> str | None:
@@ -221,17 +259,14 @@ class RedisBroker:
     def enqueue_chord(
         self, chord_id: str, members: Sequence[Envelope], callback: Envelope, ttl: float
     ) -> None:
-        now = time.time()
         rate = callback.rate
         args: list[Any] = [
             *self._head, chord_id, len(members), max(1, int(ttl * 1000)), _RECORD_TTL_MS,
             callback.queue, rk.band_of(callback.priority), callback.id,
             self.codec.encode(callback), rate[0] if rate else "", repr(rate[1]) if rate else "",
-            len(members),
+            *self.batch_args([Copies.of(e, self.codec.encode(e)) for e in members]),
+            *record_args([callback]),  # records go last: after the members' own
         ]  # fmt: skip
-        for envelope in members:
-            args += self.message_args(envelope, now)
-        args += record_args([*members, callback])
         self._send(self._enqueue_chord, args)
 
     def chord_values(self, chord_id: str, size: int) -> list[Any]:

@@ -31,6 +31,7 @@ import orjson
 
 from appliance.broker.protocol import (
     Consumer,
+    Copies,
     DeadLetterEntry,
     Delivery,
     HealthCheck,
@@ -292,10 +293,23 @@ class SqliteBroker:
         # Encoded before the write lock is taken, so the lock is held only for the insert
         # (5,000 rows, the largest batch `Stem.enqueue_many` sends: ~40 ms here).
         rows = [_message_row(env, now, self.codec) for env in envelopes]
-        records = flow.record_rows(envelopes, now)
+        self._store(rows, flow.record_rows(envelopes, now))
+
+    def enqueue_copies(self, batches: Sequence[Copies]) -> None:
+        now = time.time()
+        rows: list[tuple[Any, ...]] = []
+        records: list[tuple[Any, ...]] = []
+        for copies in batches:
+            rows += flow.message_rows(copies, now)
+            records += flow.copy_record_rows(copies.envelope, copies.ids, now)
+        if rows:
+            self._store(rows, records)
+
+    def _store(self, rows: list[tuple[Any, ...]], records: list[tuple[Any, ...]]) -> None:
+        """Insert messages and their records in one transaction, then wake listeners."""
 
         def work(conn: sqlite3.Connection) -> None:
-            conn.executemany(flow.INSERT_MESSAGE, rows)
+            flow.insert_messages(conn, rows)
             if records:
                 conn.executemany(flow.INSERT_RECORD, records)
 
@@ -334,7 +348,7 @@ class SqliteBroker:
 
         def work(conn: sqlite3.Connection) -> None:
             flow.create_chord(conn, chord_id, len(members), callback, callback_payload, ttl, now)
-            conn.executemany(flow.INSERT_MESSAGE, rows)
+            flow.insert_messages(conn, rows)
             conn.executemany(flow.INSERT_RECORD, records)
 
         self._db.write(work)
@@ -363,7 +377,7 @@ class SqliteBroker:
             )
         try:
             self._check_same_file(connection)
-            connection.executemany(flow.INSERT_MESSAGE, rows)
+            flow.insert_messages(connection, rows)
         except sqlite3.Error as exc:
             raise translate(exc, self.path) from exc
 
@@ -598,7 +612,7 @@ class SqliteBroker:
                 entry_ids.append((entry_id,))
                 if replay.task_id is not None:
                     task_ids.append(replay.task_id)
-            conn.executemany(flow.INSERT_MESSAGE, rows)
+            flow.insert_messages(conn, rows)
             conn.executemany(_DLQ_DELETE, entry_ids)
             return task_ids
 
