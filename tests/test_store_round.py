@@ -3,7 +3,9 @@ back a delivery an idle child could start (counted, not timed)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -106,3 +108,43 @@ def test_a_short_claim_learns_when_the_next_delayed_message_is_due_after_handing
     assert 100.0 + 0.2 < pool.next_poll <= 100.0 + 0.5  # the delayed one's due time
     round_.look_ahead(100.0)  # asked once per short claim
     assert round_._hints_due == []
+
+
+def test_a_round_that_only_claims_commits_without_the_fsync(stem: Stem, stores: Stores) -> None:
+    """Claims alone may be lost to a power cut (their messages run again, as after any
+    crash); a round with settles in it (results, acks) is always durable."""
+    kinds: list[bool] = []
+    real = stores.unit_of_work
+
+    def recording(*, durable: bool = True) -> contextlib.AbstractContextManager[None]:
+        kinds.append(durable)
+        return real(durable=durable)
+
+    stores.unit_of_work = recording
+    pool = _pool_of_two()
+    round_ = StoreRound(stores, Consumer.this_process(), [pool], claim_lease=30.0)
+    stem.enqueue("t.record")
+    (first,) = [d for _, d in round_.run(1.0, accepting=True)]
+    round_.settle(_done(stem, first))
+    round_.run(1.0, accepting=True, final=True)
+    assert kinds == [False, True]
+
+
+def test_a_sqlite_unit_without_the_fsync_runs_at_normal_and_restores_full(
+    sqlite_url: str,
+) -> None:
+    from tests.stores import open_test_stores
+
+    stores = open_test_stores(sqlite_url)
+    db = stores.broker._db  # type: ignore[attr-defined]
+
+    def level(conn: Any) -> int:
+        return int(conn.execute("PRAGMA synchronous").fetchone()[0])  # 1 NORMAL, 2 FULL
+
+    with stores.unit_of_work(durable=False):
+        assert db.write(level) == 1  # joins the unit
+    with pytest.raises(ZeroDivisionError), stores.unit_of_work(durable=False):
+        db.write(lambda conn: 1 // 0)
+    with stores.unit_of_work():
+        assert db.write(level) == 2
+    stores.close()

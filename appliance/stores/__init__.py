@@ -13,7 +13,7 @@ import contextlib
 import importlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
 from appliance.errors import UnsupportedBroker
@@ -54,7 +54,12 @@ def preload(*urls: str) -> None:
 
 _PACKAGES = {"sqlite": "sqlite", "redis": "redis", "rediss": "redis"}
 
-UnitOfWork = Callable[[], contextlib.AbstractContextManager[None]]
+
+class UnitOfWork(Protocol):
+    """`unit_of_work()` of `Stores`; `durable=False` may commit without waiting for the
+    disk (SQLite: no fsync), for a unit whose loss to a power cut only re-runs tasks."""
+
+    def __call__(self, *, durable: bool = True) -> contextlib.AbstractContextManager[None]: ...
 
 
 @dataclass
@@ -131,9 +136,12 @@ def open_stores(
         raise
 
     @contextlib.contextmanager
-    def both() -> Iterator[None]:
+    def both(*, durable: bool = True) -> Iterator[None]:
         # Entered broker first, so the backend's unit commits first (see `Stores`).
-        with broker_store.unit_of_work(), backend_store.unit_of_work():
+        with (
+            broker_store.unit_of_work(durable=durable),
+            backend_store.unit_of_work(durable=durable),
+        ):
             yield
 
     return Stores(

@@ -100,7 +100,12 @@ class StoreRound:
         claimed: list[tuple[Pool, Delivery]] = []
         claim_error: BrokerError | None = None
         try:
-            with self.stores.unit_of_work():
+            # A round that only claims commits without the fsync: lost to a power cut, its
+            # leases vanish and the messages run again, as after any crash; what must
+            # survive one (results, acks, retries) always goes in a durable unit. On an
+            # idle pool every delivery waited for this fsync (the claim's transaction:
+            # 0.8 ms p50, 9 ms p99 on this disk).
+            with self.stores.unit_of_work(durable=bool(batch)):
                 if batch:
                     results = [s.result for s in batch if s.result is not None]
                     results += [more for s in batch for more in s.more]

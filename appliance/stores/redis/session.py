@@ -74,9 +74,10 @@ class RedisSession:
         self.pipe.evalsha(script.sha, len(keys), *keys, *args)
 
     @contextlib.contextmanager
-    def unit_of_work(self) -> Iterator[None]:
+    def unit_of_work(self, *, durable: bool = True) -> Iterator[None]:
         """Queue what is written inside; send it as one transaction at the end. Nothing is
-        sent when the block raises. Reentrant."""
+        sent when the block raises. Reentrant. `durable` changes nothing here: the
+        server's AOF policy decides for every write alike."""
         if self.pipe is not None:
             yield
             return

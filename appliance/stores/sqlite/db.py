@@ -277,10 +277,11 @@ class Database:
             self._conn = None
 
     @contextlib.contextmanager
-    def unit_of_work(self) -> Iterator[None]:
+    def unit_of_work(self, *, durable: bool = True) -> Iterator[None]:
         """Every read and write made inside joins one `BEGIN IMMEDIATE` transaction that
         commits at the end (group commit: one fsync for many settles and claims).
-        Reentrant within its thread; an exception rolls the whole unit back."""
+        Reentrant within its thread; an exception rolls the whole unit back.
+        `durable=False`: committed without the fsync (see `write`)."""
         if self._in_unit():
             self._unit_depth += 1
             try:
@@ -288,7 +289,7 @@ class Database:
             finally:
                 self._unit_depth -= 1
             return
-        with self._lock:
+        with self._lock, self._fsync_unless(durable):
             self._begin_unit()
             try:
                 yield
@@ -337,14 +338,25 @@ class Database:
         power cut, and the next durable commit's fsync persists it too. On a slow disk
         that fsync stalled the supervisor's loop 4-8 ms every 2 s.
         """
-        if durable or self.target.synchronous != "FULL" or self._in_unit():
+        if durable or self._in_unit():
             return self._retrying(work, "BEGIN IMMEDIATE")
-        with self._lock:
-            self.conn.execute("PRAGMA synchronous = NORMAL")  # only between transactions
-            try:
-                return self._retrying(work, "BEGIN IMMEDIATE")
-            finally:
-                self.conn.execute("PRAGMA synchronous = FULL")
+        with self._lock, self._fsync_unless(durable):
+            return self._retrying(work, "BEGIN IMMEDIATE")
+
+    @contextlib.contextmanager
+    def _fsync_unless(self, durable: bool) -> Iterator[None]:
+        """`synchronous=NORMAL` for the transactions inside when not `durable` (on a FULL
+        database; the lock held, set and restored between transactions, never in one).
+        Such a commit is atomic and ordered like any other; only a power cut can undo it,
+        and the next durable commit's fsync persists it too."""
+        if durable or self.target.synchronous != "FULL":
+            yield
+            return
+        self.conn.execute("PRAGMA synchronous = NORMAL")
+        try:
+            yield
+        finally:
+            self.conn.execute("PRAGMA synchronous = FULL")
 
     def read(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run `work` in one read transaction (one consistent snapshot)."""
