@@ -45,14 +45,15 @@ bench: $(STAMP) redis-server
 # The whole comparison in one run: the peers (Huey, Dramatiq, Celery, RQ) and this
 # project on both stores, interleaved, medians of REPS; figures as ratios in the JSON.
 # BASE_VENV=/path/to/.venv adds a second build of this project (before/after a change).
-SHARED_BENCH := ../shared/bench
+# The shared harness beside the checkout; SHARED_BENCH=/path for a checkout elsewhere.
+SHARED_BENCH ?= ../shared/bench
 PEERS_VENV ?= $(or $(TMPDIR),/tmp)/peers-venv
 PEERS ?= huey-sqlite,huey-redis,dramatiq-p2t8,celery,stem-sqlite,stem-redis
 REPS ?= 2
 bench-peers: $(STAMP) redis-server
 	PEERS_VENV=$(PEERS_VENV) bash $(SHARED_BENCH)/setup_peers.sh
 	mkdir -p bench/results
-	STEM_VENV=$(CURDIR)/.venv $(if $(BASE_VENV),STEM_BASE_VENV=$(BASE_VENV)) \
+	STEM_VENV=$(CURDIR)/.venv STEM_SHARED_BENCH=$(abspath $(SHARED_BENCH)) $(if $(BASE_VENV),STEM_BASE_VENV=$(BASE_VENV)) \
 	    $(PEERS_VENV)/bin/python $(if $(BASE_VENV),bench/peers_ab.py,$(SHARED_BENCH)/peers.py) \
 	    --peers $(if $(BASE_VENV),huey-redis$(COMMA)base-sqlite$(COMMA)stem-sqlite$(COMMA)base-redis$(COMMA)stem-redis,$(PEERS)) \
 	    --n 20000 --reps $(REPS) --out bench/results/peers-$$(date +%F-%H%M).json

@@ -17,7 +17,11 @@ import os
 import sys
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "bench"
+# Beside the checkout by default; STEM_SHARED_BENCH for a checkout elsewhere (a worktree).
+SHARED = Path(
+    os.environ.get("STEM_SHARED_BENCH")
+    or Path(__file__).resolve().parent.parent.parent / "shared" / "bench"
+)
 sys.path.insert(0, str(SHARED))
 
 import peers  # noqa: E402  (the shared harness, found above)
