@@ -86,3 +86,13 @@ def test_call_summary_names_who_answered_and_who_did_not() -> None:
         "answered: w1 (3 ms); no answer: w2 (last beat 12.0s ago); stored"
     )
     assert fmt.call_summary(CallResult("shutdown", [], [])) == "no live workers"
+
+
+def test_a_view_without_its_hooks_cannot_be_made() -> None:
+    from tui.screens.base import StemScreen
+
+    class Unfinished(StemScreen[int]):
+        pass
+
+    with pytest.raises(TypeError, match="abstract methods loader, show"):
+        Unfinished()

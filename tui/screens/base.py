@@ -3,6 +3,7 @@ read-only rule, and the load (thread) / show (UI thread) split of a refresh."""
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar, cast
 
@@ -46,7 +47,13 @@ class NavBar(Static):
         self.update(text)
 
 
-class StemScreen(Screen[None], Generic[D]):
+class _ViewMeta(type(Screen), ABCMeta):  # type: ignore[misc]
+    """Textual's metaclass (private: taken from `Screen`, not imported) and abc's
+    together, so that a view that lacks a hook cannot be made."""
+
+
+# mypy cannot see through type(Screen) above: the conflict it reports is not there.
+class StemScreen(Screen[None], Generic[D], metaclass=_ViewMeta):  # type: ignore[metaclass]
     """A view. `loader()` (UI thread) returns the blocking read the app runs in a thread
     worker; `show()` (UI thread) puts its result on screen."""
 
@@ -78,11 +85,11 @@ class StemScreen(Screen[None], Generic[D]):
     def on_screen_resume(self) -> None:
         self.tui.refresh_now()  # a view is never shown with data from its last visit only
 
-    def loader(self) -> Loader[D]:
-        raise NotImplementedError
+    @abstractmethod
+    def loader(self) -> Loader[D]: ...
 
-    def show(self, data: D) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def show(self, data: D) -> None: ...
 
     def on_loaded(self, message: Loaded) -> None:
         self.show(cast(D, message.data))
