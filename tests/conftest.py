@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance import Stem
 from appliance.config import Settings
 from tests.redis_server import RedisServer
 from tests.stores import close_opened
@@ -65,6 +66,18 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'stem.db'}"
     url: str = request.getfixturevalue("redis_url")
     return url
+
+
+@pytest.fixture
+def stem(store_url: str) -> Iterator[Stem]:
+    """An app with the ledger tasks (`tests.apps.ledger_app`) on the store under test;
+    a module with a `stem` fixture of its own uses that one instead."""
+    from tests.apps import ledger_app  # here: they import this module's helpers
+    from tests.process import app_on
+
+    app = app_on(store_url, ledger_app.stem)
+    yield app
+    app.close()
 
 
 @pytest.fixture

@@ -17,18 +17,10 @@ from appliance import Stem, TaskState
 from appliance.cli.main import main
 from appliance.control.client import ControlClient, UnknownWorker
 from appliance.errors import TaskRevokedError
-from tests.apps import ledger_app
 from tests.conftest import wait_until
-from tests.process import WorkerProcess, app_on
+from tests.process import WorkerProcess
 
 pytestmark = pytest.mark.process
-
-
-@pytest.fixture
-def stem(store_url: str) -> Iterator[Stem]:
-    app = app_on(store_url, ledger_app.stem)
-    yield app
-    app.close()
 
 
 @pytest.fixture

@@ -19,13 +19,6 @@ pytestmark = pytest.mark.process
 
 
 @pytest.fixture
-def stem(store_url: str) -> Iterator[Stem]:
-    app = app_on(store_url, ledger_app.stem)
-    yield app
-    app.close()
-
-
-@pytest.fixture
 def worker(tmp_path: Path, store_url: str) -> Iterator[WorkerProcess]:
     proc = WorkerProcess(tmp_path, store_url)
     yield proc

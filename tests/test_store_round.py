@@ -18,15 +18,6 @@ from appliance.worker import outcomes
 from appliance.worker.ipc import Outcome
 from appliance.worker.pool import Child, Dispatch, Pool
 from appliance.worker.store_round import POLL_S, StoreRound
-from tests.apps import ledger_app
-from tests.process import app_on
-
-
-@pytest.fixture
-def stem(store_url: str) -> Iterator[Stem]:
-    app = app_on(store_url, ledger_app.stem)
-    yield app
-    app.close()
 
 
 @pytest.fixture

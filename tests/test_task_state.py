@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Iterator
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -19,16 +18,8 @@ from appliance.cli.main import main
 from appliance.states import OutcomeStatus, derive_state
 from appliance.worker import outcomes
 from appliance.worker.ipc import ErrorFields, Outcome
-from tests.apps import ledger_app
 from tests.conftest import wait_until
-from tests.process import WorkerProcess, app_on
-
-
-@pytest.fixture
-def stem(store_url: str) -> Iterator[Stem]:
-    app = app_on(store_url, ledger_app.stem)
-    yield app
-    app.close()
+from tests.process import WorkerProcess
 
 
 def cli_state(url: str, task_id: str) -> str:
