@@ -6,10 +6,12 @@ check. Real redis-server processes only (tests/redis_server.py)."""
 from __future__ import annotations
 
 import logging
+import os
 import select
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -255,6 +257,75 @@ def test_down_server_raises_broker_unavailable_then_works_again_without_reopenin
     assert wait_until(resubscribed, 5, 0.1)
     broker.enqueue(envelopes(1, queue="default"))
     assert select.select([fd], [], [], 2)[0] == [fd]
+
+
+# --- the session's own connections (`RedisSession.call`) ---------------------------------
+
+# Keeps the server busy for `ARGV[1]` seconds: every other client waits meanwhile.
+_BUSY = """
+local t = redis.call('TIME')
+local start = t[1] + t[2] / 1e6
+repeat t = redis.call('TIME') until t[1] + t[2] / 1e6 - start >= tonumber(ARGV[1])
+return 0
+"""
+
+
+def test_scripts_the_server_forgot_are_loaded_again_by_the_next_call(
+    broker: RedisBroker, raw: redis.Redis
+) -> None:
+    broker.enqueue(envelopes(1))
+    raw.script_flush()  # what a restarted server without the scripts looks like
+    broker.enqueue(envelopes(1, queue="other"))
+    raw.script_flush()
+    assert len(broker.claim(["default", "other"], 10, consumer=A, lease=30)) == 2
+
+
+def test_a_killed_connection_is_made_again_by_the_next_call(
+    broker: RedisBroker, raw: redis.Redis
+) -> None:
+    broker.enqueue(envelopes(1))
+    assert raw.client_kill_filter(_type="normal", skipme=True) >= 1
+    broker.enqueue(envelopes(1, queue="other"))  # retried on a new connection
+    assert [(s.queue, s.ready) for s in broker.queue_stats()] == [("default", 1), ("other", 1)]
+
+
+def test_a_call_that_timed_out_leaves_no_reply_behind_for_the_next(
+    redis_url: str, raw: redis.Redis
+) -> None:
+    """The reply of a call that timed out arrives later: on a connection used again, the
+    next call would read it as its own (here: an enqueue's 0 as the queue counts)."""
+    broker = open_test_stores(f"{redis_url}?socket_timeout=0.3", Settings()).broker
+    broker.enqueue(envelopes(1))
+    busy = threading.Thread(target=raw.eval, args=(_BUSY, 0, "0.8"))
+    busy.start()
+    time.sleep(0.1)
+    with pytest.raises(BrokerUnavailable, match=r"Timeout|timed out"):
+        broker.enqueue(envelopes(1, queue="other"))
+    busy.join()
+    stats = broker.queue_stats()  # its own reply, not the enqueue's
+    assert [(s.queue, s.ready) for s in stats] == [("default", 1), ("other", 1)]
+    broker.close()
+
+
+def test_a_forked_child_never_talks_on_its_parents_connection(broker: RedisBroker) -> None:
+    """Parent and child call at once with different commands: on one shared socket each
+    would read replies meant for the other."""
+    broker.enqueue(envelopes(1))  # the parent holds an idle connection now
+    pid = os.fork()
+    if pid == 0:  # the child: reads the counts while the parent enqueues
+        code = 0
+        try:
+            seen = [broker.queue_stats() for _ in range(300)]
+            if any([s.queue for s in stats] != ["default"] for stats in seen):
+                code = 1
+        except BaseException:
+            code = 2
+        os._exit(code)
+    for _ in range(300):
+        broker.enqueue(envelopes(1))
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert [s.ready for s in broker.queue_stats()] == [301]
 
 
 # --- durability check, TLS, ACL users ---------------------------------------------------------

@@ -282,7 +282,7 @@ class RedisBackend:
     def _run(self, script: Script, keys: list[str], args: list[Any], what: str) -> int:
         """Run a script whose reply is an integer, mapping Redis errors."""
         with self.session.guard(what):
-            reply: Any = script(keys=keys, args=args)
+            reply: Any = self.session.call(script, args, keys)
         return int(reply)
 
 

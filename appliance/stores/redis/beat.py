@@ -103,7 +103,7 @@ class RedisSchedules:
         ]  # fmt: skip
         with self.session.guard("dispatching a slot"):
             self.session.load_scripts()
-            return bool(self._dispatch(args=args))
+            return bool(self.session.call(self._dispatch, args))
 
     def record_failure(self, name: str, slot: datetime, error: str) -> None:
         now = time.time()

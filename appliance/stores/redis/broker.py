@@ -213,7 +213,7 @@ class RedisBroker:
             self.session.load_scripts()
             if not self._checked_durability:
                 self._warn_about_durability()
-            return script(args=args)
+            return self.session.call(script, args)
 
     def message_args(
         self, envelope: Envelope, now: float, payload: bytes | None = None
@@ -314,7 +314,7 @@ class RedisBroker:
             if self.session.pipe is not None and self.session.pipe.command_stack:
                 rows = self.session.flush(then=(self._claim, [*args, *queues]))
             else:
-                rows = self._claim(args=[*args, *queues])
+                rows = self.session.call(self._claim, [*args, *queues])
         if self._wake is not None:
             self._wake.maybe_resubscribe()
         lease_until = now + lease
@@ -336,7 +336,7 @@ class RedisBroker:
             self.session.queue(self._settle, args)
             return
         with self._guard("settle"):
-            self._settle(args=args)
+            self.session.call(self._settle, args)
 
     def _settle_args(self, s: Settlement) -> list[Any]:
         r = _Receipt(s.delivery.receipt)
@@ -404,7 +404,7 @@ class RedisBroker:
             r = _Receipt(delivery.receipt)
             args += [delivery.queue, r.band, r.entry, r.consumer, r.count]
         with self._guard("extend"):
-            lost: list[int] = self._extend(args=args)
+            lost: list[int] = self.session.call(self._extend, args)
         return [deliveries[i - 1] for i in lost]
 
     # --- recovery ------------------------------------------------------------------------
@@ -455,7 +455,7 @@ class RedisBroker:
             for entry in page:
                 ops += ["l", queue, band, text(entry["message_id"]), "", "", name,
                         entry["times_delivered"], 1]  # fmt: skip
-            self._settle(args=ops)
+            self.session.call(self._settle, ops)
             released += len(page)
         if dead:
             self.client.xgroup_delconsumer(key, rk.GROUP, name)
@@ -522,7 +522,10 @@ class RedisBroker:
         with self._guard("queue_stats"):
             paused = self.paused()
             queues = sorted({*self._queues(), *paused})
-            rows = self._stats(args=[*self._head, repr(time.time()), *queues]) if queues else []
+            rows = (
+                self.session.call(self._stats, [*self._head, repr(time.time()), *queues])
+                if queues else []
+            )  # fmt: skip
         stats = []
         for queue, row in zip(queues, rows, strict=True):
             ready, delayed, in_flight, dead = map(int, row)
@@ -690,11 +693,11 @@ class RedisBroker:
         args = [*self._head, entry.id, entry.queue, replay.queue, rk.band_of(replay.priority),
                 replay.task_id or "", replay.payload, rate[0] if rate else "",
                 repr(rate[1]) if rate else ""]  # fmt: skip
-        return bool(self._replay(args=args))
+        return bool(self.session.call(self._replay, args))
 
     def dlq_purge(self, queue: str | None = None) -> int:
         with self._guard("dlq_purge"):
-            return int(self._purge(args=[*self._head, queue or ""]))
+            return int(self.session.call(self._purge, [*self._head, queue or ""]))
 
     def close(self) -> None:
         """Release the wake-up subscriber (the client is the `Stores`' to close)."""
