@@ -3,8 +3,6 @@ everything hangs off a `Stem` instance, and a decorator only registers."""
 
 from __future__ import annotations
 
-import hashlib
-import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -12,8 +10,6 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
-
-import orjson
 
 from appliance import signals
 from appliance.batch import BatchBuilder, TemplateKey
@@ -23,13 +19,21 @@ from appliance.envelope import Envelope, EnvelopeCodec, new_task_id, to_raw
 from appliance.errors import NotRegistered
 from appliance.observe import read_task
 from appliance.ratelimit import limiter_key
+from appliance.request_checks import (
+    check_headers,
+    expires_at,
+    not_before_of,
+    seconds,
+    unique_guard,
+    unique_key,
+)  # fmt: skip
 from appliance.signals import configure as configure_signals
 from appliance.states import TaskState
 from appliance.stores import Stores, open_stores, preload
 from appliance.tasks import Task, TaskHandle, TaskHandler, TaskOptions
 from appliance.telemetry import NOOP, Telemetry
 from appliance.telemetry import load as load_telemetry
-from appliance.units import MAX_SECONDS, check_name, check_priority, check_seconds
+from appliance.units import check_name, check_priority
 
 if TYPE_CHECKING:
     from appliance.backend.protocol import ResultBackend
@@ -470,13 +474,13 @@ class Stem:
             lineage = Lineage(
                 parent.id if parent else None, (parent.root_id or parent.id) if parent else None
             )
-        headers = _headers(request.headers)
+        headers = check_headers(request.headers)
         flow_fields = dict(flow or {})
         if expects_previous:
             flow_fields["takes_previous"] = True
-        not_before = _not_before(now, request.countdown, request.eta)
+        not_before = not_before_of(now, request.countdown, request.eta)
         if flow is not None and request.countdown is not None:
-            flow_fields["delay"] = _seconds(request.countdown, "countdown")
+            flow_fields["delay"] = seconds(request.countdown, "countdown")
             not_before = None  # counted from when the worker enqueues it
         if options.unique:
             flow_fields["unique"] = [unique_key(request.name, queue, args, options),
@@ -490,7 +494,7 @@ class Stem:
             max_retries=options.max_retries,
             enqueued_at=now,
             not_before=not_before,
-            expires=_expires(now, request.expires),
+            expires=expires_at(now, request.expires),
             meta=dict(request.meta or {}),
             headers=headers,
             parent_id=lineage.parent_id,
@@ -571,103 +575,3 @@ def _before_publish(e: Envelope) -> None:
             meta=e.meta, headers=e.headers, priority=e.priority, not_before=e.not_before,
             expires=e.expires, parent_id=e.parent_id, root_id=e.root_id,
         ))  # fmt: skip
-
-
-def unique_guard(envelope: Envelope) -> tuple[str, float] | None:
-    """The lock (key, seconds) a unique task's enqueue takes, if it is one."""
-    flow = envelope.flow
-    if flow is None or "unique" not in flow:
-        return None
-    key, ttl = flow["unique"]
-    return str(key), float(ttl)
-
-
-def unique_key(name: str, queue: str, args: dict[str, Any], options: TaskOptions) -> str:
-    """The lock of a unique task: its name, queue and the canonical JSON of its args (or
-    what `unique_key` makes of them), hashed. Never the headers: trace context differs
-    between identical calls."""
-    custom = options.unique_key
-    if custom is None:
-        basis = orjson.dumps(args, option=orjson.OPT_SORT_KEYS)
-    else:
-        try:
-            made = custom(args) if callable(custom) else custom.format(**args)
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(f"unique_key of task {name!r} does not fit the args: {exc}") from exc
-        if not isinstance(made, str):
-            raise TypeError(f"unique_key of task {name!r} returned {type(made).__name__}, not str")
-        basis = made.encode()
-    digest = hashlib.sha256(basis).hexdigest()[:32]
-    return f"unique:{name}:{queue}:{digest}"
-
-
-_MAX_HEADERS, _MAX_HEADER_BYTES = 64, 8192
-
-
-def _headers(given: Mapping[str, str] | None) -> dict[str, str]:
-    """Headers as given, checked: string keys and values, at most 64 of them and 8 KiB
-    in all (they ride in every message and every log context)."""
-    headers = dict(given or {})
-    if len(headers) > _MAX_HEADERS:
-        raise ValueError(f"at most {_MAX_HEADERS} headers, got {len(headers)}")
-    size = 0
-    for key, value in headers.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise TypeError(f"headers must map strings to strings, got {key!r}: {value!r}")
-        size += len(key) + len(value)
-    if size > _MAX_HEADER_BYTES:
-        raise ValueError(f"headers hold {size} characters, above the {_MAX_HEADER_BYTES} limit")
-    return headers
-
-
-def _seconds(value: Any, what: str) -> float:
-    """A countdown or relative expiry: a number of seconds in [0, ten years]."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{what} must be a number of seconds, got {value!r}")
-    if not value >= 0:  # also refuses NaN
-        raise ValueError(f"{what} must be >= 0, got {value!r}")
-    return float(check_seconds(value, what))
-
-
-def _timestamp(value: datetime | float, now: float, what: str) -> float:
-    """An eta or absolute expiry as epoch seconds, at most ten years from `now`."""
-    if isinstance(value, datetime):
-        if value.tzinfo is None or value.utcoffset() is None:
-            raise ValueError(
-                f"{what} must be a timezone-aware datetime (naive times are ambiguous across "
-                f"hosts); got {value!r}: use datetime.now(UTC) or tzinfo=ZoneInfo(...)"
-            )
-        epoch = value.timestamp()
-    elif isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{what} must be a datetime or epoch seconds, got {value!r}")
-    else:
-        try:
-            epoch = float(value)
-        except OverflowError:  # an int past the doubles
-            epoch = math.inf
-    if not math.isfinite(epoch):
-        raise ValueError(f"{what} must be a finite time, got {value!r}")
-    if epoch - now > MAX_SECONDS:
-        raise ValueError(f"{what} must be at most 10 years from now, got {value!r}")
-    return epoch
-
-
-def _not_before(now: float, countdown: float | None, eta: datetime | float | None) -> float | None:
-    if countdown is not None and eta is not None:
-        raise ValueError("give countdown or eta, not both")
-    if countdown is not None:
-        return now + _seconds(countdown, "countdown")
-    return _timestamp(eta, now, "eta") if eta is not None else None
-
-
-def _expires(now: float, expires: datetime | float | None) -> float | None:
-    if expires is None:
-        return None
-    if not isinstance(expires, datetime) and isinstance(expires, int | float) and expires < 1e9:
-        if expires == 0:
-            raise ValueError("expires=0 would cancel the task before it could run")
-        return now + _seconds(expires, "expires")  # small numbers mean "seconds from now"
-    epoch = _timestamp(expires, now, "expires")
-    if epoch <= now:
-        raise ValueError(f"expires is in the past ({expires!r}): the task could never run")
-    return epoch
