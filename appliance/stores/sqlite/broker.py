@@ -5,10 +5,7 @@ transaction: with synchronous=FULL a commit costs one fsync (~0.15 ms here), so
 throughput comes from group commit, not from more processes. Hot paths therefore run
 precomputed SQL through `executemany`, never decode payloads, and never query per row.
 
-A receipt is "id:attempt:deliveries:owner". `attempt` and `deliveries` pin one lease of
-one attempt, so a settle for a lease that was lost (expired, re-claimed, maybe retried)
-matches no row for RETRY, RELEASE and extend. ACK and DEAD remove by id regardless:
-the task did finish, and AUTOINCREMENT ids are never reused.
+Receipts and the settle plan of a batch: `settle.py`.
 
 Wake-ups: each listening broker binds a unix datagram socket in `<db>-wake/`; every
 enqueue commit sends one byte to each. See `SqliteWaker`.
@@ -20,10 +17,9 @@ import contextlib
 import os
 import sqlite3
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +40,10 @@ from appliance.broker.protocol import (
 )
 from appliance.envelope import Envelope, EnvelopeCodec
 from appliance.errors import BrokerError, StoreReplaced
-from appliance.flow import FollowUps
-from appliance.states import SettleKind
 from appliance.stores.common import QueueRotation, replay_of
 from appliance.stores.sqlite import flow
 from appliance.stores.sqlite.db import Database, translate
+from appliance.stores.sqlite.settle import LEASE_MATCH, SettlePlan, parse_receipt, receipt
 from appliance.stores.sqlite.wake import CONTROL, MESSAGES, SqliteWaker
 
 # The row a claim, settle or observation touches is always found through an index
@@ -67,25 +62,7 @@ CLAIM_SQL = (
 # Claims that met rate-limited messages go on claiming for what was booked away, at
 # most this many times per queue and claim (each pass books everything it meets).
 _CLAIM_PASSES = 4
-_LEASE_MATCH = "WHERE id = ? AND attempt = ? AND deliveries = ? AND owner = ? AND state = 'leased'"
-_DELETE = "DELETE FROM messages WHERE id = ?"
-_RETRY = (
-    "UPDATE messages SET payload = ?, name = ?, queue = ?, priority = ?, attempt = ?, "
-    "not_before = ?, state = ?, rate_key = ?, rate_interval = ?, deliveries = 0, "
-    "owner = NULL, lease_until = NULL " + _LEASE_MATCH
-)
-_RELEASE = (
-    "UPDATE messages SET state = 'ready', owner = NULL, lease_until = NULL, "
-    "deliveries = deliveries - ? " + _LEASE_MATCH
-)
-_EXTEND = "UPDATE messages SET lease_until = ? " + _LEASE_MATCH
-# INSERT ... SELECT: a message already gone (settled twice) yields no DLQ row.
-_DEAD = (
-    "INSERT INTO dead_letters (id, task_id, name, queue, priority, reason, error_type, "
-    "message, traceback, attempts, deliveries, payload, enqueued_at, dead_at) "
-    "SELECT ?, task_id, NULLIF(name, ''), queue, priority, ?, ?, ?, ?, attempt + 1, "
-    "deliveries, payload, enqueued_at, ? FROM messages WHERE id = ?"
-)
+_EXTEND = "UPDATE messages SET lease_until = ? " + LEASE_MATCH
 # ?1 = now, ?2 = the latest end a lease granted now could have: a lease ending later
 # was taken before a reboot (CLOCK_BOOTTIME restarted) and its owner is gone.
 _ANY_EXPIRED = (
@@ -145,90 +122,6 @@ _DLQ_PURGE = "DELETE FROM dead_letters WHERE (?1 IS NULL OR queue = ?1)"
 def _limited(rows: list[Any]) -> bool:
     """True when a claimed row is rate-limited (its rate_key, second to last, is set)."""
     return any(row[-2] is not None for row in rows)
-
-
-def _receipt(message_id: int, attempt: int, deliveries: int, owner: str) -> str:
-    return f"{message_id}:{attempt}:{deliveries}:{owner}"
-
-
-def _parse_receipt(receipt: str) -> tuple[int, int, int, str]:
-    try:
-        message_id, attempt, deliveries, owner = receipt.split(":", 3)
-        return int(message_id), int(attempt), int(deliveries), owner
-    except ValueError:
-        raise ValueError(f"not a receipt of the SQLite broker: {receipt!r}") from None
-
-
-@dataclass(slots=True)
-class _SettlePlan:
-    """Parameter rows of one settle batch, grouped by statement (for executemany)."""
-
-    deletes: list[tuple[int]] = field(default_factory=list)
-    deads: list[tuple[Any, ...]] = field(default_factory=list)
-    retries: list[tuple[Any, ...]] = field(default_factory=list)
-    releases: list[tuple[int, int, int, int, str]] = field(default_factory=list)
-    # Settlements with follow-ups, applied one by one: each only if it removes its row.
-    followed: list[tuple[int, tuple[Any, ...] | None, FollowUps]] = field(default_factory=list)
-    stored: bool = False  # a follow-up stored a message
-
-    @property
-    def frees_messages(self) -> bool:
-        return bool(self.retries or self.releases or self.stored)
-
-    def add(self, settlement: Settlement, now: float, codec: EnvelopeCodec) -> None:
-        message_id, attempt, deliveries, owner = _parse_receipt(settlement.delivery.receipt)
-        kind = settlement.kind
-        if kind == SettleKind.ACK:
-            if settlement.follow is not None:
-                self.followed.append((message_id, None, settlement.follow))
-            else:
-                self.deletes.append((message_id,))
-        elif kind == SettleKind.DEAD:
-            info = settlement.dead
-            if info is None:
-                raise ValueError("a DEAD settlement needs `dead` (DeadLetterInfo)")
-            dead = (uuid.uuid4().hex, str(info.reason), info.error_type, info.message,
-                    info.traceback, now, message_id)  # fmt: skip
-            if settlement.follow is not None:
-                self.followed.append((message_id, dead, settlement.follow))
-            else:
-                self.deads.append(dead)
-                self.deletes.append((message_id,))
-        elif kind == SettleKind.RETRY:
-            env = settlement.envelope
-            if env is None:
-                raise ValueError("a RETRY settlement needs the next attempt's `envelope`")
-            rate = env.rate or (None, None)
-            self.retries.append(
-                (codec.reencode(env), env.name, env.queue, env.priority, env.attempt,
-                 env.not_before, _state(env, now), rate[0], rate[1], message_id, attempt,
-                 deliveries, owner)
-            )  # fmt: skip
-        elif kind == SettleKind.RELEASE:
-            uncount = 0 if settlement.count_delivery else 1
-            self.releases.append((uncount, message_id, attempt, deliveries, owner))
-        else:
-            raise ValueError(f"unknown settle kind {kind!r}")
-
-    def apply(self, conn: sqlite3.Connection, codec: EnvelopeCodec) -> None:
-        # DLQ rows first: they copy the message rows that the deletes then remove.
-        if self.deads:
-            conn.executemany(_DEAD, self.deads)
-        if self.deletes:
-            conn.executemany(_DELETE, self.deletes)
-        if self.retries:
-            conn.executemany(_RETRY, self.retries)
-        if self.releases:
-            conn.executemany(_RELEASE, self.releases)
-        now = time.time()
-        for message_id, dead, follow in self.followed:
-            if dead is not None:
-                conn.execute(_DEAD, dead)
-            if conn.execute(_DELETE, (message_id,)).rowcount:  # this settle removed it
-                self.stored |= flow.apply_follow(conn, follow, codec, now)
-
-
-_state = flow.state_of
 
 
 # A WAL that stays above this was not checkpointed: a reader keeps an old snapshot open
@@ -423,7 +316,7 @@ class SqliteBroker:
         rows, lease_until = self._db.write(work)
         rows.sort(key=lambda row: (-row[2], row[0]))  # RETURNING has no defined order
         return [
-            Delivery(_receipt(mid, attempt, count, owner), queue, payload, count, lease_until)
+            Delivery(receipt(mid, attempt, count, owner), queue, payload, count, lease_until)
             for mid, queue, _priority, attempt, count, payload, _key, _interval in rows
         ]
 
@@ -431,7 +324,7 @@ class SqliteBroker:
         """All settlements in one transaction (group commit)."""
         if not settlements:
             return
-        plan = _SettlePlan()
+        plan = SettlePlan()
         now = time.time()
         for settlement in settlements:
             plan.add(settlement, now, self.codec)
@@ -445,7 +338,7 @@ class SqliteBroker:
         timeout apart), so each says whether it still matched."""
         if not deliveries:
             return []
-        keys = [_parse_receipt(delivery.receipt) for delivery in deliveries]
+        keys = [parse_receipt(delivery.receipt) for delivery in deliveries]
 
         def work(conn: sqlite3.Connection) -> list[Delivery]:
             ends = lease_clock() + min(lease, MAX_LEASE_S)
