@@ -99,7 +99,7 @@ class RedisSchedules:
         args = [
             *self.broker.head, name, slot_text, guard_key(name, slot),
             max(1, int(guard_ttl * 1000)), repr(now), run, RUNS_KEPT,
-            *self.broker.message_args(envelope, now),
+            *self.broker.args.message(envelope, now),
         ]  # fmt: skip
         with self.session.guard("dispatching a slot"):
             self.session.load_scripts()

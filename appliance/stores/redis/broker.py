@@ -5,9 +5,10 @@ Shape (keys in `keys.py`):
   (countdown, ETA, retries) wait in a per-queue sorted set and are moved to their stream
   by the claim script itself, so they are claimable as soon as they are due.
 - Every operation that writes is one Lua script call (one round trip, atomic): enqueue
-  of a whole batch, claim of a batch, settle of a batch, extend of a batch. redis-py's
-  `Script` reloads a script after NOSCRIPT (a restarted server), and a failed call has
-  applied nothing, so the caller may simply retry it later.
+  of a whole batch, claim of a batch, settle of a batch, extend of a batch
+  (`RedisSession.call`, which loads a script again after NOSCRIPT: a restarted server).
+  A failed call has applied nothing, so the caller may simply retry it later. The
+  arguments of each script are built in `script_args.py`.
 - A lease is the idle time of the pending entry: `extend` re-claims the same ids for the
   same consumer with JUSTID (idle reset, counter unchanged), and a claim takes over
   entries idle longer than its lease with XAUTOCLAIM (counter bumped: poison pills are
@@ -44,56 +45,21 @@ from appliance.broker.protocol import (
     consumer_gone,
 )
 from appliance.envelope import Envelope, EnvelopeCodec
-from appliance.flow import RECORD_TTL_S, FollowUps, canvas_of
-from appliance.states import SettleKind
 from appliance.stores.common import QueueRotation, replay_of
 from appliance.stores.redis import keys as rk
 from appliance.stores.redis import scripts
 from appliance.stores.redis.conn import connect, durability_warnings
-from appliance.stores.redis.records import dead_entry, dead_record, message_info, stream_info, text
+from appliance.stores.redis.records import dead_entry, message_info, stream_info, text
+from appliance.stores.redis.script_args import (
+    RECORD_TTL_MS,
+    Receipt,
+    ScriptArgs,
+    record_args,
+)  # fmt: skip
 from appliance.stores.redis.session import RedisSession
 from appliance.stores.redis.wake import RedisWake
 
 log = logging.getLogger("stem.redis")
-
-_RECORD_TTL_MS = int(RECORD_TTL_S * 1000)
-
-
-def record_args(envelopes: Sequence[Envelope]) -> list[Any]:
-    """The record arguments (see `add_record`) of the envelopes with lineage or a canvas
-    place; none for plain enqueues."""
-    args: list[Any] = []
-    for envelope in envelopes:
-        args += copy_record_args(envelope, (envelope.id,))
-    return args
-
-
-def copy_record_args(envelope: Envelope, ids: Sequence[str]) -> list[Any]:
-    """The record arguments of copies of `envelope` with these ids (see `record_args`)."""
-    if envelope.parent_id is None and envelope.flow is None:
-        return []
-    canvas = canvas_of(envelope)
-    shared = [envelope.parent_id or "", envelope.root_id or "",
-              orjson.dumps(canvas) if canvas else ""]  # fmt: skip
-    args: list[Any] = []
-    for task_id in ids:
-        args += [task_id, *shared]
-    return args
-
-
-# The op codes of the settle script.
-_KIND = {SettleKind.ACK: "a", SettleKind.DEAD: "d", SettleKind.RETRY: "r", SettleKind.RELEASE: "l"}
-
-
-class _Receipt:
-    """What a `Delivery.receipt` names:
-    "<band>|<entry id>|<PEL count at claim>|<consumer>|<origin>|<task id>"."""
-
-    __slots__ = ("band", "consumer", "count", "entry", "origin", "task")
-
-    def __init__(self, receipt: str) -> None:
-        parts = receipt.split("|", 5)
-        self.band, self.entry, self.count, self.consumer, self.origin, self.task = parts
 
 
 class RedisBroker:
@@ -122,7 +88,7 @@ class RedisBroker:
         self._next_sweep = 0.0
         self._rotation = QueueRotation()
         self._wake: RedisWake | None = None
-        self._dlq_last_us = 0
+        self.args = ScriptArgs(codec)  # every script's arguments (`script_args`)
         self._epoch: str | None = None  # the data set this broker serves (`watch_identity`)
         self._checked_durability = False  # producers warn once about unsafe settings
 
@@ -196,17 +162,7 @@ class RedisBroker:
     def enqueue_copies(self, batches: Sequence[Copies]) -> None:
         if not any(copies.ids for copies in batches):
             return
-        self._send(self._enqueue, [*self._head, _RECORD_TTL_MS, *self.batch_args(batches)])
-
-    def batch_args(self, batches: Sequence[Copies]) -> list[Any]:
-        """The arguments of `store_batch`: the count of runs, the runs, the records."""
-        now = time.time()
-        args: list[Any] = [len(batches)]
-        for copies in batches:
-            args += self.copy_args(copies, now)
-        for copies in batches:
-            args += copy_record_args(copies.envelope, copies.ids)
-        return args
+        self._send(self._enqueue, [*self._head, RECORD_TTL_MS, *self.args.batch(batches)])
 
     def _send(self, script: Any, args: list[Any]) -> Any:
         with self._guard("enqueue"):
@@ -215,43 +171,12 @@ class RedisBroker:
                 self._warn_about_durability()
             return self.session.call(script, args)
 
-    def message_args(
-        self, envelope: Envelope, now: float, payload: bytes | None = None
-    ) -> list[Any]:
-        """The eight script arguments of one new message (see `store_message`)."""
-        due = envelope.not_before is not None and envelope.not_before > now
-        rate = envelope.rate
-        return [
-            envelope.queue, rk.band_of(envelope.priority), envelope.id,
-            self.codec.encode(envelope) if payload is None else payload,
-            repr(envelope.not_before) if due else "", os.urandom(6).hex() if due else "",
-            rate[0] if rate else "", repr(rate[1]) if rate else "",
-        ]  # fmt: skip
-
-    def copy_args(self, copies: Copies, now: float) -> list[Any]:
-        """The script arguments of one run of copies (see `store_copies`): what they
-        share once, then each one's task id and payload (and nonce, when delayed)."""
-        env, rate = copies.envelope, copies.envelope.rate
-        due = env.not_before is not None and env.not_before > now
-        args: list[Any] = [
-            env.queue, rk.band_of(env.priority), repr(env.not_before) if due else "",
-            *((rate[0], repr(rate[1])) if rate else ("", "")), len(copies.ids),
-        ]  # fmt: skip
-        if not due:
-            for pair in zip(copies.ids, copies.payloads, strict=True):
-                args += pair
-            return args
-        for task_id, payload in zip(copies.ids, copies.payloads, strict=True):
-            # A delayed message's nonce tells apart two copies due at the same time.
-            args += [task_id, payload, os.urandom(6).hex()]
-        return args
-
     def enqueue_guarded(
         self, envelope: Envelope, key: str, ttl: float, *, note_duplicate: bool = False
     ) -> str | None:
         now = time.time()
         args = [*self._head, key, max(1, int(ttl * 1000)), envelope.id, int(note_duplicate),
-                repr(now), _RECORD_TTL_MS, *self.message_args(envelope, now),
+                repr(now), RECORD_TTL_MS, *self.args.message(envelope, now),
                 *record_args([envelope])]  # fmt: skip
         reply: Any = self._send(self._enqueue_guarded, args)
         return None if reply[0] == 1 else text(reply[1] or b"")
@@ -261,10 +186,10 @@ class RedisBroker:
     ) -> None:
         rate = callback.rate
         args: list[Any] = [
-            *self._head, chord_id, len(members), max(1, int(ttl * 1000)), _RECORD_TTL_MS,
+            *self._head, chord_id, len(members), max(1, int(ttl * 1000)), RECORD_TTL_MS,
             callback.queue, rk.band_of(callback.priority), callback.id,
             self.codec.encode(callback), rate[0] if rate else "", repr(rate[1]) if rate else "",
-            *self.batch_args([Copies.of(e, self.codec.encode(e)) for e in members]),
+            *self.args.batch([Copies.of(e, self.codec.encode(e)) for e in members]),
             *record_args([callback]),  # records go last: after the members' own
         ]  # fmt: skip
         self._send(self._enqueue_chord, args)
@@ -331,66 +256,12 @@ class RedisBroker:
             return
         args = list(self._head)
         for settlement in settlements:
-            args += self._settle_args(settlement)
+            args += self.args.settle(settlement)
         if self.session.pipe is not None:
             self.session.queue(self._settle, args)
             return
         with self._guard("settle"):
             self.session.call(self._settle, args)
-
-    def _settle_args(self, s: Settlement) -> list[Any]:
-        r = _Receipt(s.delivery.receipt)
-        kind = _KIND[s.kind]
-        if s.follow is not None:
-            kind = kind.upper()  # 'A' or 'D': with follow-ups
-        head = [kind, s.delivery.queue, r.band, r.entry, r.origin, r.task]
-        if s.kind == SettleKind.ACK:
-            return head if s.follow is None else head + self._follow_args(s.follow)
-        if s.kind == SettleKind.DEAD:
-            dead = head + self._dead_args(s)
-            return dead if s.follow is None else dead + self._follow_args(s.follow)
-        if s.kind == SettleKind.RELEASE:
-            return [*head, r.consumer, r.count, int(s.count_delivery)]
-        if s.envelope is None:
-            raise ValueError("a RETRY settlement needs the next attempt's envelope")
-        env = s.envelope
-        due = env.not_before is not None and env.not_before > time.time()
-        rate = env.rate
-        return [
-            *head, r.consumer, r.count, env.queue, rk.band_of(env.priority), env.id,
-            self.codec.reencode(env), repr(env.not_before) if due else "",
-            rate[0] if rate else "", repr(rate[1]) if rate else "",
-        ]  # fmt: skip
-
-    def _follow_args(self, follow: FollowUps) -> list[Any]:
-        """The follow-up block of an 'A' or 'D' settle op (see SETTLE)."""
-        now = time.time()
-        ops: list[Any] = []
-        count = 0
-        for envelope in follow.enqueue:
-            unique = (envelope.flow or {}).get("unique")
-            guard = [str(unique[0]), max(1, int(float(unique[1]) * 1000))] if unique else ["", 0]
-            payload = self.codec.reencode(envelope)
-            record = record_args([envelope]) or [envelope.id, "", "", ""]
-            ops += ["e", *self.message_args(envelope, now, payload), *guard, *record,
-                    _RECORD_TTL_MS]  # fmt: skip
-            count += 1
-        if follow.chord is not None:
-            ops += ["c", follow.chord.chord_id, follow.chord.index, follow.chord.value]
-            count += 1
-        if follow.release is not None:
-            ops += ["k", follow.release, follow.task_id]
-            count += 1
-        return [count, *ops]
-
-    def _dead_args(self, s: Settlement) -> list[Any]:
-        dead_at = time.time()
-        # Ids sort by time (microseconds, strictly increasing in this process) so that
-        # ties in dead_at still list newest first; the random tail keeps processes apart.
-        self._dlq_last_us = max(int(dead_at * 1_000_000), self._dlq_last_us + 1)
-        dlq_id = f"{self._dlq_last_us:017d}-{os.urandom(3).hex()}"
-        record = dead_record(self.codec, s, dead_at)
-        return [dlq_id, repr(dead_at), orjson.dumps(record), s.delivery.payload]
 
     def idle(self) -> None:
         # Acknowledged entries are deleted when settled; Redis needs no idle upkeep.
@@ -401,7 +272,7 @@ class RedisBroker:
             return []
         args: list[Any] = [*self._head, repr(lease)]
         for delivery in deliveries:
-            r = _Receipt(delivery.receipt)
+            r = Receipt(delivery.receipt)
             args += [delivery.queue, r.band, r.entry, r.consumer, r.count]
         with self._guard("extend"):
             lost: list[int] = self.session.call(self._extend, args)
