@@ -259,6 +259,28 @@ def test_down_server_raises_broker_unavailable_then_works_again_without_reopenin
     assert select.select([fd], [], [], 2)[0] == [fd]
 
 
+def test_a_lone_enqueue_writes_what_a_batch_writes(broker: RedisBroker, raw: redis.Redis) -> None:
+    """One plain message goes through ENQUEUE_ONE, two through ENQUEUE: same entry
+    fields, same index form, same queue list."""
+    lone, pair = envelopes(1, queue="a"), envelopes(2, queue="b")
+    broker.enqueue(lone)
+    broker.enqueue(pair)
+    keys = rk.Keys("stem")
+    band = rk.band_of(0)
+    (a_id, a), (b_id, b) = (
+        raw.xrange(keys.stream("a", band))[0],
+        raw.xrange(keys.stream("b", band))[0],
+    )
+    assert a.keys() == b.keys() == {b"p", b"t", b"b"}
+    assert (a[b"t"], a[b"b"], b[b"t"], b[b"b"]) == (b"a-0", b"0", b"b-0", b"0")
+    assert a[b"p"] == broker.codec.encode(lone[0])
+    assert raw.hget(keys.tasks, "a-0") == b"s|%d|%s|a" % (band, a_id)
+    assert raw.hget(keys.tasks, "b-0") == b"s|%d|%s|b" % (band, b_id)
+    assert raw.smembers(keys.queues) == {b"a", b"b"}
+    claimed = broker.claim(["a", "b"], 10, consumer=A, lease=30)
+    assert sorted(d.payload for d in claimed) == sorted(broker.codec.encode(e) for e in lone + pair)
+
+
 # --- the session's own connections (`RedisSession.call`) ---------------------------------
 
 # Keeps the server busy for `ARGV[1]` seconds: every other client waits meanwhile.

@@ -77,6 +77,7 @@ class RedisBroker:
         self._head: list[Any] = [self.keys.prefix, rk.GROUP]
         self.head = self._head  # the first two arguments of every script (prefix, group)
         self._enqueue = session.script(scripts.source(scripts.ENQUEUE))
+        self._enqueue_one = session.script(scripts.source(scripts.ENQUEUE_ONE, helpers=False))
         self._enqueue_guarded = session.script(scripts.source(scripts.ENQUEUE_GUARDED))
         self._enqueue_chord = session.script(scripts.source(scripts.ENQUEUE_CHORD))
         self._claim = session.script(scripts.source(scripts.CLAIM))
@@ -161,6 +162,10 @@ class RedisBroker:
 
     def enqueue_copies(self, batches: Sequence[Copies]) -> None:
         if not any(copies.ids for copies in batches):
+            return
+        lone = self.args.lone(batches, time.time())
+        if lone is not None:
+            self._send(self._enqueue_one, [*self._head, *lone])
             return
         self._send(self._enqueue, [*self._head, RECORD_TTL_MS, *self.args.batch(batches)])
 

@@ -76,6 +76,18 @@ class ScriptArgs:
             args += copy_record_args(copies.envelope, copies.ids)
         return args
 
+    def lone(self, batches: Sequence[Copies], now: float) -> list[Any] | None:
+        """The ENQUEUE_ONE arguments (queue, band, task, payload) when `batches` is one
+        message that is ready now, with no limiter and no record; else None."""
+        if len(batches) != 1 or len(batches[0].ids) != 1:
+            return None
+        copies = batches[0]
+        env = copies.envelope
+        due = env.not_before is not None and env.not_before > now
+        if due or env.rate or env.parent_id is not None or env.flow is not None:
+            return None
+        return [env.queue, rk.band_of(env.priority), copies.ids[0], copies.payloads[0]]
+
     def message(self, envelope: Envelope, now: float, payload: bytes | None = None) -> list[Any]:
         """The eight script arguments of one new message (see `store_message`)."""
         due = envelope.not_before is not None and envelope.not_before > now

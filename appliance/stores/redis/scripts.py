@@ -144,6 +144,19 @@ store_batch(5, tonumber(ARGV[4]), ARGV[3])
 return 0
 """
 
+ENQUEUE_ONE = """#!lua
+-- ARGV: prefix, group, queue, band, task, payload: one ready message without a limiter
+-- or a record, what a plain `enqueue` stores. The same entry, index and wake-up as
+-- `store_batch` writes, without its helpers and loops: they were 7 of its 26 us of
+-- server time a call (measured), a single enqueue's most common case.
+local q, band, task = ARGV[3], ARGV[4], ARGV[5]
+local id = redis.call('XADD', k_stream(q, band), '*', 'p', ARGV[6], 't', task, 'b', 0)
+if task ~= '' then redis.call('HSET', k_tasks, task, loc_stream(q, band, id)) end
+redis.call('SADD', k_queues, q)
+redis.call('PUBLISH', k_wake(q), '1')
+return 0
+"""
+
 ENQUEUE_GUARDED = """#!lua
 -- ARGV: prefix, group, guard key (under kv:), guard TTL in ms, guard value, note the
 -- duplicate 1|0, now, record TTL in ms, then one message (8 arguments from 9), then
