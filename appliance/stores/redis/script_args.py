@@ -30,9 +30,19 @@ def record_args(envelopes: Sequence[Envelope]) -> list[Any]:
     return args
 
 
+def _due(envelope: Envelope, now: float) -> bool:
+    """Whether the message waits in the delayed set (else it is ready now)."""
+    return envelope.not_before is not None and envelope.not_before > now
+
+
+def _has_record(envelope: Envelope) -> bool:
+    """Whether the message gets a task record: lineage or a canvas place."""
+    return envelope.parent_id is not None or envelope.flow is not None
+
+
 def copy_record_args(envelope: Envelope, ids: Sequence[str]) -> list[Any]:
     """The record arguments of copies of `envelope` with these ids (see `record_args`)."""
-    if envelope.parent_id is None and envelope.flow is None:
+    if not _has_record(envelope):
         return []
     canvas = canvas_of(envelope)
     shared = [envelope.parent_id or "", envelope.root_id or "",
@@ -83,14 +93,13 @@ class ScriptArgs:
             return None
         copies = batches[0]
         env = copies.envelope
-        due = env.not_before is not None and env.not_before > now
-        if due or env.rate or env.parent_id is not None or env.flow is not None:
+        if _due(env, now) or env.rate or _has_record(env):
             return None
         return [env.queue, rk.band_of(env.priority), copies.ids[0], copies.payloads[0]]
 
     def message(self, envelope: Envelope, now: float, payload: bytes | None = None) -> list[Any]:
         """The eight script arguments of one new message (see `store_message`)."""
-        due = envelope.not_before is not None and envelope.not_before > now
+        due = _due(envelope, now)
         rate = envelope.rate
         return [
             envelope.queue, rk.band_of(envelope.priority), envelope.id,
@@ -103,7 +112,7 @@ class ScriptArgs:
         """The script arguments of one run of copies (see `store_copies`): what they
         share once, then each one's task id and payload (and nonce, when delayed)."""
         env, rate = copies.envelope, copies.envelope.rate
-        due = env.not_before is not None and env.not_before > now
+        due = _due(env, now)
         args: list[Any] = [
             env.queue, rk.band_of(env.priority), repr(env.not_before) if due else "",
             *((rate[0], repr(rate[1])) if rate else ("", "")), len(copies.ids),
@@ -134,7 +143,7 @@ class ScriptArgs:
         if s.envelope is None:
             raise ValueError("a RETRY settlement needs the next attempt's envelope")
         env = s.envelope
-        due = env.not_before is not None and env.not_before > time.time()
+        due = _due(env, time.time())
         rate = env.rate
         return [
             *head, r.consumer, r.count, env.queue, rk.band_of(env.priority), env.id,
