@@ -30,6 +30,13 @@ def test_mypy_strict_is_clean() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def printed_by(code: str) -> str:
+    """What `code` prints, run in a fresh interpreter (its imports are its own)."""
+    result = run(sys.executable, "-c", code)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
 def test_the_core_never_imports_textual_or_redis_for_sqlite_users() -> None:
     code = (
         "import sys, appliance, appliance.cli.main, appliance.worker.supervisor\n"
@@ -37,9 +44,7 @@ def test_the_core_never_imports_textual_or_redis_for_sqlite_users() -> None:
         "Stem(broker='sqlite:///:memory:')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('textual', 'redis')))"
     )
-    result = run(sys.executable, "-c", code)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+    assert printed_by(code) == "[]"
 
 
 def test_a_stem_imports_its_store_package_when_made_not_in_its_first_enqueue() -> None:
@@ -52,6 +57,4 @@ def test_a_stem_imports_its_store_package_when_made_not_in_its_first_enqueue() -
         "print(sorted(m for m in sys.modules if m in ('appliance.stores.redis', "
         "'appliance.stores.sqlite')))"
     )
-    result = run(sys.executable, "-c", code)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "['appliance.stores.redis', 'appliance.stores.sqlite']"
+    assert printed_by(code) == "['appliance.stores.redis', 'appliance.stores.sqlite']"
