@@ -110,12 +110,15 @@ def test_extend_resets_idle_time_of_the_same_entry_without_redelivery(
     broker: RedisBroker, raw: redis.Redis
 ) -> None:
     broker.enqueue(envelopes(1))
-    (held,) = broker.claim(["default"], 1, consumer=A, lease=0.5)
+    # A lease well above the server's clock lag: redis-server 7.0 sometimes sets an
+    # XCLAIM's delivery time hundreds of ms in the past (measured up to 670 ms), which
+    # took a 0.5 s lease from its live holder about one run in 60.
+    (held,) = broker.claim(["default"], 1, consumer=A, lease=1.5)
     before = pending(raw)
-    for _ in range(4):  # 1.2 s in all: well past the 0.5 s lease, renewed every lease/3
-        time.sleep(0.3)
-        broker.extend([held], 0.5)
-        assert broker.claim(["default"], 10, consumer=B, lease=0.5) == []
+    for _ in range(4):  # 2 s in all: well past the 1.5 s lease, renewed every lease/3
+        time.sleep(0.5)
+        broker.extend([held], 1.5)
+        assert broker.claim(["default"], 10, consumer=B, lease=1.5) == []
     after = pending(raw)
     assert [p["message_id"] for p in after] == [p["message_id"] for p in before]
     assert after[0]["consumer"] == A.name.encode()
