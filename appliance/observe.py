@@ -8,7 +8,6 @@ returned is a plain frozen dataclass: no printing, no formatting.
 from __future__ import annotations
 
 import math
-import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +18,8 @@ import orjson
 from appliance.states import TaskState, derive_state
 
 if TYPE_CHECKING:
+    import sqlite3
+
     from appliance.app import Stem
     from appliance.backend.protocol import TaskResult, WorkerHeartbeat
     from appliance.broker.protocol import Broker, DeadLetterEntry, MessageInfo, QueueStats

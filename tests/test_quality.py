@@ -58,3 +58,17 @@ def test_a_stem_imports_its_store_package_when_made_not_in_its_first_enqueue() -
         "'appliance.stores.sqlite')))"
     )
     assert printed_by(code) == "['appliance.stores.redis', 'appliance.stores.sqlite']"
+
+
+def test_a_redis_supervisor_without_schedules_imports_no_sqlite_or_beat_libraries() -> None:
+    """The supervisor's RSS is a target (40 MB, bench/README.md) and Redis's client alone
+    takes most of it: sqlite3 (via the observer's type hints), astral and cronsim (via
+    the Redis Beat store) cost it ~0.7 MB for nothing until a schedule needs them."""
+    code = (
+        "import sys, appliance.cli.main, appliance.worker.supervisor\n"
+        "from appliance import Stem\n"
+        "Stem(broker='redis://127.0.0.1:1/0').stores\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('sqlite3', 'astral', 'cronsim')))"
+    )
+    assert printed_by(code) == "[]"

@@ -48,9 +48,6 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from itertools import islice
 
-from astral import Observer, sun
-from cronsim import CronSim
-
 from appliance.beat.spec import ScheduleEntry
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -61,14 +58,6 @@ SOLAR_SEARCH_DAYS = 367
 # The default for `plan(grace=...)`: the loop must pass at least the leader lease TTL plus
 # one tick, so that slots passed during a leader handover still count as on time.
 DEFAULT_GRACE = timedelta(seconds=60)
-
-_SOLAR: dict[str, Callable[..., datetime]] = {
-    "sunrise": sun.sunrise,
-    "sunset": sun.sunset,
-    "noon": sun.noon,
-    "dawn": sun.dawn,  # civil: the sun 6 degrees below the horizon
-    "dusk": sun.dusk,
-}
 
 
 def format_slot(slot: datetime) -> str:
@@ -245,6 +234,8 @@ def _cron_slots(expr: str, zone: tzinfo, after: datetime) -> Iterator[datetime]:
     # cronsim counts fixed-time entries on the naive wall clock, so started inside a
     # repeated hour it can return that hour's first occurrence, which is before `after`:
     # those are dropped, keeping "strictly after" exact.
+    from cronsim import CronSim  # here, not at the top: see _solar_on
+
     for found in CronSim(expr, after.astimezone(zone)):
         slot = found.astimezone(UTC)
         if slot > after:
@@ -276,9 +267,16 @@ def _solar_on(entry: ScheduleEntry, day: date) -> datetime | None:
     """The entry's solar event on local date `day`, or None when the sun skips it there."""
     assert entry.solar is not None and entry.latitude is not None
     assert entry.longitude is not None
+    # astral and cronsim are imported by the first schedule that needs them: the Redis
+    # store imports this module, and a supervisor without schedules (most) would carry
+    # them for nothing (its RSS is a target; see bench/README.md).
+    from astral import Observer, sun
+
     observer = Observer(latitude=entry.latitude, longitude=entry.longitude)
+    # The events are astral's own names; dawn and dusk are civil (the sun 6 degrees down).
+    event: Callable[..., datetime] = getattr(sun, entry.solar)
     try:
-        moment = _SOLAR[entry.solar](observer, day, tzinfo=entry.tz)
+        moment = event(observer, day, tzinfo=entry.tz)
     except ValueError:  # astral's way of saying: polar day or night, no such event
         return None
     # Whole seconds: a slot is a store key, and sub-second noise would only make it longer.

@@ -17,7 +17,6 @@ from typing import Any, Literal, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
-from cronsim import CronSim, CronSimError
 
 from appliance.errors import ConfigError
 
@@ -196,6 +195,8 @@ def _check_place(clean: dict[str, Any], where: str) -> None:
 def _check_cron(expr: str, zone: str, where: str) -> None:
     if len(expr.split()) != 5:
         raise ConfigError(where, "cron", f"{expr!r} needs 5 fields ({CRON_FIELDS})")
+    from cronsim import CronSim, CronSimError  # on first use: see calendar._solar_on
+
     try:
         next(CronSim(expr, _CHECK_FROM.astimezone(ZoneInfo(zone))))
     except CronSimError as exc:

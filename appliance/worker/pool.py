@@ -27,7 +27,7 @@ PREFETCH_WINDOW_S = 0.010
 EWMA_WEIGHT = 0.05
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Dispatch:
     """A delivery handed to a child and not yet settled."""
 
