@@ -17,7 +17,7 @@ from appliance.stores import Stores
 from appliance.worker import outcomes
 from appliance.worker.ipc import Outcome
 from appliance.worker.pool import Child, Dispatch, Pool
-from appliance.worker.store_round import POLL_S, StoreRound
+from appliance.worker.store_round import LINGER_S, POLL_S, StoreRound
 
 
 @pytest.fixture
@@ -81,6 +81,41 @@ def test_settles_linger_only_while_every_child_has_work_queued(stem: Stem, store
     pool.children[1].outstanding.popitem()  # one child is down to its running task
     round_.run(1.0002, accepting=True)
     assert not round_.pending  # committed at once
+
+
+def test_an_idle_pool_settles_at_once(stem: Stem, stores: Stores) -> None:
+    """Nothing queued anywhere (the last claim came back short, no child holds more
+    work): no other outcome is coming to share the commit, so the settle must not wait
+    out the linger. It did (no pool counted as 'could be given work', and all() of
+    nothing is true): every idle settle waited 2 ms, and its commit then met the next
+    enqueue's transaction, which slept on SQLITE_BUSY (latency p90 and p99)."""
+    pool = _pool_of_two()
+    round_ = StoreRound(stores, Consumer.this_process(), [pool], claim_lease=30.0)
+    stem.enqueue("t.record")
+    (first,) = [d for _, d in round_.run(1.0, accepting=True)]
+    assert not pool.maybe_ready  # the claim came back short: the queue is empty
+    round_.settle(_done(stem, first))
+    round_.run(round_.pending_since + 0.0001, accepting=True)  # well inside the linger window
+    assert not round_.pending  # committed at once
+
+
+def test_settles_linger_behind_queued_work_when_the_queue_is_empty(
+    stem: Stem, stores: Stores
+) -> None:
+    """The end of a drain: nothing left to claim, but a child still works through what
+    it was prefetched; those outcomes share the commit."""
+    pool = _pool_of_two()
+    round_ = StoreRound(stores, Consumer.this_process(), [pool], claim_lease=30.0)
+    stem.enqueue_many([("t.record", {"n": i}) for i in range(3)])
+    claimed = [d for _, d in round_.run(1.0, accepting=True)]
+    assert len(claimed) == 3 and not pool.maybe_ready
+    _hold(stem, pool.children[0], claimed[0], 0)
+    _hold(stem, pool.children[0], claimed[1], 1)
+    round_.settle(_done(stem, claimed[2]))
+    since = round_.pending_since
+    assert round_.run(since + 0.0001, accepting=True) == [] and round_.pending  # more coming
+    round_.run(since + 2 * LINGER_S, accepting=True)
+    assert not round_.pending  # the linger is over
 
 
 def test_a_short_claim_learns_when_the_next_delayed_message_is_due_after_handing_out(

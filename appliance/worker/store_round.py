@@ -138,11 +138,20 @@ class StoreRound:
         pool may have messages ready) has queued work to go on with."""
         if len(self.pending) >= LINGER_BATCH or now - self.pending_since >= LINGER_S:
             return False
-        return all(
+        could_start = [
             len(child.outstanding) >= 2
             for pool in self.pools
             if pool.maybe_ready
             for child in pool.children.values()
+        ]
+        if could_start:
+            return all(could_start)
+        # No pool may have messages ready (its last claim came back short): wait only for
+        # outcomes still to come from work queued behind a running task. On an idle pool
+        # the settle goes at once; waiting the linger out there delayed every result and
+        # moved its commit into the next enqueue's transaction (SQLITE_BUSY sleeps).
+        return any(
+            len(child.outstanding) >= 2 for pool in self.pools for child in pool.children.values()
         )
 
     def wants_claim(self, pool: Pool, now: float) -> bool:
