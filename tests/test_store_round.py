@@ -83,27 +83,11 @@ def test_settles_linger_only_while_every_child_has_work_queued(stem: Stem, store
     assert not round_.pending  # committed at once
 
 
-def test_an_idle_pool_settles_at_once(stem: Stem, stores: Stores) -> None:
-    """Nothing queued anywhere (the last claim came back short, no child holds more
-    work): no other outcome is coming to share the commit, so the settle must not wait
-    out the linger. It did (no pool counted as 'could be given work', and all() of
-    nothing is true): every idle settle waited 2 ms, and its commit then met the next
-    enqueue's transaction, which slept on SQLITE_BUSY (latency p90 and p99)."""
-    pool = _pool_of_two()
-    round_ = StoreRound(stores, Consumer.this_process(), [pool], claim_lease=30.0)
-    stem.enqueue("t.record")
-    (first,) = [d for _, d in round_.run(1.0, accepting=True)]
-    assert not pool.maybe_ready  # the claim came back short: the queue is empty
-    round_.settle(_done(stem, first))
-    round_.run(round_.pending_since + 0.0001, accepting=True)  # well inside the linger window
-    assert not round_.pending  # committed at once
-
-
 def test_settles_linger_behind_queued_work_when_the_queue_is_empty(
     stem: Stem, stores: Stores
 ) -> None:
     """The end of a drain: nothing left to claim, but a child still works through what
-    it was prefetched; those outcomes share the commit."""
+    it was prefetched; those outcomes share the commit, until the linger is over."""
     pool = _pool_of_two()
     round_ = StoreRound(stores, Consumer.this_process(), [pool], claim_lease=30.0)
     stem.enqueue_many([("t.record", {"n": i}) for i in range(3)])
