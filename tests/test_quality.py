@@ -63,7 +63,7 @@ def test_a_stem_imports_its_store_package_when_made_not_in_its_first_enqueue() -
 def test_a_redis_supervisor_without_schedules_imports_no_sqlite_or_beat_libraries() -> None:
     """The supervisor's RSS is a target (40 MB, bench/README.md) and Redis's client alone
     takes most of it: sqlite3 (via the observer's type hints), astral and cronsim (via
-    the Redis Beat store) cost it ~0.7 MB for nothing until a schedule needs them."""
+    the Redis Beat store) cost it ~1.2 MB for nothing until a schedule needs them."""
     code = (
         "import sys, appliance.cli.main, appliance.worker.supervisor\n"
         "from appliance import Stem\n"
