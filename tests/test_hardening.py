@@ -114,6 +114,43 @@ def test_garbage_written_to_every_descriptor_corrupts_nothing(
     assert stem.enqueue("t.record", args={"n": 7}).result(timeout=15) == 7
 
 
+def test_garbage_is_charged_to_the_task_that_wrote_it_not_to_the_next(
+    stem: Stem, tmp_path: Path, store_url: str
+) -> None:
+    # Regression (1 run in 10 of the test above): a task scribbled into its pipe and
+    # returned before the supervisor read the garbage; the kill was charged to the task
+    # its child had started next, which was dead-lettered as a poison pill, and the
+    # outcomes that arrived whole before the garbage were dropped (run again).
+    worker = WorkerProcess(tmp_path, store_url, app=HOSTILE, concurrency=1)
+    try:
+        worker.start()
+        assert stem.enqueue("t.record").result(timeout=15) == 0  # fast: earns prefetch
+        opened = tmp_path / "open"
+        gate, scribbler, innocent = stem.enqueue_many([
+            ("h.gate", {"path": str(opened)}), ("h.scribble", {}), ("h.innocent", {}),
+        ])  # fmt: skip
+        # All three held by the one child: the gate runs, the others wait in its pipe.
+        assert wait_until(lambda: bool(worker.ledger_lines("start")), timeout=15)
+        assert wait_until(lambda: _ready(stem) == 0, timeout=15), worker.read_log()
+        worker.signal(signal.SIGSTOP)  # the supervisor reads nothing until SIGCONT
+        try:
+            opened.touch()  # gate ends, scribbler writes its garbage and ends, innocent runs
+            assert wait_until(lambda: len(worker.ledger_lines("start")) == 2, timeout=15)
+        finally:
+            worker.signal(signal.SIGCONT)
+        assert innocent.result(timeout=30) == "fine", worker.read_log()
+        assert gate.result(timeout=15) == "opened"
+        assert wait_until(lambda: scribbler.state() is TaskState.DEAD, timeout=30)
+        gate_runs = [line for line in worker.ledger_lines() if line[1] == gate.id]
+        assert len(gate_runs) == 1, "the gate's outcome, read whole before the garbage, was lost"
+    finally:
+        worker.stop()
+
+
+def _ready(stem: Stem) -> int:
+    return sum(stats.ready for stats in stem.broker.queue_stats())
+
+
 # --- 2. grandchildren -------------------------------------------------------------------
 
 

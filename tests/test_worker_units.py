@@ -109,6 +109,19 @@ def test_garbage_on_a_child_pipe_is_refused_at_once(garbage: bytes) -> None:
         FrameReader().feed(garbage)
 
 
+def test_frames_ahead_of_garbage_are_kept_and_the_garbage_refused_for_good() -> None:
+    done = encode_message(Outcome(1, OutcomeStatus.SUCCESS, value=1))
+    reader = FrameReader()
+    with pytest.raises(ProtocolError) as refused:
+        reader.feed(done + encode_message(Progress(2, 50.0)) + b"\x00garbage" * 8)
+    assert [decode_message(frame) for frame in refused.value.before] == [
+        Outcome(1, OutcomeStatus.SUCCESS, value=1), Progress(2, 50.0),
+    ]  # fmt: skip
+    with pytest.raises(ProtocolError) as again:
+        reader.feed(done)  # nothing after garbage is trusted
+    assert again.value.before == []
+
+
 def test_every_child_message_survives_its_codec() -> None:
     for message in (
         FAILED,

@@ -109,7 +109,13 @@ def dispatch_frame(seq: int, payload: bytes) -> bytes:
 
 
 class ProtocolError(Exception):
-    """Bytes on a child's pipe that are not our frames."""
+    """Bytes on a child's pipe that are not our frames. `before` holds what arrived whole
+    ahead of them (frames from `FrameReader`, messages from `ChildPipes.read`): outcomes
+    of tasks that ended before the garbage was written, still to be settled."""
+
+    def __init__(self, detail: str, before: list[Any] | None = None) -> None:
+        super().__init__(detail)
+        self.before: list[Any] = before or []
 
 
 class FrameReader:
@@ -129,9 +135,10 @@ class FrameReader:
         while len(buffer) - offset >= 4:
             (length,) = _LEN.unpack_from(buffer, offset)
             if length > MAX_FRAME_BYTES:
-                raise ProtocolError(f"a frame of {length} bytes: not a message of ours")
+                self._refuse(offset, frames, f"a frame of {length} bytes: not a message of ours")
             if self.tagged and len(buffer) > offset + 4 and buffer[offset + 4] not in _TAGS:
-                raise ProtocolError(f"a frame tagged {bytes(buffer[offset + 4 : offset + 5])!r}")
+                tag = bytes(buffer[offset + 4 : offset + 5])
+                self._refuse(offset, frames, f"a frame tagged {tag!r}")
             end = offset + 4 + length
             if len(buffer) < end:
                 break
@@ -140,6 +147,11 @@ class FrameReader:
         if offset:
             del buffer[:offset]
         return frames
+
+    def _refuse(self, offset: int, frames: list[bytes], detail: str) -> None:
+        # The garbage stays at the head of the buffer: every later feed refuses it again.
+        del self._buffer[:offset]
+        raise ProtocolError(detail, before=frames)
 
 
 def split_dispatch(frame: bytes) -> tuple[int, bytes]:

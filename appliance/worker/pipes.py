@@ -70,7 +70,8 @@ class ChildPipes:
     def read(self, child: Child, *, until_eof: bool = False) -> list[ChildMessage]:
         """The messages that arrived; all of them up to EOF for a child that exited.
         Raises `ProtocolError` for bytes that are not our frames (a task that wrote
-        into its own pipe): the child is then killed, never trusted again."""
+        into its own pipe): the child is then killed, never trusted again. The messages
+        that arrived whole before the garbage ride on the error (`before`)."""
         messages: list[ChildMessage] = []
         while True:
             try:
@@ -80,11 +81,11 @@ class ChildPipes:
             if not data:
                 return messages
             try:
-                messages += [decode_message(frame) for frame in child.reader.feed(data)]
-            except ProtocolError:
-                raise
-            except Exception as exc:  # orjson, or fields that are not an Outcome's
-                raise ProtocolError(f"undecodable message from child {child.pid}: {exc}") from exc
+                frames = child.reader.feed(data)
+            except ProtocolError as exc:
+                _decode_into(messages, exc.before, child.pid)
+                raise ProtocolError(str(exc), before=messages) from exc
+            _decode_into(messages, frames, child.pid)
             if not until_eof and len(data) < READ_CHUNK:
                 return messages
 
@@ -127,3 +128,16 @@ class ChildPipes:
         self.selector.unregister(child.from_fd)
         self.fds.discard(child.from_fd)
         os.close(child.from_fd)
+
+
+def _decode_into(messages: list[ChildMessage], frames: list[bytes], pid: int) -> None:
+    """Append each frame's message; at the first that does not decode, raise with the
+    ones before it."""
+    for frame in frames:
+        try:
+            messages.append(decode_message(frame))
+        except ProtocolError as exc:
+            raise ProtocolError(str(exc), before=messages) from exc
+        except Exception as exc:  # orjson, or fields that are not an Outcome's
+            raise ProtocolError(f"undecodable message from child {pid}: {exc}",
+                                before=messages) from exc  # fmt: skip

@@ -176,11 +176,20 @@ class ProcessTree:
         try:
             messages = self.pipes.read(child, until_eof=until_eof)
         except ProtocolError as exc:
+            for message in exc.before:  # tasks that ended before the garbage was written
+                self._on_message(child, message)
             if child.kill is None:
-                self.kill(child, protocol_violation(str(exc)), self.table.slots[child.index].seq)
+                self.kill(child, protocol_violation(str(exc)), self._writer_of_garbage(child))
             return
         for message in messages:
             self._on_message(child, message)
+
+    def _writer_of_garbage(self, child: Child) -> int:
+        """The dispatch that wrote bytes that are not our frames: the oldest one still
+        outstanding, since a child answers in dispatch order and a task writes its
+        outcome only after it returns. Not the one running now: a task that scribbled
+        and returned leaves its child running the next, innocent, task."""
+        return next(iter(child.outstanding), self.table.slots[child.index].seq)
 
     def _on_message(self, child: Child, message: ChildMessage) -> None:
         if isinstance(message, Progress):

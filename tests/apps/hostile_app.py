@@ -52,6 +52,29 @@ def scribble(ctx: TaskContext) -> int:
     return written
 
 
+@stem.task("h.gate")
+def gate(ctx: TaskContext, path: str) -> str:
+    """Holds its child until `path` exists, so a test can line tasks up behind it."""
+    import time
+
+    record(ctx, "start")
+    while not os.path.exists(path):
+        time.sleep(0.01)
+    record(ctx)
+    return "opened"
+
+
+@stem.task("h.innocent", max_deliveries=1, max_retries=0)
+def innocent(ctx: TaskContext, seconds: float = 1.0) -> str:
+    """Does nothing wrong; a single death charged to it would dead-letter it."""
+    import time
+
+    record(ctx, "start")
+    time.sleep(seconds)
+    record(ctx)
+    return "fine"
+
+
 def _start_stubborn(ctx: TaskContext, setsid: bool) -> None:
     child = subprocess.Popen([sys.executable, "-c", STUBBORN], start_new_session=setsid)
     record(ctx, f"grandchild-{child.pid}")
