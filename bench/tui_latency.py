@@ -65,7 +65,7 @@ def seed(url: str, messages: int, dead: int) -> str:
 
 async def wait_loaded(app: StemTui, pilot: Pilot[None], screen: type, marker: int) -> None:
     deadline = time.monotonic() + 30
-    while not (isinstance(app.screen, screen) and app.loads > marker):
+    while not (isinstance(app.screen, screen) and app.screen.shown_at_load > marker):
         if time.monotonic() > deadline:
             raise TimeoutError(f"{screen.__name__} never loaded")
         await asyncio.sleep(0.0005)

@@ -102,10 +102,12 @@ async def until(pilot: Pilot[None], predicate: Callable[[], bool], timeout: floa
 
 
 def loaded(app: StemTui, screen_type: type[StemScreen[T]]) -> Callable[[], bool]:
-    """True once the current screen is `screen_type` and has shown data since."""
+    """True once the current screen is `screen_type` and has shown data of its own since
+    (not only `app.loads` moved: the view just left may finish a load after the switch)."""
     marker = app.loads
 
     def check() -> bool:
-        return isinstance(app.screen, screen_type) and app.loads > marker
+        screen = app.screen
+        return isinstance(screen, screen_type) and screen.shown_at_load > marker
 
     return check

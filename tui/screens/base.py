@@ -60,6 +60,9 @@ class StemScreen(Screen[None], Generic[D], metaclass=_ViewMeta):  # type: ignore
     TITLE: ClassVar[str] = ""
     # Actions that change something: hidden and refused with --read-only.
     ACTIONS: ClassVar[frozenset[str]] = frozenset()
+    # `tui.loads` as this view's own last load left it (0: nothing shown yet). Tests and
+    # the bench wait on it: a load of the view just left can land after a switch.
+    shown_at_load = 0
 
     @property
     def tui(self) -> StemTui:
@@ -95,6 +98,7 @@ class StemScreen(Screen[None], Generic[D], metaclass=_ViewMeta):  # type: ignore
         self.show(cast(D, message.data))
         self.tui.last_load_ms = message.elapsed_ms
         self.tui.loads += 1
+        self.shown_at_load = self.tui.loads
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         # False hides the key from the footer and refuses it.
