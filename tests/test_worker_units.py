@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import selectors
 import subprocess
+import time
 import tracemalloc
 from dataclasses import replace
 from pathlib import Path
@@ -40,7 +42,8 @@ from appliance.worker.ipc import (
     split_dispatch,
 )
 from appliance.worker.limits import check_memory, check_slot, respawn_delay
-from appliance.worker.pool import Pool
+from appliance.worker.pool import Child, Pool
+from appliance.worker.tree import ProcessTree
 
 
 def running_slot(started: float, hard: float, beat: float) -> Slot:
@@ -346,3 +349,31 @@ def test_orphans_are_the_children_this_process_did_not_fork_itself(tmp_path: Pat
         finally:
             known.kill()
             other.kill()
+
+
+def test_garbage_read_after_the_child_was_reaped_kills_no_other_process(sqlite_url: str) -> None:
+    # The last read of a reaped child's pipe finds garbage: its pid may belong to another
+    # process by now, so the child is marked killed (its task charged) and nothing is
+    # signalled. A sleeping process stands in for the one that got the pid.
+    stem = Stem(broker=sqlite_url)
+    pool = Pool(PoolSettings(name="p", queues=("default",), concurrency=1), first_slot=0)
+    selector = selectors.DefaultSelector()
+    tree = ProcessTree(stem, [pool], selector, blocked_signals=(), settle=lambda _: None,
+                       worker_name="w", supervisor_id="s", supervisor_pid=os.getpid())  # fmt: skip
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, b"\x00garbage" * 8)
+    os.close(write_fd)
+    pid_holder = subprocess.Popen(["sleep", "30"])
+    try:
+        child = Child(pool, 0, pid_holder.pid, -1, read_fd, time.monotonic())
+        tree.pipes.watch(child, lambda _mask: None)
+        tree._read(child, until_eof=True)
+        assert child.kill is not None and child.kill.error_type == "WorkerLostError"
+        with pytest.raises(subprocess.TimeoutExpired):  # a SIGKILL would have ended it
+            pid_holder.wait(timeout=0.3)
+        tree.pipes.close_from(child)
+    finally:
+        pid_holder.kill()
+        pid_holder.wait()
+        tree.close()
+        selector.close()

@@ -179,7 +179,11 @@ class ProcessTree:
             for message in exc.before:  # tasks that ended before the garbage was written
                 self._on_message(child, message)
             if child.kill is None:
-                self.kill(child, protocol_violation(str(exc)), self._writer_of_garbage(child))
+                reason, seq = protocol_violation(str(exc)), self._writer_of_garbage(child)
+                if until_eof:  # already reaped: its pid may be another process's by now
+                    child.kill, child.killed_seq, child.closing = reason, seq, True
+                else:
+                    self.kill(child, reason, seq)
             return
         for message in messages:
             self._on_message(child, message)
