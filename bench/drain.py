@@ -6,7 +6,8 @@
 * enqueue: N single `stem.enqueue` calls from one process; and `enqueue_many` batches.
 * drain: with N no-op tasks queued, `stem worker run --concurrency 2` starts; rate is
   first task to N-th task (start-up reported apart), counted from a marks file.
-* latency: an idle, warmed pool gets tasks at --rate/s; start minus enqueue time.
+* latency: an idle, warmed pool gets tasks at --rate/s; start minus enqueue time, split
+  into the producer's call and the hand-off after it returned.
 * memory: peak RSS of the supervisor and of each child during the drain.
 For ratios against Celery, Dramatiq, RQ and Huey in the same run, use
 ../shared/bench/peers.py with STEM_VENV=.venv (see bench/README.md).
@@ -89,6 +90,7 @@ PACED = """
 import json, time
 from bench.noop_app import stem
 n, rate = {n}, {rate}
+returned = []  # when each enqueue call returned: splits latency into call and hand-off
 t0 = time.perf_counter()
 for i in range(n):
     due = t0 + i / rate
@@ -96,7 +98,8 @@ for i in range(n):
     if due > now:
         time.sleep(due - now)
     stem.enqueue("bench.noop", args={{"seq": i, "enq_ts": time.time()}})
-print(json.dumps({{"n": n}}))
+    returned.append(time.time())
+print(json.dumps({{"n": n, "returned": returned}}))
 """
 
 
@@ -174,18 +177,26 @@ def latency(url: str, tmp: Path, n: int, rate: float) -> dict[str, Any]:
     try:
         producer(url, marks, PACED.format(n=20, rate=50))  # warm up
         time.sleep(2.0)  # idle, as in real life
-        producer(url, marks, PACED.format(n=n, rate=rate))
+        returned = producer(url, marks, PACED.format(n=n, rate=rate))["returned"]
         wait_for(lambda: len(marks.read_bytes().splitlines()) >= n + 20, 60)
     finally:
         stop(proc)
-    rows = [line.split() for line in marks.read_bytes().splitlines()]
-    lat = [(float(s) - float(e)) * 1000 for _, e, s in rows[20:]]
+    rows = [line.split() for line in marks.read_bytes().splitlines()][20:]
+    lat = [(float(s) - float(e)) * 1000 for _, e, s in rows]
+    # The producer's own call (its commit, and on SQLite its fsync) apart from the
+    # hand-off after it returned (wake-up, claim, pipe, child): each is bounded by
+    # something else.
+    call = [(returned[int(q)] - float(e)) * 1000 for q, e, _ in rows]
+    handoff = [(float(s) - returned[int(q)]) * 1000 for q, _, s in rows]
     return {
         "n": len(lat),
         "rate": rate,
         "p50_ms": percentile(lat, 50),
         "p99_ms": percentile(lat, 99),
         "max_ms": max(lat),
+        "enqueue_call_p50_ms": percentile(call, 50),
+        "handoff_p50_ms": percentile(handoff, 50),
+        "handoff_p99_ms": percentile(handoff, 99),
     }
 
 
