@@ -335,7 +335,7 @@ EDGE_TEXTS = [
     "", " ", "true", "1ms", "1.4s", "1.5s", "2s", "10d", "3650d", "3651d", "0B", "0.0",
     "1KiB", "1023", "512MiB", "513MiB", "2PiB", "1e3KB", "a", "a,b", " a , b ", "a,,b", "a,",
     "a\x00b", "a\nb", "\x1b[2J", "x" * 201, "FULL", "normal", "json", "DEBUG", "sqlite:///x.db",
-    "redis://[::1", "redis://h:1/0", "nope://x",
+    "redis://[::1", "redis://h:1/0", "nope://x", "00", "01.5",
 ]  # fmt: skip
 
 
@@ -349,6 +349,18 @@ def setting_of(settings: Settings, attr: str) -> Any:
 def toml_string(text: str) -> str:
     # A TOML basic string: JSON's escapes are TOML's, and DEL must be escaped too.
     return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def is_toml_number(text: str) -> bool:
+    """A number in TOML's own syntax: "00" or "01.5" read as numbers elsewhere, but a file
+    holding them is not TOML at all (leading zeros) and is refused as such."""
+    if not NUMBER.match(text):
+        return False
+    try:
+        tomllib.loads(f"x = {text}")
+    except tomllib.TOMLDecodeError:
+        return False
+    return True
 
 
 def is_numeric(attr: str) -> bool:
@@ -383,7 +395,7 @@ def sources(tmp: Path, spec: Field, text: str) -> dict[str, Callable[[], Setting
         return through_cli("--config", str(path))
 
     ways = {"toml string": toml(toml_string(text))}
-    if is_numeric(spec.attr) and NUMBER.match(text.strip()):
+    if is_numeric(spec.attr) and is_toml_number(text.strip()):
         ways["toml number"] = toml(text.strip())
     if "\x00" not in text:  # no environment can hold a NUL
         ways["environment"] = lambda: _with_env(spec.env, text, through_cli())
