@@ -132,7 +132,7 @@ def test_no_command_and_no_log_line_shows_a_secret(
         ["worker", "status"], ["worker", "ping"], ["worker", "stats"], ["worker", "inspect"],
         ["dlq", "list"], ["dlq", "show", entry], ["schedule", "list"],
     ]  # fmt: skip
-    for result in run_all(env, [[*argv, *json] for argv in commands for json in ([], ["--json"])]):
+    for result in run_all(env, [[*argv, *form] for argv in commands for form in ([], ["--json"])]):
         ok(result)
     ok(stem(env, "enqueue", "t.record", "--args", '{"n": 3}', "--json"))
 

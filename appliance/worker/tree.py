@@ -179,11 +179,10 @@ class ProcessTree:
             for message in exc.before:  # tasks that ended before the garbage was written
                 self._on_message(child, message)
             if child.kill is None:
-                reason, seq = protocol_violation(str(exc)), self._writer_of_garbage(child)
-                if until_eof:  # already reaped: its pid may be another process's by now
-                    child.kill, child.killed_seq, child.closing = reason, seq, True
-                else:
-                    self.kill(child, reason, seq)
+                # A reaped child (the read up to EOF) is not signalled: its pid may be
+                # another process's by now.
+                self.kill(child, protocol_violation(str(exc)), self._writer_of_garbage(child),
+                          signal=not until_eof)  # fmt: skip
             return
         for message in messages:
             self._on_message(child, message)
@@ -335,11 +334,15 @@ class ProcessTree:
             if reason is not None:
                 self.kill(child, reason, seq)
 
-    def kill(self, child: Child, reason: KillReason, seq: int) -> None:
+    def kill(self, child: Child, reason: KillReason, seq: int, *, signal: bool = True) -> None:
         """Kill a child and everything its task started (its process group and every
-        descendant): a subprocess that ignores SIGTERM dies with the task."""
-        log.warning("killing child %d: %s", child.pid, reason.message)
+        descendant): a subprocess that ignores SIGTERM dies with the task. Without
+        `signal`, only record why (the child has exited already)."""
         child.kill, child.killed_seq, child.closing = reason, seq, True
+        if not signal:
+            log.warning("child %d exited; it had broken a rule: %s", child.pid, reason.message)
+            return
+        log.warning("killing child %d: %s", child.pid, reason.message)
         kill_tree(child.pid)
         held = child.outstanding.get(seq)
         if reason.error_type == "TimeLimitExceeded" and held is not None:
