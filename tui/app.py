@@ -117,7 +117,10 @@ class StemTui(App[None]):
 
     def refresh_now(self) -> None:
         """Read the current view's data again, in a thread worker."""
-        screen = self.screen
+        stack = self.screen_stack
+        if not stack:  # the app is closing: the refresh timer can fire after the last screen
+            return
+        screen = stack[-1]
         if isinstance(screen, StemScreen):
             self._loading_since = time.monotonic()
             self._load(screen, screen.loader())

@@ -442,3 +442,14 @@ def test_read_only_shows_schedules_but_changes_none(url: str, stem: Stem) -> Non
     drive(url, scenario, read_only=True)
     assert "e" not in shown
     assert all(s.enabled for s in stem.stores.schedules.entries() if s.entry.name == "cleanup")
+
+
+def test_a_refresh_tick_while_the_app_closes_is_harmless(url: str, stem: Stem) -> None:
+    # The refresh timer fired once after the last screen had gone (the app was exiting)
+    # and `App.screen` raised ScreenStackError out of the timer.
+    async def scenario(app: StemTui, pilot: Pilot[None]) -> None:
+        await until(pilot, lambda: bool(app.screen.query("#supervisors")))
+
+    app = drive(url, scenario)
+    assert app.screen_stack == []  # closed: exactly the moment the timer can still fire
+    app.refresh_now()
