@@ -243,6 +243,38 @@ def test_a_redis_that_restarts_empty_is_reported_and_served_on(tmp_path: Path) -
         server.stop()
 
 
+def test_wake_ups_still_arrive_after_redis_restarts(tmp_path: Path) -> None:
+    # Regression: the supervisor's epoll kept watching the wake-up socket of the first
+    # connection, so after a Redis restart every enqueue waited for the 1 s poll.
+    import time
+
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(tmp_path / "restarting")
+    server.start()
+    try:
+        stem = app_on(server.url, hostile_app.stem)
+        worker = WorkerProcess(tmp_path, server.url, app=HOSTILE).start()
+        try:
+            assert stem.enqueue("t.record", args={"n": 0}).result(timeout=15) == 0
+            server.restart()
+            assert stem.enqueue("t.record", args={"n": 1}).result(timeout=15) == 1
+            time.sleep(2.5)  # the subscriber retries once a second after a failure
+            took = []
+            for n in range(7):
+                started = time.monotonic()
+                assert stem.enqueue("t.record", args={"n": n}).result(timeout=15) == n
+                took.append(time.monotonic() - started)
+                time.sleep(0.05)
+            # Six of seven within 0.3 s: on the poll alone, each waits 0-1 s.
+            assert sorted(took)[5] < 0.3, (took, worker.read_log())
+        finally:
+            worker.stop()
+            stem.close()
+    finally:
+        server.stop()
+
+
 # --- 4. a Redis at maxmemory with noeviction ---------------------------------------------
 
 

@@ -198,7 +198,10 @@ class Supervisor:
         self.stem.before_fork()
 
     def _install_signals(self) -> None:
-        self.selector = selectors.DefaultSelector()
+        # poll(2), not epoll: epoll watches the open file behind a descriptor, so after the
+        # Redis wake-up fd is re-pointed at a new socket with dup2 (a reconnect) it would
+        # go on watching the dead one, and every wake-up would wait for the 1 s poll.
+        self.selector: selectors.BaseSelector = selectors.PollSelector()
         self.signal_r, self.signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self.signal_w)
         for signum in HANDLED_SIGNALS:

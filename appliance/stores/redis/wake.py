@@ -16,7 +16,9 @@ class RedisWake:
     The supervisor selects on `fd`, a dup of the subscriber's socket. When that socket is
     replaced (Redis restarted), `dup2` re-points the same fd number at the new one; while
     Redis is down it points at a socket nobody writes to, so the loop falls back to its
-    1 s poll instead of spinning on a dead connection.
+    1 s poll instead of spinning on a dead connection. Watch it with poll(2) or
+    select(2), which look the number up on every call; epoll would keep watching the
+    socket the number pointed at when it was registered.
     """
 
     RETRY_EVERY = 1.0
