@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -246,8 +247,6 @@ def test_a_redis_that_restarts_empty_is_reported_and_served_on(tmp_path: Path) -
 def test_wake_ups_still_arrive_after_redis_restarts(tmp_path: Path) -> None:
     # Regression: the supervisor's epoll kept watching the wake-up socket of the first
     # connection, so after a Redis restart every enqueue waited for the 1 s poll.
-    import time
-
     from tests.redis_server import RedisServer
 
     server = RedisServer(tmp_path / "restarting")
