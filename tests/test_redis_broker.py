@@ -255,7 +255,7 @@ def test_down_server_raises_broker_unavailable_then_works_again_without_reopenin
 
     def resubscribed() -> bool:
         broker.claim(["idle"], 1, consumer=A, lease=30)
-        return broker._wake is not None and broker._wake.sock_fd is not None
+        return broker._wake is not None and broker._wake.listening
 
     assert wait_until(resubscribed, 5, 0.1)
     broker.enqueue(envelopes(1, queue="default"))

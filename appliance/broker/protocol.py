@@ -223,6 +223,56 @@ class Copies:
         return cls(envelope, [envelope.id], [payload])
 
 
+@dataclass(slots=True)
+class Parked:
+    """What a parked claim brought: deliveries to run; deliveries to give back unstarted
+    (`give_back`: rate-limited, for the ordinary claim to book into their slot); and
+    whether the pool should claim at once (`claim_now`: the park came back full, so more
+    may be waiting; or it failed, and the ordinary claim must see for itself)."""
+
+    deliveries: list[Delivery] = field(default_factory=list)
+    give_back: list[Delivery] = field(default_factory=list)
+    claim_now: bool = False
+
+
+class ClaimParking(Protocol):
+    """Claims that wait inside the store: an idle pool's claim is left blocked in the
+    store (Redis: XREADGROUP BLOCK on a connection of its own), so a new message is
+    handed to the worker in the producer's own round trip instead of a wake-up and then
+    a claim. One park per pool (`key`), holding room for `count` deliveries: before any
+    ordinary claim for that pool, `cancel` it, so the pool is never given more than it
+    has room for."""
+
+    def fd(self, key: str) -> int:
+        """A descriptor that turns readable when the park of `key` has a reply (watch it
+        with poll or select); the same number for the life of this object."""
+        ...
+
+    def park(
+        self, key: str, queues: Sequence[str], count: int, *, consumer: Consumer, lease: float
+    ) -> bool:
+        """Wait for up to `count` new messages of `queues`; False when it cannot now (no
+        stream known yet, a recent failure): the wake-up and the poll still serve."""
+        ...
+
+    def is_parked(self, key: str) -> bool: ...
+
+    def collect(self, key: str) -> Parked:
+        """Read the reply after `fd(key)` turned readable."""
+        ...
+
+    def cancel(self, key: str) -> Parked:
+        """Stop waiting; what was delivered before the cancel took effect is returned."""
+        ...
+
+    def covers(self, key: str) -> bool:
+        """Whether every message the last wake-up (`Broker.clear_wake`) announced for the
+        queues of `key`'s park will come through the park itself."""
+        ...
+
+    def close(self) -> None: ...
+
+
 class Broker(Protocol):
     """Durable queues with leases. All methods are safe to call from any process that
     opened its own broker (connections never cross a fork)."""
@@ -322,6 +372,12 @@ class Broker(Protocol):
 
     def clear_wake(self) -> Wake:
         """Consume pending wake-ups after `wake_fd` turned readable; what they were."""
+        ...
+
+    def parking(self) -> ClaimParking | None:
+        """Parked claims for this worker's pools (see `ClaimParking`), or None where the
+        store has none (SQLite: its claim is an in-process transaction) or may not
+        (Redis over TLS, or an ACL without CLIENT UNBLOCK)."""
         ...
 
     def durability_warnings(self) -> list[str]:

@@ -19,12 +19,12 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from appliance.broker.protocol import Consumer, Delivery
+from appliance.broker.protocol import ClaimParking, Consumer, Delivery
 from appliance.errors import BrokerBusy, BrokerError
 from appliance.states import TaskEvent
 from appliance.stores import Stores
 from appliance.worker.events import SupervisorEvents
-from appliance.worker.outcomes import Settled
+from appliance.worker.outcomes import Settled, released
 from appliance.worker.pool import Dispatch, Pool
 
 log = logging.getLogger("stem.worker")
@@ -67,6 +67,9 @@ class StoreRound:
         self.failing_since: float | None = None  # wall clock of the first failure in a row
         self.events = SupervisorEvents()  # the supervisor sets its own
         self._hints_due: list[tuple[Pool, tuple[str, ...]]] = []  # for `look_ahead`
+        # Parked claims (Redis): a pool whose claim came back short waits inside the
+        # store for its next messages; any other claim for it cancels the park first.
+        self.parking: ClaimParking | None = None
 
     # --- settling --------------------------------------------------------------------
 
@@ -89,6 +92,8 @@ class StoreRound:
     ) -> list[tuple[Pool, Delivery]]:
         """Settle what finished and claim for pools with room, as one unit of work.
         Claimed deliveries are returned only after the commit (dispatch them then)."""
+        if not accepting and self.parking is not None:
+            self._give_back_parked()
         if not final and time.monotonic() < self.retry_at:
             return []
         if not final and accepting and self.pending and self._may_linger(now):
@@ -96,7 +101,7 @@ class StoreRound:
         wants_claim = accepting and any(self.wants_claim(p, now) for p in self.pools)
         if not self.pending and not wants_claim:
             return []
-        batch = self.pending
+        batch = self.pending[:]  # the claim may add settles (a park's give-backs)
         claimed: list[tuple[Pool, Delivery]] = []
         claim_error: BrokerError | None = None
         try:
@@ -156,25 +161,80 @@ class StoreRound:
         """Claim for each pool with room. A failure stops the round but keeps what the
         pools before it claimed: dropping those would strand them until their lease ends."""
         broker = self.stores.broker
+        parking = self.parking
         claimed: list[tuple[Pool, Delivery]] = []
         for pool in self.pools:
             if not self.wants_claim(pool, now):
                 continue
-            free = pool.free_capacity()
+            room = pool.free_capacity()
             queues = pool.claimable_queues(self.paused)
+            if parking is not None and parking.is_parked(pool.settings.name):
+                # The park holds this pool's room: take back what it got first, so the
+                # pool is never given more than it has room for.
+                parked = parking.cancel(pool.settings.name)
+                self._give_back(parked.give_back)
+                claimed.extend((pool, delivery) for delivery in parked.deliveries)
+                room -= len(parked.deliveries)
             try:
-                deliveries = broker.claim(
-                    queues, free, consumer=self.consumer, lease=self.claim_lease
-                )
+                deliveries = (
+                    broker.claim(queues, room, consumer=self.consumer, lease=self.claim_lease)
+                    if room > 0 else []
+                )  # fmt: skip
             except BrokerError as exc:
                 return claimed, exc
             claimed.extend((pool, delivery) for delivery in deliveries)
-            pool.maybe_ready = len(deliveries) == free
+            pool.maybe_ready = len(deliveries) >= room
             if not pool.maybe_ready:
                 pool.next_poll = now + POLL_S
                 if queues:
                     self._hints_due.append((pool, queues))
+                if parking is not None:
+                    parking.park(
+                        pool.settings.name, queues, room - len(deliveries),
+                        consumer=self.consumer, lease=self.claim_lease,
+                    )  # fmt: skip
         return claimed, None
+
+    # --- parked claims (`ClaimParking`) ------------------------------------------------
+
+    def collect_parked(self, pool: Pool, *, accepting: bool) -> list[Delivery]:
+        """What the pool's park brought, after its fd turned readable: deliveries to
+        dispatch now (then call `repark`). Not accepting: they are given back."""
+        assert self.parking is not None
+        parked = self.parking.collect(pool.settings.name)
+        self._give_back(parked.give_back)
+        if parked.claim_now:
+            pool.maybe_ready = True
+        if not accepting:
+            self._give_back(parked.deliveries)
+            return []
+        return parked.deliveries
+
+    def repark(self, pool: Pool, now: float) -> None:
+        """Park the pool again after its park's deliveries were dispatched, unless it
+        is to claim anyway (more may be waiting) or the store is failing."""
+        if self.parking is None or pool.maybe_ready or time.monotonic() < self.retry_at:
+            return
+        queues = pool.claimable_queues(self.paused)
+        self.parking.park(
+            pool.settings.name, queues, pool.free_capacity(), consumer=self.consumer,
+            lease=self.claim_lease,
+        )  # fmt: skip
+
+    def parked_covers(self, pool: Pool) -> bool:
+        """Whether the last wake-up's messages for this pool all come through its park."""
+        return self.parking is not None and self.parking.covers(pool.settings.name)
+
+    def _give_back_parked(self) -> None:
+        assert self.parking is not None
+        for pool in self.pools:
+            if self.parking.is_parked(pool.settings.name):
+                parked = self.parking.cancel(pool.settings.name)
+                self._give_back(parked.deliveries + parked.give_back)
+
+    def _give_back(self, deliveries: list[Delivery]) -> None:
+        for delivery in deliveries:
+            self.settle(released(delivery))
 
     def look_ahead(self, now: float) -> None:
         """For pools whose last claim came back short: when their next delayed message is

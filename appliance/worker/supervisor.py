@@ -244,7 +244,15 @@ class Supervisor:
             log.warning("broker durability: %s", warning)
         if wake_fd is not None:
             self._watch(wake_fd, lambda mask: self._on_wake())
+        parking = broker.parking()
+        if parking is not None:
+            self.round.parking = parking
+            for pool in self.pools:
+                self._watch(parking.fd(pool.settings.name), self._on_parked_of(pool))
         return True
+
+    def _on_parked_of(self, pool: Pool) -> Callback:
+        return lambda mask: self._on_parked(pool)
 
     def _check_name_is_free(self) -> None:
         """Two live workers must not share a name (control requests target it)."""
@@ -342,7 +350,20 @@ class Supervisor:
             self._poll_control(time.monotonic())
         if Wake.MESSAGES in woke:
             for pool in self.pools:
-                pool.maybe_ready = True
+                if not self.round.parked_covers(pool):  # else the park brings them
+                    pool.maybe_ready = True
+
+    def _on_parked(self, pool: Pool) -> None:
+        """A parked claim came back: run what it brought at once (before this turn's
+        store round, which may claim for other pools), then park again."""
+        now = time.monotonic()
+        deliveries = self.round.collect_parked(pool, accepting=self.accepting)
+        for delivery in deliveries:
+            self.tree.dispatch(pool, delivery, now)
+        if deliveries:
+            self.tree.flush()
+        if self.accepting:
+            self.round.repark(pool, now)
 
     # --- signals and shutdown ------------------------------------------------------------
 
@@ -396,8 +417,10 @@ class Supervisor:
             self.paused.clear()
             self.paused.update(paused)
             log.info("paused queues now: %s", ", ".join(sorted(self.paused)) or "none")
-            if changed - self.paused:  # resumed: claim from them again now
-                for pool in self.pools:
+            # Claim again now: from resumed queues, and over the new set of queues
+            # (a parked claim still reads a queue paused since; the claim cancels it).
+            for pool in self.pools:
+                if changed & set(pool.queues):
                     pool.maybe_ready = True
         if revoked is not None:
             self.revoked.clear()

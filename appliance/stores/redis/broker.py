@@ -48,7 +48,8 @@ from appliance.envelope import Envelope, EnvelopeCodec
 from appliance.stores.common import QueueRotation, replay_of
 from appliance.stores.redis import keys as rk
 from appliance.stores.redis import scripts
-from appliance.stores.redis.conn import connect, durability_warnings
+from appliance.stores.redis.conn import client_options, connect, durability_warnings
+from appliance.stores.redis.parking import RedisParking
 from appliance.stores.redis.records import dead_entry, message_info, stream_info, text
 from appliance.stores.redis.script_args import (
     RECORD_TTL_MS,
@@ -89,6 +90,10 @@ class RedisBroker:
         self._next_sweep = 0.0
         self._rotation = QueueRotation()
         self._wake: RedisWake | None = None
+        self._parking: RedisParking | None = None
+        # (queue, band) streams that delivered to this broker: they exist and have the
+        # group, so a parked claim may block on them (`parking`).
+        self.known_streams: set[tuple[str, int]] = set()
         self.args = ScriptArgs(codec)  # every script's arguments (`script_args`)
         self._epoch: str | None = None  # the data set this broker serves (`watch_identity`)
         self._checked_durability = False  # producers warn once about unsafe settings
@@ -248,7 +253,12 @@ class RedisBroker:
         if self._wake is not None:
             self._wake.maybe_resubscribe()
         lease_until = now + lease
-        return [self._delivery(row, name, lease_until) for row in rows]
+        deliveries = [self._delivery(row, name, lease_until) for row in rows]
+        if rows and self._parking is not None:
+            self.known_streams.update(
+                (d.queue, int(row[1])) for d, row in zip(deliveries, rows, strict=True)
+            )
+        return deliveries
 
     @staticmethod
     def _delivery(row: list[Any], consumer: str, lease_until: float) -> Delivery:
@@ -373,9 +383,18 @@ class RedisBroker:
             return Wake.NONE
         seen = self._wake.drain()
         woke = Wake.CONTROL if self.keys.wake_control in seen else Wake.NONE
-        if seen - {self.keys.wake_control}:
+        if seen.keys() - {self.keys.wake_control}:
             woke |= Wake.MESSAGES
+            if self._parking is not None:
+                self._parking.note_woken(seen, self.keys.wake(""))
         return woke
+
+    def parking(self) -> RedisParking | None:
+        """Parked claims (`parking`), for a worker; off over TLS, where a socket that is
+        not readable may still hold a reply inside the TLS layer."""
+        if self._parking is None and not client_options(self.url)["ssl"]:
+            self._parking = RedisParking(self)
+        return self._parking
 
     # --- observation ------------------------------------------------------------------------
 
@@ -577,6 +596,9 @@ class RedisBroker:
 
     def close(self) -> None:
         """Release the wake-up subscriber (the client is the `Stores`' to close)."""
+        if self._parking is not None:
+            self._parking.close()
+            self._parking = None
         if self._wake is not None:
             self._wake.close()
             self._wake = None

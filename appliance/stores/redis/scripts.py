@@ -124,16 +124,22 @@ end
 
 -- `g` runs of copies from ARGV[first] (see store_copies), then their records (4
 -- arguments each) to the end of ARGV, kept `ttl` ms; each queue that got a message is
--- listed and woken once.
+-- listed and woken once. The wake-up names the bands that got ready messages ("0,5";
+-- "*" when some were delayed), so a worker parked on those streams need not claim.
 local function store_batch(first, g, ttl)
   local i, woken = first, {}
   for _ = 1, g do
-    local q
+    local q, band, score = ARGV[i], ARGV[i + 1], ARGV[i + 2]
     q, i = store_copies(i)
-    if not woken[q] then woken[q] = true; redis.call('SADD', k_queues, q) end
+    if not woken[q] then woken[q] = {}; redis.call('SADD', k_queues, q) end
+    woken[q][score == '' and band or '*'] = true
   end
   for j = i, #ARGV, 4 do add_record(j, ttl) end
-  for q in pairs(woken) do redis.call('PUBLISH', k_wake(q), '1') end
+  for q, bands in pairs(woken) do
+    local names = {}
+    for band in pairs(bands) do names[#names + 1] = band end
+    redis.call('PUBLISH', k_wake(q), table.concat(names, ','))
+  end
 end
 """
 
@@ -153,7 +159,7 @@ local q, band, task = ARGV[3], ARGV[4], ARGV[5]
 local id = redis.call('XADD', k_stream(q, band), '*', 'p', ARGV[6], 't', task, 'b', 0)
 if task ~= '' then redis.call('HSET', k_tasks, task, loc_stream(q, band, id)) end
 redis.call('SADD', k_queues, q)
-redis.call('PUBLISH', k_wake(q), '1')
+redis.call('PUBLISH', k_wake(q), band)  -- the band: see store_batch
 return 0
 """
 

@@ -3,22 +3,23 @@ loop can wait on, and which survives Redis restarts."""
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 
 import redis
+
+from appliance.stores.redis.stable_fd import StableFd
 
 
 class RedisWake:
     """The wake-up subscriber behind `wake_fd`, with a file descriptor that never changes.
 
-    The supervisor selects on `fd`, a dup of the subscriber's socket. When that socket is
-    replaced (Redis restarted), `dup2` re-points the same fd number at the new one; while
-    Redis is down it points at a socket nobody writes to, so the loop falls back to its
-    1 s poll instead of spinning on a dead connection. Watch it with poll(2) or
-    select(2), which look the number up on every call; epoll would keep watching the
-    socket the number pointed at when it was registered.
+    The supervisor selects on `fd` (a `StableFd`), a copy of the subscriber's socket.
+    When that socket is replaced (Redis restarted), the same number is re-pointed at the
+    new one; while Redis is down it points at a socket nobody writes to, so the loop
+    falls back to its 1 s poll instead of spinning on a dead connection.
+
+    Each message names the priority bands its queue got messages in ("0" or "0,5"; any
+    other text: unknown), so a pool parked on those streams need not claim (`drain`).
     """
 
     RETRY_EVERY = 1.0
@@ -27,10 +28,14 @@ class RedisWake:
         self.client = client
         self.channels = channels
         self.pubsub = client.pubsub()  # type: ignore[no-untyped-call]
-        self._quiet, self._quiet_peer = socket.socketpair()
-        self.fd = os.dup(self._quiet.fileno())
-        self.sock_fd: int | None = None
+        self._fd = StableFd()
+        self.fd = self._fd.fd
         self.next_try = 0.0
+
+    @property
+    def listening(self) -> bool:
+        """Whether `fd` points at a live subscription (not at the quiet socket)."""
+        return self._fd.target is not None
 
     def subscribe(self) -> None:
         try:
@@ -49,40 +54,40 @@ class RedisWake:
         if sock is None:
             self._go_quiet()
             return
-        if sock.fileno() != self.sock_fd:
-            os.dup2(sock.fileno(), self.fd)
-            self.sock_fd = sock.fileno()
+        self._fd.point_at(sock.fileno())
 
     def _go_quiet(self) -> None:
-        os.dup2(self._quiet.fileno(), self.fd)
-        self.sock_fd = None
+        self._fd.go_quiet()
         self.next_try = time.monotonic() + self.RETRY_EVERY
 
-    def drain(self) -> set[str]:
-        """Read every pending message without blocking; the channels they came on."""
-        seen: set[str] = set()
-        if self.sock_fd is None:
+    def drain(self) -> dict[str, set[bytes]]:
+        """Read every pending message without blocking: for each channel a message came
+        on, the texts it carried."""
+        seen: dict[str, set[bytes]] = {}
+        if not self.listening:
             self.maybe_resubscribe()
             return seen
         try:
             while (message := self.pubsub.get_message(timeout=0)) is not None:
-                channel = message.get("channel")
+                channel, data = message.get("channel"), message.get("data")
+                # A (re)subscription's confirmation carries no text: "unknown", so it
+                # wakes every pool (messages may have come while it was away).
                 if isinstance(channel, bytes):
-                    seen.add(channel.decode())
+                    seen.setdefault(channel.decode(), set()).add(
+                        data if isinstance(data, bytes) else b""
+                    )
             self._point_at_socket()
         except (redis.ConnectionError, redis.TimeoutError, OSError):
             self._go_quiet()
         return seen
 
     def maybe_resubscribe(self) -> None:
-        if self.sock_fd is None and time.monotonic() >= self.next_try:
+        if not self.listening and time.monotonic() >= self.next_try:
             self.subscribe()
 
     def close(self) -> None:
         try:
             self.pubsub.close()
         finally:
-            os.close(self.fd)
-            self._quiet.close()
-            self._quiet_peer.close()
+            self._fd.close()
             self.client.close()

@@ -390,6 +390,11 @@ class SqliteBroker:
         spurious wake-up costs one empty claim)."""
         return self._waker.listen()
 
+    def parking(self) -> None:
+        """None: a claim here is a local transaction that a wake-up starts at once; there
+        is no round trip to save."""
+        return None
+
     def clear_wake(self) -> Wake:
         seen = self._waker.drain()
         woke = Wake.NONE
