@@ -219,25 +219,34 @@ def claim_when_back(broker: RedisBroker, lease: float) -> list[Delivery]:
             time.sleep(0.1)
 
 
-def test_no_parking_without_client_unblock(
-    redis_server: RedisServer, redis_url: str, raw_client: redis.Redis
+@pytest.mark.parametrize(
+    ("rules", "parks"),
+    [
+        (["+@all", "-client|unblock"], False),
+        # The least-privilege user docs/security.md suggests.
+        (["+@all", "-@dangerous", "+client|id", "+client|unblock"], True),
+    ],
+)
+def test_parking_needs_client_unblock(
+    redis_server: RedisServer, raw_client: redis.Redis, rules: list[str], parks: bool
 ) -> None:
     raw_client.execute_command(
-        "ACL", "SETUSER", "parkless", "reset", "on", ">pw", "~stem:*", "&stem:*", "+@all",
-        "-client|unblock",
-    )  # fmt: skip
+        "ACL", "SETUSER", "parker", "reset", "on", ">pw", "~stem:*", "&stem:*", *rules
+    )
     try:
-        url = f"redis://parkless:pw@127.0.0.1:{redis_server.port}/0"
+        url = f"redis://parker:pw@127.0.0.1:{redis_server.port}/0"
         broker = open_test_stores(url, Settings()).broker
         parking = broker.parking()
         assert parking is not None
         parking.fd(POOL)
         known(broker)
-        assert not parking.park(POOL, ["q"], 2, consumer=ME, lease=30)
-        assert not parking.enabled
+        assert parking.park(POOL, ["q"], 2, consumer=ME, lease=30) is parks
+        assert parking.enabled is parks
+        if parks:
+            assert parking.cancel(POOL).deliveries == []
         broker.close()
     finally:
-        raw_client.execute_command("ACL", "DELUSER", "parkless")
+        raw_client.execute_command("ACL", "DELUSER", "parker")
 
 
 @pytest.fixture

@@ -15,6 +15,10 @@ Shape (keys in `keys.py`):
   counted). `deliveries` = PEL counter + the base a release carried over.
 - Settles check that the lease is still ours (owner and counter) before RETRY or
   RELEASE change anything; ACK and DEAD always remove the message.
+- An idle worker's pool waits in a parked claim (`parking`: XREADGROUP BLOCK on a
+  connection of its own), so Redis hands it a new entry in the producer's round trip;
+  the PUBLISH wake-up names the bands it woke, and serves the streams a park does not
+  watch.
 - Acknowledged entries are XDELeted at once (Redis 7.0 has no XACKDEL), so XLEN minus
   the pending count is exactly the ready count.
 """

@@ -116,6 +116,13 @@ class RedisParking:
             conn = self._connection(park)
             if conn is None:
                 return False
+        except redis.ResponseError as exc:  # an ACL without CLIENT ID
+            self._disable(exc)
+            return False
+        except CONNECTION_ERRORS:
+            self._broken(park)
+            return False
+        try:
             conn.send_command(
                 "XREADGROUP", "GROUP", rk.GROUP, consumer.name, "COUNT", count, "BLOCK", 0,
                 "STREAMS", *streams, *([">"] * len(streams)),
@@ -150,17 +157,23 @@ class RedisParking:
             client: Any = self.broker.client
             client.execute_command("CLIENT", "UNBLOCK", client_id)
         except redis.ResponseError as exc:
-            log.info("parked claims off (CLIENT UNBLOCK is not allowed: %s)", exc)
-            self.enabled = False
+            self._disable(exc)
             return False
         return True
+
+    def _disable(self, exc: Exception) -> None:
+        log.info(
+            "parked claims off: this Redis user may not run CLIENT ID and CLIENT UNBLOCK "
+            "(%s); idle workers claim after each wake-up instead (grant +client|id "
+            "+client|unblock for the shorter hand-off)", exc,
+        )  # fmt: skip
+        self.enabled = False
 
     # --- replies -------------------------------------------------------------------------
 
     def collect(self, key: str) -> Parked:
         park = self._parks[key]
-        if not park.waiting:
-            # Readable without a park outstanding: the server closed the connection.
+        if not park.waiting:  # the fd is quiet between parks: not expected, but safe
             self._broken(park)
             return Parked(claim_now=True)
         return self._read(park)
