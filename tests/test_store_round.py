@@ -4,6 +4,7 @@ back a delivery an idle child could start (counted, not timed)."""
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 from appliance import Stem
 from appliance.broker.protocol import Consumer, Delivery
 from appliance.config import PoolSettings
-from appliance.states import OutcomeStatus
+from appliance.states import OutcomeStatus, TaskEvent
 from appliance.stores import Stores
 from appliance.worker import outcomes
 from appliance.worker.ipc import Outcome
@@ -158,3 +159,61 @@ def test_a_sqlite_unit_without_the_fsync_runs_at_normal_and_restores_full(
     with stores.unit_of_work():
         assert db.write(level) == 2
     stores.close()
+
+
+# --- parked claims (Redis) -----------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_round(redis_url: str) -> Iterator[tuple[Stem, StoreRound, Pool]]:
+    from tests.apps import ledger_app
+    from tests.process import app_on
+
+    app = app_on(redis_url, ledger_app.stem)
+    opened = app.open_stores(busy_wait=0.25)
+    pool = _pool_of_two()
+    round_ = StoreRound(opened, Consumer.this_process(), [pool], claim_lease=30.0)
+    round_.parking = opened.broker.parking()
+    assert round_.parking is not None
+    round_.parking.fd(pool.settings.name)
+    yield app, round_, pool
+    opened.close()
+    app.close()
+
+
+def test_a_parked_pool_is_never_given_more_than_its_room(
+    redis_round: tuple[Stem, StoreRound, Pool],
+) -> None:
+    stem, round_, pool = redis_round
+    assert round_.parking is not None
+    room = pool.free_capacity()
+    stem.enqueue("t.record")
+    ((_, first),) = round_.run(1.0, accepting=True)  # short: the pool parks for the rest
+    _hold(stem, pool.children[0], first, 0)  # dispatched
+    assert round_.parking.is_parked(pool.settings.name)
+    stem.enqueue_many([("t.record", {"n": i}) for i in range(room + 5)])
+    pool.maybe_ready = True  # as after a wake-up it does not cover, or the poll
+    claimed = round_.run(2.0, accepting=True)  # cancels the park, then claims
+    assert not round_.parking.is_parked(pool.settings.name)
+    assert 1 + len(claimed) == room  # what the park got and what the claim added
+    assert len({first.receipt, *(d.receipt for _, d in claimed)}) == room
+
+
+def test_a_stop_gives_back_what_a_park_brought_uncounted(
+    redis_round: tuple[Stem, StoreRound, Pool],
+) -> None:
+    stem, round_, pool = redis_round
+    assert round_.parking is not None
+    stem.enqueue("t.record")
+    (_, first) = round_.run(1.0, accepting=True)[0]
+    round_.settle(_done(stem, first))
+    round_.run(1.1, accepting=True, final=True)  # settled; the pool parks
+    assert round_.parking.is_parked(pool.settings.name)
+    handle = stem.enqueue("t.record", args={"n": 7})  # delivered into the park
+    time.sleep(0.1)
+    round_.run(2.0, accepting=False, final=True)  # stopping: cancel, give back, settle
+    assert not round_.parking.is_parked(pool.settings.name) and not round_.pending
+    assert round_.counts[TaskEvent.RELEASED] == 1
+    (again,) = round_.stores.broker.claim(["default"], 5, consumer=round_.consumer, lease=30)
+    assert stem.codec.decode(again.payload).id == handle.id
+    assert again.deliveries == 1  # given back unstarted: not counted against the task
