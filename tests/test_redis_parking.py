@@ -152,6 +152,23 @@ def test_wake_ups_are_covered_only_for_parked_streams(
     assert not parking.covers(POOL)  # a text that names no bands: unknown
 
 
+def test_a_stream_deleted_under_a_park_is_forgotten_and_claimed_again(
+    broker: RedisBroker, parking: RedisParking, raw_client: redis.Redis
+) -> None:
+    known(broker)
+    parking.park(POOL, ["q"], 2, consumer=ME, lease=30)
+    raw_client.delete(broker.keys.stream("q", 0))  # FLUSHALL, a hand-made DEL
+    assert readable(parking.fd(POOL), 2.0)  # Redis unblocks the read with an error
+    got = parking.collect(POOL)
+    assert got.deliveries == [] and got.claim_now
+    assert ("q", 0) not in broker.known_streams
+    assert not parking.park(POOL, ["q"], 2, consumer=ME, lease=30)  # nothing to block on
+    broker.enqueue([envelope(1)])
+    (delivery,) = broker.claim(["q"], 2, consumer=ME, lease=30)  # makes the group again
+    assert broker.codec.decode(delivery.payload).id == "q-1"
+    assert parking.park(POOL, ["q"], 2, consumer=ME, lease=30)
+
+
 def test_a_rate_limited_message_is_given_back_for_the_claim_to_book(
     broker: RedisBroker, parking: RedisParking
 ) -> None:
