@@ -148,8 +148,26 @@ def test_wake_ups_are_covered_only_for_parked_streams(
     time.sleep(0.1)
     broker.clear_wake()
     assert not parking.covers(POOL)
-    parking.note_woken({broker.keys.wake("q"): {b"1x"}}, broker.keys.wake(""))
+    parking.note_woken({broker.keys.wake("q"): {b"b:1x"}}, broker.keys.wake(""))
     assert not parking.covers(POOL)  # a text that names no bands: unknown
+
+
+def test_the_wake_up_text_of_other_scripts_is_unknown_whatever_the_bands(
+    broker: RedisBroker, parking: RedisParking
+) -> None:
+    known(broker, priority=1)  # band 1 is watched: "1" must still not read as band 1
+    parking.park(POOL, ["q"], 2, consumer=ME, lease=30)
+    wake = {broker.keys.wake("q"): {b"1"}}  # a retry, a release, a replay, Beat
+    parking.note_woken(wake, broker.keys.wake(""))
+    assert not parking.covers(POOL)
+    parking.note_woken({broker.keys.wake("q"): {b"b:1"}}, broker.keys.wake(""))
+    assert parking.covers(POOL)
+    parking.note_woken({broker.keys.wake("q"): {b"b:1", b"*"}}, broker.keys.wake(""))
+    assert not parking.covers(POOL)  # a batch with delayed messages: claim
+    broker.enqueue([envelope(1, priority=1), envelope(2, priority=1, not_before=time.time() + 60)])
+    time.sleep(0.1)
+    broker.clear_wake()
+    assert not parking.covers(POOL)  # the real "*" of a batch with a delayed message
 
 
 def test_a_stream_deleted_under_a_park_is_forgotten_and_claimed_again(

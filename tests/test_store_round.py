@@ -4,6 +4,7 @@ back a delivery an idle child could start (counted, not timed)."""
 from __future__ import annotations
 
 import contextlib
+import select
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -19,6 +20,7 @@ from appliance.worker import outcomes
 from appliance.worker.ipc import Outcome
 from appliance.worker.pool import Child, Dispatch, Pool
 from appliance.worker.store_round import LINGER_S, POLL_S, StoreRound
+from tests.redis_server import RedisServer
 
 
 @pytest.fixture
@@ -217,3 +219,22 @@ def test_a_stop_gives_back_what_a_park_brought_uncounted(
     (again,) = round_.stores.broker.claim(["default"], 5, consumer=round_.consumer, lease=30)
     assert stem.codec.decode(again.payload).id == handle.id
     assert again.deliveries == 1  # given back unstarted: not counted against the task
+
+
+def test_what_a_park_brought_is_handed_out_even_when_the_store_then_fails(
+    redis_round: tuple[Stem, StoreRound, Pool], redis_server: RedisServer
+) -> None:
+    stem, round_, pool = redis_round
+    assert round_.parking is not None
+    stem.enqueue("t.record")
+    ((_, first),) = round_.run(1.0, accepting=True)
+    _hold(stem, pool.children[0], first, 0)
+    assert round_.parking.is_parked(pool.settings.name)
+    handle = stem.enqueue("t.record", args={"n": 3})  # delivered into the park
+    fd = round_.parking.fd(pool.settings.name)
+    assert select.select([fd], [], [], 2.0)[0]
+    redis_server.kill()
+    pool.maybe_ready = True  # the poll, or a wake-up the park does not cover
+    claimed = round_.run(2.0, accepting=True)  # the claim fails: Redis is down
+    assert [stem.codec.decode(d.payload).id for _, d in claimed] == [handle.id]
+    assert round_.failures == 1

@@ -101,8 +101,13 @@ class StoreRound:
         wants_claim = accepting and any(self.wants_claim(p, now) for p in self.pools)
         if not self.pending and not wants_claim:
             return []
-        batch = self.pending[:]  # the claim may add settles (a park's give-backs)
-        claimed: list[tuple[Pool, Delivery]] = []
+        # Parks are cancelled before the unit of work: what they brought is this
+        # worker's whatever the unit does, so it is handed out even if the unit fails.
+        parked = self._cancel_parks(now) if wants_claim and self.parking is not None else {}
+        batch = self.pending[:]
+        claimed: list[tuple[Pool, Delivery]] = [
+            (pool, delivery) for pool, got in parked.items() for delivery in got
+        ]
         claim_error: BrokerError | None = None
         try:
             # A round that only claims commits without the fsync: lost to a power cut, its
@@ -118,10 +123,10 @@ class StoreRound:
                         self.stores.backend.store(results)
                     self.stores.broker.settle([s.settlement for s in batch])
                 if wants_claim:
-                    claimed, claim_error = self._claim(now)
+                    claim_error = self._claim(now, parked, claimed)
         except BrokerError as exc:
             self.failed(exc)
-            return []
+            return claimed[: sum(len(got) for got in parked.values())]
         if claim_error is not None:
             # What was claimed before the failure still runs. The settlements may not have
             # been sent (Redis sends them with the claim), so they stay pending and go
@@ -157,31 +162,38 @@ class StoreRound:
     def wants_claim(self, pool: Pool, now: float) -> bool:
         return bool(pool.free_capacity()) and (pool.maybe_ready or now >= pool.next_poll)
 
-    def _claim(self, now: float) -> tuple[list[tuple[Pool, Delivery]], BrokerError | None]:
-        """Claim for each pool with room. A failure stops the round but keeps what the
-        pools before it claimed: dropping those would strand them until their lease ends."""
+    def _cancel_parks(self, now: float) -> dict[Pool, list[Delivery]]:
+        """Cancel the parks of the pools about to claim: a park holds its pool's room, so
+        what it got is taken first and the pool is never given more than it has room for."""
+        assert self.parking is not None
+        got: dict[Pool, list[Delivery]] = {}
+        for pool in self.pools:
+            if self.wants_claim(pool, now) and self.parking.is_parked(pool.settings.name):
+                parked = self.parking.cancel(pool.settings.name)
+                self._give_back(parked.give_back)
+                got[pool] = parked.deliveries
+        return got
+
+    def _claim(
+        self, now: float, parked: dict[Pool, list[Delivery]], claimed: list[tuple[Pool, Delivery]]
+    ) -> BrokerError | None:
+        """Claim into `claimed` for each pool with room (less what its park brought). A
+        failure stops the round but keeps what the pools before it claimed: dropping
+        those would strand them until their lease ends."""
         broker = self.stores.broker
         parking = self.parking
-        claimed: list[tuple[Pool, Delivery]] = []
         for pool in self.pools:
             if not self.wants_claim(pool, now):
                 continue
-            room = pool.free_capacity()
+            room = pool.free_capacity() - len(parked.get(pool, ()))
             queues = pool.claimable_queues(self.paused)
-            if parking is not None and parking.is_parked(pool.settings.name):
-                # The park holds this pool's room: take back what it got first, so the
-                # pool is never given more than it has room for.
-                parked = parking.cancel(pool.settings.name)
-                self._give_back(parked.give_back)
-                claimed.extend((pool, delivery) for delivery in parked.deliveries)
-                room -= len(parked.deliveries)
             try:
                 deliveries = (
                     broker.claim(queues, room, consumer=self.consumer, lease=self.claim_lease)
                     if room > 0 else []
                 )  # fmt: skip
             except BrokerError as exc:
-                return claimed, exc
+                return exc
             claimed.extend((pool, delivery) for delivery in deliveries)
             pool.maybe_ready = len(deliveries) >= room
             if not pool.maybe_ready:
@@ -193,7 +205,7 @@ class StoreRound:
                         pool.settings.name, queues, room - len(deliveries),
                         consumer=self.consumer, lease=self.claim_lease,
                     )  # fmt: skip
-        return claimed, None
+        return None
 
     # --- parked claims (`ClaimParking`) ------------------------------------------------
 

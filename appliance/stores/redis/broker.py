@@ -390,6 +390,7 @@ class RedisBroker:
         if seen.keys() - {self.keys.wake_control}:
             woke |= Wake.MESSAGES
             if self._parking is not None:
+                seen.pop(self.keys.wake_control, None)  # not a queue's (even one so named)
                 self._parking.note_woken(seen, self.keys.wake(""))
         return woke
 

@@ -52,8 +52,10 @@ log = logging.getLogger("stem.redis")
 RETRY_S = 1.0  # after a failure, park again no sooner than this
 READ_TIMEOUT_S = 1.0  # reading a reply that Redis has sent or is about to send
 UNBLOCK_WAIT_S = 0.002  # CLIENT UNBLOCK said "not blocked": wait this long for the reply
-UNBLOCK_TRIES = 100  # ... this many times (the read may not have reached Redis yet)
-CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+UNBLOCK_TRIES = 10  # ... this many times (the read may not have reached Redis yet); then
+# the connection is dropped: the loop must not stall on it (time limits wait meanwhile)
+FAILURES = (redis.RedisError, OSError)  # a protocol error too: never into the loop
+WAKE_BANDS = b"b:"  # a wake-up naming its bands: b"b:0,5" (`scripts.store_batch`)
 
 
 @dataclass(slots=True)
@@ -85,7 +87,11 @@ class RedisParking:
     def fd(self, key: str) -> int:
         park = self._parks.get(key)
         if park is None:
-            park = self._parks[key] = _Park(StableFd(), connect(self.broker.url, retry=False))
+            client = connect(self.broker.url, retry=False)
+            # A reply is read only once the socket is readable (or CLIENT UNBLOCK made
+            # one certain): a read that still stalls is a broken connection.
+            client.connection_pool.connection_kwargs["socket_timeout"] = READ_TIMEOUT_S
+            park = self._parks[key] = _Park(StableFd(), client)
         return park.fd.fd
 
     def is_parked(self, key: str) -> bool:
@@ -119,7 +125,7 @@ class RedisParking:
         except redis.ResponseError as exc:  # an ACL without CLIENT ID
             self._disable(exc)
             return False
-        except CONNECTION_ERRORS:
+        except FAILURES:
             self._broken(park)
             return False
         try:
@@ -127,7 +133,7 @@ class RedisParking:
                 "XREADGROUP", "GROUP", rk.GROUP, consumer.name, "COUNT", count, "BLOCK", 0,
                 "STREAMS", *streams, *([">"] * len(streams)),
             )  # fmt: skip
-        except CONNECTION_ERRORS:
+        except FAILURES:
             self._broken(park)
             return False
         park.fd.point_at(conn._sock.fileno())
@@ -140,12 +146,12 @@ class RedisParking:
         """The park's connection, connected, with its client id; None if parking is
         not allowed here (checked once, on the first connection)."""
         if park.conn is None:
-            park.conn = park.client.connection_pool.get_connection()
+            park.conn = park.client.connection_pool.make_connection()  # ours alone
         conn = park.conn
         if conn._sock is None or park.client_id is None:
             conn.connect()
             conn.send_command("CLIENT", "ID")
-            park.client_id = int(conn.read_response(timeout=READ_TIMEOUT_S))
+            park.client_id = int(conn.read_response())
             if not self._may_unblock(park.client_id):
                 return None
         return conn
@@ -182,6 +188,8 @@ class RedisParking:
         park = self._parks.get(key)
         if park is None or not park.waiting:
             return Parked()
+        if _readable(park.fd.fd, 0):  # served already: no round trip (and none to fail)
+            return self._read(park)
         try:
             for _ in range(UNBLOCK_TRIES):
                 unblocked = self._unblock(park)
@@ -189,7 +197,7 @@ class RedisParking:
                 # because the read has not reached Redis yet: look, then ask again.
                 if unblocked or _readable(park.fd.fd, UNBLOCK_WAIT_S):
                     return self._read(park)
-        except (redis.RedisError, OSError):
+        except FAILURES:
             pass
         log.warning("could not cancel a parked claim; its connection is dropped")
         self._broken(park)
@@ -203,13 +211,13 @@ class RedisParking:
         park.waiting = False
         park.fd.go_quiet()
         try:
-            reply = park.conn.read_response(timeout=READ_TIMEOUT_S)
+            reply = park.conn.read_response()
         except redis.ResponseError as exc:
             # NOGROUP: a stream was deleted (purged, flushed): read it by claiming again.
             log.info("parked claim refused (%s); claiming instead", exc)
             self.broker.known_streams.difference_update(park.streams.values())
             return Parked(claim_now=True)
-        except CONNECTION_ERRORS:
+        except FAILURES:
             self._broken(park)
             return Parked(claim_now=True)
         try:
@@ -259,20 +267,24 @@ class RedisParking:
     # --- wake-ups --------------------------------------------------------------------------
 
     def note_woken(self, seen: dict[str, set[bytes]], channel_prefix: str) -> None:
-        """Remember what a wake-up named (`RedisWake.drain`): for each queue, its bands."""
+        """Remember what a wake-up named (`RedisWake.drain`; the control channel left
+        out): for each queue, its bands, or None for any text but b"b:<bands>" (the
+        "1" of retries, releases, replays, Beat and older producers: unknown)."""
         self.woken = {}
         for channel, texts in seen.items():
             if not channel.startswith(channel_prefix):
-                continue  # the control channel
+                continue
             queue = channel[len(channel_prefix) :]
-            bands: set[int] | None = set()
+            bands: set[int] = set()
             for data in texts:
-                parts = data.split(b",")
-                if bands is None or not all(p.isdigit() for p in parts):
-                    bands = None
+                parts = data.removeprefix(WAKE_BANDS).split(b",")
+                if not data.startswith(WAKE_BANDS) or not all(p.isdigit() for p in parts):
                     break
                 bands.update(int(p) for p in parts)
-            self.woken[queue] = bands
+            else:
+                self.woken[queue] = bands
+                continue
+            self.woken[queue] = None
 
     def covers(self, key: str) -> bool:
         park = self._parks.get(key)

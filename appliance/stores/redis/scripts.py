@@ -124,8 +124,9 @@ end
 
 -- `g` runs of copies from ARGV[first] (see store_copies), then their records (4
 -- arguments each) to the end of ARGV, kept `ttl` ms; each queue that got a message is
--- listed and woken once. The wake-up names the bands that got ready messages ("0,5";
--- "*" when some were delayed), so a worker parked on those streams need not claim.
+-- listed and woken once. The wake-up names the bands that got ready messages ("b:0,5";
+-- "*" when some were delayed: claim), so a worker parked on those streams need not
+-- claim (`parking.note_woken`; every other script publishes "1": unknown, claim).
 local function store_batch(first, g, ttl)
   local i, woken = first, {}
   for _ = 1, g do
@@ -136,9 +137,13 @@ local function store_batch(first, g, ttl)
   end
   for j = i, #ARGV, 4 do add_record(j, ttl) end
   for q, bands in pairs(woken) do
-    local names = {}
-    for band in pairs(bands) do names[#names + 1] = band end
-    redis.call('PUBLISH', k_wake(q), table.concat(names, ','))
+    local text = '*'
+    if not bands['*'] then
+      local names = {}
+      for band in pairs(bands) do names[#names + 1] = band end
+      text = 'b:' .. table.concat(names, ',')
+    end
+    redis.call('PUBLISH', k_wake(q), text)
   end
 end
 """
@@ -159,7 +164,7 @@ local q, band, task = ARGV[3], ARGV[4], ARGV[5]
 local id = redis.call('XADD', k_stream(q, band), '*', 'p', ARGV[6], 't', task, 'b', 0)
 if task ~= '' then redis.call('HSET', k_tasks, task, loc_stream(q, band, id)) end
 redis.call('SADD', k_queues, q)
-redis.call('PUBLISH', k_wake(q), band)  -- the band: see store_batch
+redis.call('PUBLISH', k_wake(q), 'b:' .. band)  -- its band: see store_batch
 return 0
 """
 

@@ -18,8 +18,9 @@ class RedisWake:
     new one; while Redis is down it points at a socket nobody writes to, so the loop
     falls back to its 1 s poll instead of spinning on a dead connection.
 
-    Each message names the priority bands its queue got messages in ("0" or "0,5"; any
-    other text: unknown), so a pool parked on those streams need not claim (`drain`).
+    An enqueue's message names the priority bands its queue got messages in ("b:0",
+    "b:0,5"; any other text: unknown), so a pool parked on those streams need not claim
+    (`drain` returns the texts; `RedisParking.note_woken` reads them).
     """
 
     RETRY_EVERY = 1.0
