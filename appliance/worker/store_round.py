@@ -103,7 +103,10 @@ class StoreRound:
             return []
         # Parks are cancelled before the unit of work: what they brought is this
         # worker's whatever the unit does, so it is handed out even if the unit fails.
-        parked = self._cancel_parks(now) if wants_claim and self.parking is not None else {}
+        parked = (
+            self._cancel_parks([p for p in self.pools if self.wants_claim(p, now)])
+            if wants_claim and self.parking is not None else {}
+        )  # fmt: skip
         batch = self.pending[:]
         claimed: list[tuple[Pool, Delivery]] = [
             (pool, delivery) for pool, got in parked.items() for delivery in got
@@ -162,13 +165,14 @@ class StoreRound:
     def wants_claim(self, pool: Pool, now: float) -> bool:
         return bool(pool.free_capacity()) and (pool.maybe_ready or now >= pool.next_poll)
 
-    def _cancel_parks(self, now: float) -> dict[Pool, list[Delivery]]:
-        """Cancel the parks of the pools about to claim: a park holds its pool's room, so
-        what it got is taken first and the pool is never given more than it has room for."""
+    def _cancel_parks(self, pools: Sequence[Pool]) -> dict[Pool, list[Delivery]]:
+        """Cancel the parks of `pools` (those about to claim, or all at a stop): a park
+        holds its pool's room, so what it got is taken first and the pool is never given
+        more than it has room for. Rate-limited deliveries are given back here."""
         assert self.parking is not None
         got: dict[Pool, list[Delivery]] = {}
-        for pool in self.pools:
-            if self.wants_claim(pool, now) and self.parking.is_parked(pool.settings.name):
+        for pool in pools:
+            if self.parking.is_parked(pool.settings.name):
                 parked = self.parking.cancel(pool.settings.name)
                 self._give_back(parked.give_back)
                 got[pool] = parked.deliveries
@@ -181,7 +185,6 @@ class StoreRound:
         failure stops the round but keeps what the pools before it claimed: dropping
         those would strand them until their lease ends."""
         broker = self.stores.broker
-        parking = self.parking
         for pool in self.pools:
             if not self.wants_claim(pool, now):
                 continue
@@ -200,11 +203,7 @@ class StoreRound:
                 pool.next_poll = now + POLL_S
                 if queues:
                     self._hints_due.append((pool, queues))
-                if parking is not None:
-                    parking.park(
-                        pool.settings.name, queues, room - len(deliveries),
-                        consumer=self.consumer, lease=self.claim_lease,
-                    )  # fmt: skip
+                self._park(pool, queues, room - len(deliveries))
         return None
 
     # --- parked claims (`ClaimParking`) ------------------------------------------------
@@ -225,24 +224,23 @@ class StoreRound:
     def repark(self, pool: Pool, now: float) -> None:
         """Park the pool again after its park's deliveries were dispatched, unless it
         is to claim anyway (more may be waiting) or the store is failing."""
-        if self.parking is None or pool.maybe_ready or time.monotonic() < self.retry_at:
+        if pool.maybe_ready or time.monotonic() < self.retry_at:
             return
-        queues = pool.claimable_queues(self.paused)
-        self.parking.park(
-            pool.settings.name, queues, pool.free_capacity(), consumer=self.consumer,
-            lease=self.claim_lease,
-        )  # fmt: skip
+        self._park(pool, pool.claimable_queues(self.paused), pool.free_capacity())
+
+    def _park(self, pool: Pool, queues: tuple[str, ...], count: int) -> None:
+        if self.parking is not None:
+            self.parking.park(
+                pool.settings.name, queues, count, consumer=self.consumer, lease=self.claim_lease
+            )
 
     def parked_covers(self, pool: Pool) -> bool:
         """Whether the last wake-up's messages for this pool all come through its park."""
         return self.parking is not None and self.parking.covers(pool.settings.name)
 
     def _give_back_parked(self) -> None:
-        assert self.parking is not None
-        for pool in self.pools:
-            if self.parking.is_parked(pool.settings.name):
-                parked = self.parking.cancel(pool.settings.name)
-                self._give_back(parked.deliveries + parked.give_back)
+        for deliveries in self._cancel_parks(self.pools).values():
+            self._give_back(deliveries)
 
     def _give_back(self, deliveries: list[Delivery]) -> None:
         for delivery in deliveries:

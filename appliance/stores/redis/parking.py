@@ -160,8 +160,7 @@ class RedisParking:
         """Whether this user may CLIENT UNBLOCK (an ACL may deny it): without it a park
         could not be cancelled, so there is no parking."""
         try:
-            client: Any = self.broker.client
-            client.execute_command("CLIENT", "UNBLOCK", client_id)
+            self._unblock(client_id)  # not blocked: 0, if allowed at all
         except redis.ResponseError as exc:
             self._disable(exc)
             return False
@@ -192,7 +191,7 @@ class RedisParking:
             return self._read(park)
         try:
             for _ in range(UNBLOCK_TRIES):
-                unblocked = self._unblock(park)
+                unblocked = self._unblock(park.client_id)
                 # 0: not blocked, because it was served (the reply is on its way) or
                 # because the read has not reached Redis yet: look, then ask again.
                 if unblocked or _readable(park.fd.fd, UNBLOCK_WAIT_S):
@@ -203,9 +202,10 @@ class RedisParking:
         self._broken(park)
         return Parked(claim_now=True)
 
-    def _unblock(self, park: _Park) -> bool:
+    def _unblock(self, client_id: int | None) -> bool:
+        """CLIENT UNBLOCK from the broker's own connection: whether it was blocked."""
         client: Any = self.broker.client
-        return bool(client.execute_command("CLIENT", "UNBLOCK", park.client_id))
+        return bool(client.execute_command("CLIENT", "UNBLOCK", client_id))
 
     def _read(self, park: _Park) -> Parked:
         park.waiting = False
