@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import orjson
 
 from appliance.envelope import dumps_json
+from appliance.records import record
 from appliance.states import TaskState
 
 
@@ -39,7 +40,7 @@ class ErrorInfo:
     traceback: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class TaskResult:
     """The stored state of one task."""
 

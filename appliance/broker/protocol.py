@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from appliance.envelope import Envelope
 from appliance.flow import FollowUps
+from appliance.records import record
 from appliance.states import DeadLetterReason, SettleKind
 
 
@@ -95,7 +96,7 @@ class HealthCheck:
     detail: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Delivery:
     """One claimed message. `receipt` identifies the lease to the adapter that made it."""
 
@@ -116,7 +117,7 @@ class DeadLetterInfo:
     traceback: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Settlement:
     """What to do with a delivery. Built by the worker, applied by `Broker.settle`."""
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from appliance.records import record
 from appliance.states import OutcomeStatus
 
 _LEN = struct.Struct("!I")
@@ -39,7 +40,7 @@ class ErrorFields:
     traceback: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Outcome:
     """How one dispatch ended. Times: `started`/`finished` wall clock (for results),
     `runtime` monotonic seconds (for prefetch sizing; immune to clock jumps)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from appliance import flow
@@ -17,6 +17,7 @@ from appliance.broker.protocol import DeadLetterInfo, Delivery, Settlement
 from appliance.envelope import Envelope, EnvelopeCodec
 from appliance.envelope_rules import MAX_HEADERS
 from appliance.errors import DecodeError, SignatureInvalid
+from appliance.records import record
 from appliance.retry import Decision, decide
 from appliance.states import DeadLetterReason, OutcomeStatus, SettleKind, TaskEvent, TaskState
 from appliance.tasks import Task
@@ -25,7 +26,7 @@ from appliance.worker.ipc import ErrorFields, Outcome
 from appliance.worker.limits import BYSTANDER, COLD_SHUTDOWN, KillReason
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Settled:
     """What the stores should record for one delivery, and what it was (the event)."""
 
