@@ -8,16 +8,18 @@ anything it carries. Unknown fields from a newer minor writer are ignored; a new
 from __future__ import annotations
 
 import math
+import operator
 import os
 import random
 import time
-from dataclasses import MISSING, dataclass, field, replace
+from dataclasses import MISSING, field, replace
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from appliance import envelope_rules
 from appliance.errors import ConfigError, DecodeError, PayloadTooLarge
+from appliance.records import record
 
 if TYPE_CHECKING:
     from appliance.signing import Signer, SigningConfig, Verifier
@@ -51,7 +53,7 @@ def new_task_id() -> str:
     return f"{value:032x}"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Envelope:
     """One task message. Everything a worker needs to run and retry the task."""
 
@@ -91,6 +93,7 @@ _ORDER = tuple(Envelope.__dataclass_fields__)
 if _ORDER[:3] != ("id", "name", "args"):  # what `EnvelopeTemplate` cuts around
     raise ImportError("Envelope must start with its id, name and args fields")
 _AFTER_ARGS = _ORDER[3:]
+_IN_ORDER = operator.itemgetter(*_ORDER)
 _REQUIRED = ("id", "name")
 _NONE: type = type(None)
 _NUMBER: frozenset[type] = frozenset({int, float})
@@ -385,19 +388,12 @@ def from_raw(raw: Any, data: bytes = b"") -> Envelope:
     found = envelope_rules.problem(values, data or None)
     if found is not None:
         raise DecodeError(found, data)
-    if len(values) != len(_SETTERS):
-        return Envelope(**values)  # fields left out take their defaults
-    # Every field present (what `encode` writes): set the slots directly, a quarter of
-    # the frozen __init__'s cost, which goes through object.__setattr__ per field; this
-    # runs for every claimed message, in the supervisor and again in the child.
-    envelope = _new(Envelope)
-    for name, set_slot in _SETTERS:
-        set_slot(envelope, values[name])
-    return envelope
-
-
-_new = object.__new__
-_SETTERS = tuple((name, Envelope.__dict__[name].__set__) for name in Envelope.__dataclass_fields__)
+    if len(values) == len(_ORDER):
+        # Every field present (what `encode` writes): passed by position, 1.3 us against
+        # 4.5 us by keyword; this runs for every claimed message, in the supervisor and
+        # again in the child.
+        return Envelope(*_IN_ORDER(values))
+    return Envelope(**values)  # fields left out take their defaults
 
 
 def peek_id(data: bytes) -> str | None:

@@ -50,6 +50,20 @@ NETWORK_FILESYSTEMS = frozenset(
 _BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
 
 
+def _as_null(value: None) -> None:
+    return value
+
+
+# CPython's sqlite3 binds int, float and str directly but sends None and bytes through
+# its adapter protocol: a registry miss, then __adapt__ and __conform__ lookups, ~0.7 us
+# for a None and ~1 us for bytes against 0.12 us for an int (measured, 3.11). A results
+# row binds six Nones and a blob; registered, each is one lookup that hits (~0.3 us).
+# What is bound is unchanged: None is NULL, bytes a BLOB (`bytes(b)` is `b` itself).
+# Registered per type, so subclasses and every other type are not affected.
+sqlite3.register_adapter(type(None), _as_null)
+sqlite3.register_adapter(bytes, bytes)
+
+
 @dataclass(frozen=True, slots=True)
 class SqliteTarget:
     """A parsed `sqlite:///path` URL: the absolute database path and its durability."""
