@@ -9,7 +9,9 @@ import time
 import tracemalloc
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 
 from appliance import Stem, TaskContext
@@ -42,6 +44,7 @@ from appliance.worker.ipc import (
     split_dispatch,
 )
 from appliance.worker.limits import check_memory, check_slot, respawn_delay
+from appliance.worker.pipes import _decode_into
 from appliance.worker.pool import Child, Pool
 from appliance.worker.tree import ProcessTree
 
@@ -134,6 +137,24 @@ def test_every_child_message_survives_its_codec() -> None:
     ):
         (frame,) = FrameReader().feed(encode_message(message))
         assert decode_message(frame) == message
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"seq": 1, "status": "success"},  # fields missing
+        {**orjson.loads(encode_message(FAILED)[5:]), "status": "exploded"},
+        {**orjson.loads(encode_message(FAILED)[5:]), "extra": 1},
+        {k: v for k, v in orjson.loads(encode_message(FAILED)[5:]).items() if k != "seq"}
+        | {"sequence": 1},
+    ],
+    ids=["missing-fields", "unknown-status", "extra-field", "renamed-field"],
+)
+def test_an_outcome_that_is_not_an_outcome_is_a_protocol_error(body: dict[str, Any]) -> None:
+    # Decoded by position (the hot path): a frame with other fields must still be
+    # refused, never read into the wrong ones.
+    with pytest.raises(ProtocolError):
+        _decode_into([], [b"o" + orjson.dumps(body)], pid=1)
 
 
 def _delivery(deliveries: int = 1) -> Delivery:

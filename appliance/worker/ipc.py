@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import operator
 import os
 import struct
 from dataclasses import dataclass
@@ -71,6 +72,9 @@ class Progress:
 
 
 ChildMessage = Outcome | Progress
+_OUTCOME_FIELDS = tuple(Outcome.__dataclass_fields__)
+_OUTCOME_VALUES = operator.itemgetter(*_OUTCOME_FIELDS)
+_STATUSES = {status.value: status for status in OutcomeStatus}
 _OUTCOME, _PROGRESS = b"o", b"p"
 _TAGS = frozenset(_OUTCOME + _PROGRESS)
 
@@ -89,11 +93,13 @@ def decode_message(frame: bytes) -> ChildMessage:
         return Progress(**fields)
     if frame[:1] != _OUTCOME:
         raise ProtocolError(f"unknown message tag {frame[:1]!r}")
-    error = fields.pop("error")
-    return Outcome(
-        **fields | {"status": OutcomeStatus(fields["status"]),
-                    "error": ErrorFields(**error) if error else None}
-    )  # fmt: skip
+    if len(fields) != len(_OUTCOME_FIELDS):
+        raise ProtocolError(f"an outcome has the fields {sorted(fields)}")
+    # By position (a KeyError for a field that is not an Outcome's): a third of the cost
+    # of the keyword call, for one message per task.
+    seq, status, value, error, *rest = _OUTCOME_VALUES(fields)
+    errors = ErrorFields(**error) if error else None
+    return Outcome(seq, _STATUSES[status], value, errors, *rest)
 
 
 def make_pipe() -> tuple[int, int]:

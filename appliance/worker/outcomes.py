@@ -91,34 +91,34 @@ def from_outcome(
         decision = Decision(SettleKind.DEAD, reason=DeadLetterReason.PERMANENT)
         broken = ErrorFields(type(exc).__name__, f"the retry strategy failed: {exc}")
         outcome = replace(outcome, error=broken)
-    common: dict[str, Any] = {
-        "task_id": envelope.id, "name": envelope.name, "queue": envelope.queue,
-        "attempt": envelope.attempt, "worker": worker, "started_at": outcome.started,
-        "finished_at": outcome.finished or now, "progress": outcome.progress,
-        "meta": envelope.meta, "expires_at": _result_ttl(task, default_ttl, now),
-    }  # fmt: skip
+    expires_at = _result_ttl(task, default_ttl, now)
+
+    def result(state: TaskState, value: Any = None, error: ErrorInfo | None = None) -> TaskResult:
+        # By position: once per task, a keyword call of these 14 fields cost twice as much.
+        return TaskResult(
+            envelope.id, state, envelope.name, envelope.queue, value, error, envelope.attempt,
+            worker, outcome.started, outcome.finished or now, outcome.progress, None,
+            envelope.meta, expires_at,
+        )  # fmt: skip
+
     if decision.kind is SettleKind.ACK:
-        result = (
-            None
-            if task.options.ignore_result
-            else TaskResult(state=TaskState.SUCCESS, value=outcome.value, **common)
-        )
+        success = None if task.options.ignore_result else result(TaskState.SUCCESS, outcome.value)
         follow, more = flow.after_success(envelope, outcome.value, now, default_ttl)
         follow = _follows(follow, outcome.traceparent)
         return Settled(
-            Settlement.ack(delivery, follow), result, TaskEvent.SUCCESS, more, outcome.runtime
+            Settlement.ack(delivery, follow), success, TaskEvent.SUCCESS, more, outcome.runtime
         )
     error = _error(outcome.error)
     if decision.kind is SettleKind.RETRY:
         assert decision.not_before is not None
-        retry = TaskResult(state=TaskState.RETRY, error=error, **common)
+        retry = result(TaskState.RETRY, error=error)
         following = envelope.next_attempt(decision.not_before)
         if outcome.traceparent:  # the next attempt's span links to this one
             following = _with_header(following, PREVIOUS_ATTEMPT_HEADER, outcome.traceparent)
         settlement = Settlement.retry(delivery, following)
         return Settled(settlement, retry, TaskEvent.RETRY, runtime=outcome.runtime)
     reason = decision.reason or DeadLetterReason.EXHAUSTED
-    dead = TaskResult(state=TaskState.DEAD, error=error, **common)
+    dead = result(TaskState.DEAD, error=error)
     info = DeadLetterInfo(reason, error.type, error.message, error.traceback)
     follow, more = flow.after_failure(envelope, error, now, default_ttl, failed=True)
     follow = _follows(follow, outcome.traceparent)
