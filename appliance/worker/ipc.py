@@ -73,6 +73,8 @@ class Progress:
 
 ChildMessage = Outcome | Progress
 _OUTCOME_FIELDS = tuple(Outcome.__dataclass_fields__)
+if _OUTCOME_FIELDS[:4] != ("seq", "status", "value", "error"):  # what `decode_message` unpacks
+    raise ImportError("Outcome must start with its seq, status, value and error fields")
 _OUTCOME_VALUES = operator.itemgetter(*_OUTCOME_FIELDS)
 _STATUSES = {status.value: status for status in OutcomeStatus}
 _OUTCOME, _PROGRESS = b"o", b"p"

@@ -37,6 +37,16 @@ class Settled:
     runtime: float | None = None  # seconds the attempt ran, when it ran (metrics)
 
 
+# `from_outcome` builds its TaskResult by position: a reordered field must fail here,
+# not land a worker name in `queue`.
+_RESULT_FIELDS = (
+    "task_id", "state", "name", "queue", "value", "error", "attempt", "worker",
+    "started_at", "finished_at", "progress", "progress_data", "meta", "expires_at",
+)  # fmt: skip
+if tuple(TaskResult.__dataclass_fields__) != _RESULT_FIELDS:
+    raise ImportError(f"TaskResult's fields are no longer {_RESULT_FIELDS}")
+
+
 def _error(fields: ErrorFields | None) -> ErrorInfo:
     if fields is None:
         return ErrorInfo("Error", "")
