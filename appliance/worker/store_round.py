@@ -98,15 +98,12 @@ class StoreRound:
             return []
         if not final and accepting and self.pending and self._may_linger(now):
             return []
-        wants_claim = accepting and any(self.wants_claim(p, now) for p in self.pools)
-        if not self.pending and not wants_claim:
+        claiming = [p for p in self.pools if self.wants_claim(p, now)] if accepting else []
+        if not self.pending and not claiming:
             return []
         # Parks are cancelled before the unit of work: what they brought is this
         # worker's whatever the unit does, so it is handed out even if the unit fails.
-        parked = (
-            self._cancel_parks([p for p in self.pools if self.wants_claim(p, now)])
-            if wants_claim and self.parking is not None else {}
-        )  # fmt: skip
+        parked = self._cancel_parks(claiming) if claiming and self.parking is not None else {}
         batch = self.pending[:]
         claimed: list[tuple[Pool, Delivery]] = [
             (pool, delivery) for pool, got in parked.items() for delivery in got
@@ -125,8 +122,8 @@ class StoreRound:
                     if results:
                         self.stores.backend.store(results)
                     self.stores.broker.settle([s.settlement for s in batch])
-                if wants_claim:
-                    claim_error = self._claim(now, parked, claimed)
+                if claiming:
+                    claim_error = self._claim(now, claiming, parked, claimed)
         except BrokerError as exc:
             self.failed(exc)
             return claimed[: sum(len(got) for got in parked.values())]
@@ -179,15 +176,17 @@ class StoreRound:
         return got
 
     def _claim(
-        self, now: float, parked: dict[Pool, list[Delivery]], claimed: list[tuple[Pool, Delivery]]
+        self,
+        now: float,
+        pools: Sequence[Pool],
+        parked: dict[Pool, list[Delivery]],
+        claimed: list[tuple[Pool, Delivery]],
     ) -> BrokerError | None:
-        """Claim into `claimed` for each pool with room (less what its park brought). A
-        failure stops the round but keeps what the pools before it claimed: dropping
-        those would strand them until their lease ends."""
+        """Claim into `claimed` for each of `pools` (those with room, less what its park
+        brought). A failure stops the round but keeps what the pools before it claimed:
+        dropping those would strand them until their lease ends."""
         broker = self.stores.broker
-        for pool in self.pools:
-            if not self.wants_claim(pool, now):
-                continue
+        for pool in pools:
             room = pool.free_capacity() - len(parked.get(pool, ()))
             queues = pool.claimable_queues(self.paused)
             try:

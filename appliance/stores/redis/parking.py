@@ -274,17 +274,7 @@ class RedisParking:
         for channel, texts in seen.items():
             if not channel.startswith(channel_prefix):
                 continue
-            queue = channel[len(channel_prefix) :]
-            bands: set[int] = set()
-            for data in texts:
-                parts = data.removeprefix(WAKE_BANDS).split(b",")
-                if not data.startswith(WAKE_BANDS) or not all(p.isdigit() for p in parts):
-                    break
-                bands.update(int(p) for p in parts)
-            else:
-                self.woken[queue] = bands
-                continue
-            self.woken[queue] = None
+            self.woken[channel[len(channel_prefix) :]] = _named_bands(texts)
 
     def covers(self, key: str) -> bool:
         park = self._parks.get(key)
@@ -305,6 +295,17 @@ class RedisParking:
             park.client.close()
             park.fd.close()
         self._parks.clear()
+
+
+def _named_bands(texts: set[bytes]) -> set[int] | None:
+    """The bands a queue's wake-up texts name, or None if any of them names none."""
+    bands: set[int] = set()
+    for data in texts:
+        parts = data.removeprefix(WAKE_BANDS).split(b",")
+        if not data.startswith(WAKE_BANDS) or not all(p.isdigit() for p in parts):
+            return None
+        bands.update(int(p) for p in parts)
+    return bands
 
 
 def _readable(fd: int, timeout: float) -> bool:
