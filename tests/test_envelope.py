@@ -9,7 +9,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from appliance.envelope import ENVELOPE_VERSION, Envelope, EnvelopeCodec, dumps_json, peek_id
+from appliance.envelope import (
+    _DEFAULTS,
+    ENVELOPE_VERSION,
+    Envelope,
+    EnvelopeCodec,
+    dumps_json,
+    peek_id,
+)
 from appliance.errors import DecodeError, PayloadTooLarge
 
 CODEC = EnvelopeCodec()
@@ -24,6 +31,46 @@ def test_round_trip_keeps_every_field() -> None:
         parent_id="p", root_id="r",
     )  # fmt: skip
     assert decode(encode(env)) == env
+
+
+def test_a_stored_message_leaves_out_the_fields_at_their_default() -> None:
+    env = Envelope(id="abc", name="email.send", enqueued_at=1.5, meta={"who": "web"})
+    stored = orjson.loads(encode(env))
+    # Always there: what identifies the message, its arguments, and the version a later
+    # major reader must see to refuse it.
+    assert stored == {"id": "abc", "name": "email.send", "args": {}, "enqueued_at": 1.5,
+                      "meta": {"who": "web"}, "version": ENVELOPE_VERSION}  # fmt: skip
+    assert decode(encode(env)) == env
+    # A retry writes the same compact form (with what the retry changed).
+    retry = orjson.loads(CODEC.reencode(env.next_attempt(9.0)))
+    assert retry == {**stored, "attempt": 1, "not_before": 9.0}
+
+
+def test_a_value_equal_to_its_default_but_of_another_type_is_written() -> None:
+    env = Envelope(id="abc", name="x", enqueued_at=0, previous=False)  # 0 is not 0.0
+    stored = orjson.loads(encode(env))
+    assert stored["enqueued_at"] == 0 and type(stored["enqueued_at"]) is int
+    assert stored["previous"] is False
+    assert decode(encode(env)) == env
+
+
+def test_the_defaults_readers_fill_in_are_pinned() -> None:
+    # Part of the wire format: a stored message leaves these out, so changing one would
+    # change what every message already stored means. Change them only with a new
+    # envelope version.
+    assert _DEFAULTS == {
+        "args": {}, "queue": "default", "priority": 0, "attempt": 0, "max_retries": 3,
+        "enqueued_at": 0.0, "not_before": None, "expires": None, "meta": {}, "headers": {},
+        "parent_id": None, "root_id": None, "version": ENVELOPE_VERSION, "previous": None,
+        "flow": None, "rate": None, "sig": None, "then": None,
+    }  # fmt: skip
+    assert Envelope(id="a", name="b") == decode(b'{"id": "a", "name": "b"}')
+
+
+def test_a_message_written_with_every_field_still_decodes() -> None:
+    # What writers before the compact form stored (every field, defaults included).
+    env = Envelope(id="abc", name="email.send", args={"n": 1}, enqueued_at=1.5)
+    assert decode(orjson.dumps(env)) == env
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from appliance.envelope import Envelope, decode
+from appliance.envelope import Envelope, EnvelopeCodec, decode
 from appliance.envelope_rules import (
     MAX_DEPTH,
     MAX_EPOCH,
@@ -221,9 +221,10 @@ def test_problem_never_raises_and_its_fast_path_agrees_with_its_words(raw: dict[
     parent_id=st.none() | st.just("0190abd"),
 ))  # fmt: skip
 def test_every_envelope_a_producer_can_build_passes(envelope: Envelope) -> None:
-    data = orjson.dumps(envelope)
-    assert problem(orjson.loads(data), data) is None
-    assert decode_with_rules(data) == envelope
+    # In the stored (compact) form and with every field written (older writers).
+    for data in (EnvelopeCodec().encode(envelope), orjson.dumps(envelope)):
+        assert problem(orjson.loads(data), data) is None
+        assert decode_with_rules(data) == envelope
 
 
 # --- hostile examples, through decode() itself ------------------------------------------------
